@@ -1,0 +1,246 @@
+//! Job configuration: TOML read into one typed struct per section, then validated with every
+//! problem collected (each with its key path) before anything starts.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A problem with a config file; `Display` lists every finding with its key path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+/// A whole job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Seeds model initialisation and every assignment's randomness.
+    #[serde(default)]
+    pub seed: u64,
+    /// Number of outer rounds.
+    pub rounds: u64,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub inner: InnerConfig,
+    #[serde(default)]
+    pub outer: OuterConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training data (safetensors with `x` and `y`), relative to the config file.
+    pub train: PathBuf,
+    /// Held-out data for the final accuracy.
+    pub test: PathBuf,
+    /// Number of classes; labels must lie in `0..classes`.
+    pub classes: u32,
+    /// The training set is cut into this many contiguous shards; each round has one assignment
+    /// per shard, so results do not depend on how many workers there are.
+    #[serde(default = "defaults::shards")]
+    pub shards: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum ModelConfig {
+    /// Multi-layer perceptron with ReLU between layers.
+    Mlp {
+        #[serde(default = "defaults::hidden")]
+        hidden: Vec<u32>,
+    },
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig::Mlp { hidden: defaults::hidden() }
+    }
+}
+
+/// The workers' local optimizer (SGD with momentum), reset at the start of every assignment so
+/// an assignment's result depends only on the model and the assignment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InnerConfig {
+    /// H: local steps per round (DiLoCo's inner steps).
+    pub steps: u32,
+    pub batch_size: u32,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for InnerConfig {
+    fn default() -> Self {
+        Self { steps: 20, batch_size: 32, lr: 0.05, momentum: 0.9, weight_decay: 0.0 }
+    }
+}
+
+/// How the coordinator applies the averaged pseudo-gradient (θ_after − θ_before).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OuterConfig {
+    pub method: OuterMethod,
+    /// Outer learning rate; DiLoCo uses 0.7 with Nesterov.
+    pub lr: f64,
+    /// Outer momentum; DiLoCo uses 0.9.
+    pub momentum: f64,
+}
+
+impl Default for OuterConfig {
+    fn default() -> Self {
+        Self { method: OuterMethod::Nesterov, lr: 0.7, momentum: 0.9 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OuterMethod {
+    /// θ ← θ + mean Δ (federated averaging).
+    Average,
+    /// Nesterov momentum on the averaged delta, as in DiLoCo.
+    Nesterov,
+}
+
+mod defaults {
+    pub fn shards() -> u32 {
+        4
+    }
+    pub fn hidden() -> Vec<u32> {
+        vec![128]
+    }
+}
+
+impl JobConfig {
+    /// Reads, parses and validates a config; relative data paths are resolved against the
+    /// config file's directory.
+    ///
+    /// # Errors
+    /// `Read`, `Parse` (unknown key, wrong type; the message names the key) or `Invalid` with
+    /// every semantic problem found.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ParseFailure::Syntax(message) => ConfigError::Parse { path: path.to_owned(), message },
+            ParseFailure::Invalid(problems) => ConfigError::Invalid { path: path.to_owned(), problems },
+        })
+    }
+
+    /// Parses and validates config text; `base` resolves relative paths.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ParseFailure> {
+        let mut cfg: JobConfig =
+            toml::from_str(text).map_err(|e| ParseFailure::Syntax(e.to_string()))?;
+        for p in [&mut cfg.data.train, &mut cfg.data.test] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        let problems = cfg.problems();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ParseFailure::Invalid(problems))
+        }
+    }
+
+    /// Every semantic problem, each prefixed with its key path.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut check = |ok: bool, key: &str, why: String| {
+            if !ok {
+                p.push(format!("{key}: {why}"));
+            }
+        };
+        check(self.rounds >= 1, "rounds", format!("must be at least 1, got {}", self.rounds));
+        check(self.data.classes >= 2, "data.classes", format!("must be at least 2, got {}", self.data.classes));
+        check(self.data.shards >= 1, "data.shards", format!("must be at least 1, got {}", self.data.shards));
+        for (key, path) in [("data.train", &self.data.train), ("data.test", &self.data.test)] {
+            check(path.is_file(), key, format!("file {} does not exist", path.display()));
+        }
+        let ModelConfig::Mlp { hidden } = &self.model;
+        check(
+            hidden.iter().all(|&h| h >= 1),
+            "model.hidden",
+            format!("every layer needs at least one unit, got {hidden:?}"),
+        );
+        let i = &self.inner;
+        check(i.steps >= 1, "inner.steps", format!("must be at least 1, got {}", i.steps));
+        check(i.batch_size >= 1, "inner.batch_size", format!("must be at least 1, got {}", i.batch_size));
+        check(i.lr.is_finite() && i.lr > 0.0, "inner.lr", format!("must be positive, got {}", i.lr));
+        check((0.0..1.0).contains(&i.momentum), "inner.momentum", format!("must be in [0, 1), got {}", i.momentum));
+        check(i.weight_decay.is_finite() && i.weight_decay >= 0.0, "inner.weight_decay", format!("must be ≥ 0, got {}", i.weight_decay));
+        let o = &self.outer;
+        check(o.lr.is_finite() && o.lr > 0.0, "outer.lr", format!("must be positive, got {}", o.lr));
+        check((0.0..1.0).contains(&o.momentum), "outer.momentum", format!("must be in [0, 1), got {}", o.momentum));
+        p
+    }
+}
+
+/// Why config text was refused.
+#[derive(Debug)]
+pub enum ParseFailure {
+    Syntax(String),
+    Invalid(Vec<String>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base_with_data() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("train.st"), b"x").expect("write");
+        std::fs::write(dir.path().join("test.st"), b"x").expect("write");
+        dir
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_paths() {
+        let dir = base_with_data();
+        let cfg = JobConfig::parse(
+            "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n",
+            dir.path(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.data.train, dir.path().join("train.st"));
+        assert_eq!(cfg.inner.steps, 20);
+        assert_eq!(cfg.outer.method, OuterMethod::Nesterov);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = base_with_data();
+        let err = JobConfig::parse(
+            "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n[inner]\nstep = 5\n",
+            dir.path(),
+        );
+        match err {
+            Err(ParseFailure::Syntax(m)) => assert!(m.contains("step"), "{m}"),
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn all_semantic_problems_are_reported_together() {
+        let dir = base_with_data();
+        let err = JobConfig::parse(
+            "rounds = 0\n[data]\ntrain = \"missing.st\"\ntest = \"test.st\"\nclasses = 1\n[inner]\nlr = -1.0\n",
+            dir.path(),
+        );
+        let Err(ParseFailure::Invalid(problems)) = err else { panic!("expected Invalid") };
+        let joined = problems.join("\n");
+        for key in ["rounds:", "data.classes:", "data.train:", "inner.lr:"] {
+            assert!(joined.contains(key), "missing {key} in {joined}");
+        }
+        assert_eq!(problems.len(), 4, "{joined}");
+    }
+}

@@ -1,0 +1,215 @@
+//! Loads a labelled dataset from a safetensors file: `x` float32 `[n, features]` and `y` int64
+//! `[n]`. The bundled digits data goes through exactly this code, as users' own files do.
+
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+/// A dataset held in host memory (row-major features).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub x: Vec<f32>,
+    pub y: Vec<i64>,
+    pub features: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// Contiguous shard `index` of `count` (sizes differ by at most one).
+    pub fn shard_range(&self, index: u32, count: u32) -> std::ops::Range<usize> {
+        let (n, k, i) = (self.len(), count.max(1) as usize, index as usize);
+        (i * n / k)..((i + 1) * n / k)
+    }
+}
+
+/// What was wrong with a data file; every variant names the file (and tensor).
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read data file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("data file {path} is not a valid safetensors file: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("data file {path} has no tensor `{tensor}` (it has: {found})")]
+    MissingTensor { path: PathBuf, tensor: &'static str, found: String },
+    #[error("tensor `{tensor}` in {path} has dtype {found}, expected {expected}")]
+    Dtype { path: PathBuf, tensor: &'static str, found: String, expected: &'static str },
+    #[error("tensor `{tensor}` in {path} has shape {found:?}, expected {expected}")]
+    Shape { path: PathBuf, tensor: &'static str, found: Vec<usize>, expected: String },
+    #[error("tensor `y` in {path}: label {label} at row {row} is outside 0..{classes}")]
+    LabelOutOfRange { path: PathBuf, row: usize, label: i64, classes: u32 },
+    #[error("tensor `x` in {path}: non-finite value {value} at row {row}")]
+    NonFinite { path: PathBuf, row: usize, value: f32 },
+    #[error("data file {path} holds no samples")]
+    Empty { path: PathBuf },
+}
+
+/// Loads and checks `path`, whose labels must lie in `0..classes`.
+///
+/// # Errors
+/// A [`DataError`] naming the file and tensor at fault.
+pub fn load(path: &Path, classes: u32) -> Result<Dataset, DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
+    parse(&bytes, path, classes)
+}
+
+/// Parses safetensors bytes; `path` is only used in errors.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(bytes: &[u8], path: &Path, classes: u32) -> Result<Dataset, DataError> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| DataError::Format { path: path.into(), reason: e.to_string() })?;
+    let get = |tensor: &'static str| -> Result<TensorView<'_>, DataError> {
+        st.tensor(tensor).map_err(|_| {
+            let mut names: Vec<_> = st.names().into_iter().map(str::to_owned).collect();
+            names.sort();
+            DataError::MissingTensor { path: path.into(), tensor, found: names.join(", ") }
+        })
+    };
+    let x = get("x")?;
+    let y = get("y")?;
+    let check_dtype = |view: &TensorView<'_>, tensor: &'static str, want: Dtype, expected: &'static str| {
+        if view.dtype() == want {
+            Ok(())
+        } else {
+            Err(DataError::Dtype { path: path.into(), tensor, found: format!("{:?}", view.dtype()), expected })
+        }
+    };
+    check_dtype(&x, "x", Dtype::F32, "F32")?;
+    check_dtype(&y, "y", Dtype::I64, "I64")?;
+    let (xs, ys) = (x.shape().to_vec(), y.shape().to_vec());
+    if ys.len() != 1 {
+        return Err(DataError::Shape { path: path.into(), tensor: "y", found: ys, expected: "[n]".into() });
+    }
+    let n = ys[0];
+    if xs.len() != 2 || xs[0] != n || xs[1] == 0 {
+        return Err(DataError::Shape {
+            path: path.into(),
+            tensor: "x",
+            found: xs,
+            expected: format!("[{n}, features] (one row per label in `y`)"),
+        });
+    }
+    if n == 0 {
+        return Err(DataError::Empty { path: path.into() });
+    }
+    let features = xs[1];
+    let xv: Vec<f32> = x
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let yv: Vec<i64> = y
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    if let Some((i, &v)) = xv.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(DataError::NonFinite { path: path.into(), row: i / features, value: v });
+    }
+    if let Some((row, &label)) = yv.iter().enumerate().find(|(_, &l)| l < 0 || l >= i64::from(classes)) {
+        return Err(DataError::LabelOutOfRange { path: path.into(), row, label, classes });
+    }
+    Ok(Dataset { x: xv, y: yv, features })
+}
+
+/// Serialises a dataset in the format [`load`] reads (used by tests and tools).
+///
+/// # Errors
+/// When safetensors refuses the layout.
+pub fn to_safetensors(ds: &Dataset) -> Result<Vec<u8>, safetensors::SafeTensorError> {
+    let xb: Vec<u8> = ds.x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let yb: Vec<u8> = ds.y.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let x = TensorView::new(Dtype::F32, vec![ds.len(), ds.features], &xb)?;
+    let y = TensorView::new(Dtype::I64, vec![ds.len()], &yb)?;
+    safetensors::serialize([("x", x), ("y", y)], None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Dataset {
+        Dataset { x: vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0], y: vec![0, 2, 1], features: 2 }
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    }
+
+    fn raw(tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>) -> Vec<u8> {
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| ((*n).to_string(), TensorView::new(*d, s.clone(), b).expect("view")))
+            .collect();
+        safetensors::serialize(views, None).expect("serialize")
+    }
+
+    #[test]
+    fn roundtrip_and_shards() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = write(&dir, "ok.safetensors", &to_safetensors(&tiny()).expect("ser"));
+        let ds = load(&p, 3).expect("load");
+        assert_eq!(ds, tiny());
+        assert_eq!(ds.shard_range(0, 2), 0..1);
+        assert_eq!(ds.shard_range(1, 2), 1..3);
+    }
+
+    #[test]
+    fn bundled_digits_load_through_the_same_code() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/digits");
+        let sizes: Vec<usize> = ["train", "meta", "test"]
+            .iter()
+            .map(|s| load(&root.join(format!("{s}.safetensors")), 10).expect("digits").len())
+            .collect();
+        assert_eq!(sizes, vec![1358, 100, 339]);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_tensor() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let msg = |r: Result<Dataset, DataError>| r.expect_err("should fail").to_string();
+
+        let missing = dir.path().join("nope.safetensors");
+        assert!(msg(load(&missing, 3)).contains("nope.safetensors"));
+
+        let p = write(&dir, "garbage.safetensors", b"\x05\0\0\0\0\0\0\0hello");
+        assert!(msg(load(&p, 3)).contains("not a valid safetensors"));
+
+        let p = write(&dir, "noy.safetensors", &raw(vec![("x", Dtype::F32, vec![1, 1], vec![0; 4])]));
+        let m = msg(load(&p, 3));
+        assert!(m.contains("no tensor `y`") && m.contains("noy.safetensors"), "{m}");
+
+        let p = write(&dir, "dtype.safetensors", &raw(vec![
+            ("x", Dtype::F64, vec![1, 1], vec![0; 8]),
+            ("y", Dtype::I64, vec![1], vec![0; 8]),
+        ]));
+        let m = msg(load(&p, 3));
+        assert!(m.contains("`x`") && m.contains("F64"), "{m}");
+
+        let p = write(&dir, "shape.safetensors", &raw(vec![
+            ("x", Dtype::F32, vec![2, 1], vec![0; 8]),
+            ("y", Dtype::I64, vec![1], vec![0; 8]),
+        ]));
+        assert!(msg(load(&p, 3)).contains("shape [2, 1]"));
+
+        let mut bad = tiny();
+        bad.y[2] = 7;
+        let p = write(&dir, "label.safetensors", &to_safetensors(&bad).expect("ser"));
+        let m = msg(load(&p, 3));
+        assert!(m.contains("label 7 at row 2") && m.contains("0..3"), "{m}");
+
+        let mut bad = tiny();
+        bad.x[3] = f32::NAN;
+        let p = write(&dir, "nan.safetensors", &to_safetensors(&bad).expect("ser"));
+        assert!(msg(load(&p, 3)).contains("row 1"));
+    }
+}

@@ -1,0 +1,251 @@
+//! QUIC and TLS set-up both sides share, and the byte movers for frames and bundles. The only
+//! module of this crate that does network I/O; what the bytes mean is `proto`'s business.
+//!
+//! Every connection is TLS 1.3 with client certificates (mutual TLS) against one CA.
+
+use crate::proto::{self, ProtoError};
+use crate::tensor::Bundle;
+use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, ServerConfig, TransportConfig};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use serde::{de::DeserializeOwned, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The name coordinator certificates are issued for and workers verify.
+pub const SERVER_NAME: &str = "metaloop-coordinator";
+/// Keep-alive far below the idle timeout: an inner loop can be silent for minutes, and quinn
+/// sends no keep-alives by default.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A peer silent this long (no keep-alive either) is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receive windows sized for bulk tensor transfer on fast links (quinn's defaults suit
+/// 100 Mbit/s): a 64 MiB stream window, 256 MiB per connection.
+const STREAM_WINDOW: u32 = 64 << 20;
+const CONNECTION_WINDOW: u32 = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{what} {path}: {source}")]
+    File { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("bad {what} in {path}: {reason}")]
+    Pem { what: &'static str, path: PathBuf, reason: String },
+    #[error("TLS set-up: {0}")]
+    Tls(String),
+    #[error("certificate generation: {0}")]
+    Certs(#[from] rcgen::Error),
+    #[error("connecting to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("reading from peer: {0}")]
+    Read(String),
+    #[error("writing to peer: {0}")]
+    Write(String),
+    #[error("protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Where one party's certificate material lives (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate peers must chain to.
+    pub ca: PathBuf,
+    /// This party's certificate.
+    pub cert: PathBuf,
+    /// This party's private key.
+    pub key: PathBuf,
+}
+
+/// Writes a fresh CA plus a coordinator and a worker certificate into `dir` and returns the
+/// file sets for (coordinator, worker). `local` mode makes one such throwaway set per run.
+///
+/// # Errors
+/// Certificate generation or file writes.
+pub fn write_pki(dir: &Path) -> Result<(TlsFiles, TlsFiles), NetError> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    std::fs::create_dir_all(dir).map_err(|source| NetError::File { what: "creating", path: dir.into(), source })?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "metaloop CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let write = |name: &str, contents: &str| -> Result<PathBuf, NetError> {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).map_err(|source| NetError::File { what: "writing", path: path.clone(), source })?;
+        Ok(path)
+    };
+    let ca_path = write("ca.pem", &ca.pem())?;
+    let issue = |role: &str, names: Vec<String>| -> Result<TlsFiles, NetError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name.push(DnType::CommonName, format!("metaloop {role}"));
+        let cert = params.signed_by(&key, &ca)?;
+        Ok(TlsFiles {
+            ca: ca_path.clone(),
+            cert: write(&format!("{role}.pem"), &cert.pem())?,
+            key: write(&format!("{role}.key"), &key.serialize_pem())?,
+        })
+    };
+    let coordinator = issue("coordinator", vec![SERVER_NAME.into(), "localhost".into()])?;
+    let worker = issue("worker", vec!["metaloop-worker".into()])?;
+    Ok((coordinator, worker))
+}
+
+struct Loaded {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn load(files: &TlsFiles) -> Result<Loaded, NetError> {
+    let certs = |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, NetError> {
+        let pem_err = |reason: String| NetError::Pem { what, path: path.into(), reason };
+        let list = CertificateDer::pem_file_iter(path)
+            .map_err(|e| pem_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(e.to_string()))?;
+        if list.is_empty() {
+            return Err(pem_err("no certificate found".into()));
+        }
+        Ok(list)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs("CA certificate", &files.ca)? {
+        roots.add(c).map_err(|e| NetError::Pem { what: "CA certificate", path: files.ca.clone(), reason: e.to_string() })?;
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| NetError::Pem { what: "private key", path: files.key.clone(), reason: e.to_string() })?;
+    Ok(Loaded { roots: Arc::new(roots), chain: certs("certificate", &files.cert)?, key })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000)))));
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONNECTION_WINDOW.into());
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    t.max_concurrent_uni_streams(256u32.into());
+    Arc::new(t)
+}
+
+/// A coordinator endpoint bound to `addr` that requires client certificates from the CA.
+///
+/// # Errors
+/// Certificate files or binding the socket.
+pub fn server_endpoint(addr: SocketAddr, files: &TlsFiles) -> Result<Endpoint, NetError> {
+    let l = load(files)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(l.roots, provider())
+        .build()
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(l.chain, l.key)
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut config = ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Endpoint::server(config, addr).map_err(|source| NetError::Bind { addr, source })
+}
+
+/// A worker endpoint that presents its certificate and trusts only the CA.
+///
+/// # Errors
+/// Certificate files or binding the socket.
+pub fn client_endpoint(files: &TlsFiles, bind: SocketAddr) -> Result<Endpoint, NetError> {
+    let l = load(files)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_root_certificates(l.roots)
+        .with_client_auth_cert(l.chain, l.key)
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut config = ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    let mut endpoint = Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// Connects to the coordinator at `addr`.
+///
+/// # Errors
+/// `Connect` naming the address.
+pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection, NetError> {
+    let connecting = endpoint
+        .connect(addr, SERVER_NAME)
+        .map_err(|e| NetError::Connect { addr, reason: e.to_string() })?;
+    connecting.await.map_err(|e| NetError::Connect { addr, reason: e.to_string() })
+}
+
+/// Writes one control frame.
+///
+/// # Errors
+/// `Proto` for an oversized message, `Write` when the stream fails.
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<usize, NetError> {
+    let bytes = proto::encode_frame(msg)?;
+    send.write_all(&bytes).await.map_err(|e| NetError::Write(e.to_string()))?;
+    Ok(bytes.len())
+}
+
+/// Reads one control frame; `Ok(None)` when the peer finished the stream cleanly between frames.
+///
+/// # Errors
+/// `Read` for a stream that ends mid-frame or fails; `Proto` for an oversized or undecodable one.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'static str) -> Result<Option<T>, NetError> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(NetError::Read(format!("{what} length prefix: {e}"))),
+    }
+    let len = proto::frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| NetError::Read(format!("{what} body ({len} bytes): {e}")))?;
+    Ok(Some(proto::decode_body(what, &body)?))
+}
+
+/// Sends a bundle on a new unidirectional stream; returns the bytes written.
+///
+/// # Errors
+/// `Write` or `Connection` when the peer goes away.
+pub async fn send_bundle(conn: &Connection, transfer: u64, bundle: &Bundle) -> Result<usize, NetError> {
+    let mut send = conn.open_uni().await?;
+    let header = proto::encode_frame(&proto::BundleHeader::for_bundle(transfer, bundle))?;
+    let payload = proto::encode_payload(bundle);
+    send.write_all(&header).await.map_err(|e| NetError::Write(e.to_string()))?;
+    send.write_all(&payload).await.map_err(|e| NetError::Write(e.to_string()))?;
+    send.finish().map_err(|e| NetError::Write(e.to_string()))?;
+    Ok(header.len() + payload.len())
+}
+
+/// Receives one bundle stream: header frame, then exactly the payload its shapes announce.
+///
+/// # Errors
+/// `Read` when the stream fails, `Proto` when the bytes disagree with the header.
+pub async fn recv_bundle(mut recv: RecvStream) -> Result<(u64, Bundle, usize), NetError> {
+    let header: proto::BundleHeader = read_frame(&mut recv, "bundle header")
+        .await?
+        .ok_or_else(|| NetError::Read("bundle stream ended before its header".into()))?;
+    let need = header.payload_len()?;
+    // One byte more than announced is read so a stream with trailing bytes is caught.
+    let payload = recv
+        .read_to_end(need as usize + 1)
+        .await
+        .map_err(|e| NetError::Read(format!("bundle {} payload: {e}", header.transfer)))?;
+    let bundle = proto::decode_payload(&header, &payload)?;
+    Ok((header.transfer, bundle, payload.len()))
+}

@@ -1,0 +1,503 @@
+//! The wire protocol, and the only place that knows it: message types, framing, the version
+//! handshake, size limits and the tensor codec. Pure encode/decode; `net` moves the bytes.
+//!
+//! * Control frames: `u32` little-endian body length, then a postcard body; at most
+//!   [`MAX_FRAME_BYTES`]. They travel on one long-lived bidirectional stream per worker.
+//! * Tensor bundles: each on its own unidirectional stream: one control-style frame holding a
+//!   [`BundleHeader`] (transfer id, names, dtypes, shapes), then the raw little-endian bytes of
+//!   every tensor back to back, then the end of the stream.
+
+use crate::tensor::{Bundle, HostTensor};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// ALPN protocol id: the protocol name and its major version. A peer speaking another major
+/// version fails the TLS handshake itself.
+pub const ALPN: &[u8] = b"metaloop/1";
+/// Version carried in the hello; checked on both sides after ALPN agreed.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Hard limit on one control frame. Control messages are small; anything big is a bundle.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+/// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
+/// enough that a lying header cannot make us reserve absurd memory before data arrives.
+pub const MAX_BUNDLE_BYTES: u64 = 16 << 30;
+/// Most tensors in one bundle and most dimensions in one tensor.
+pub const MAX_BUNDLE_TENSORS: usize = 4096;
+pub const MAX_RANK: usize = 8;
+
+/// Errors from decoding bytes a peer sent. Each names what was wrong.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ProtoError {
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge { len: usize, limit: usize },
+    #[error("truncated frame: need {need} bytes, have {have}")]
+    Truncated { need: usize, have: usize },
+    #[error("undecodable {what}: {reason}")]
+    Decode { what: &'static str, reason: String },
+    #[error("{extra} unexpected trailing bytes after {what}")]
+    Trailing { what: &'static str, extra: usize },
+    #[error("tensor `{name}`: {reason}")]
+    BadTensor { name: String, reason: String },
+    #[error("bundle payload of {len} bytes exceeds the limit of {limit} bytes")]
+    BundleTooLarge { len: u64, limit: u64 },
+    #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
+    VersionMismatch { ours: u32, theirs: u32 },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+/// Worker → coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerMsg {
+    Hello(Hello),
+    /// An assignment finished; its delta arrives as bundle `delta_transfer`.
+    Result(AssignmentResult),
+    /// An assignment could not be run (for example the model checksum did not match).
+    Failed { round: u64, assignment: u32, reason: String },
+}
+
+/// Coordinator → worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMsg {
+    Welcome(Welcome),
+    Reject { reason: String },
+    Round(RoundPlan),
+    Shutdown { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    /// Free-form name for logs (host name, pod name).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol_version: u32,
+    pub worker_id: u64,
+    pub job: JobSpec,
+}
+
+/// What a worker needs to know about the job, once, at join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub seed: u64,
+    pub model: ModelSpec,
+    /// Path of the training data file, as the worker should open it.
+    pub train_path: String,
+    pub shards: u32,
+    pub inner: InnerSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ModelSpec {
+    Mlp { inputs: u32, hidden: Vec<u32>, classes: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InnerSpec {
+    pub batch_size: u32,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+/// One round for one worker: how to get the current model, and what to run on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundPlan {
+    pub round: u64,
+    pub model: ModelSource,
+    pub assignments: Vec<Assignment>,
+}
+
+/// How the worker obtains model version `version` (identified by `checksum`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ModelSource {
+    /// The full parameters arrive as bundle `transfer`.
+    Full { version: u64, checksum: [u8; 32], transfer: u64 },
+    /// Add bundle `transfer` (the exact update the coordinator applied) to version `base`.
+    Step { base: u64, version: u64, checksum: [u8; 32], transfer: u64 },
+    /// The worker already holds this version.
+    Unchanged { version: u64, checksum: [u8; 32] },
+}
+
+/// An assignment is fully determined by (job seed, round, index): same inputs, same result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub index: u32,
+    pub shard: u32,
+    pub steps: u32,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssignmentResult {
+    pub round: u64,
+    pub assignment: u32,
+    pub delta_transfer: u64,
+    /// Mean training loss over the inner steps.
+    pub train_loss: f32,
+    pub samples: u64,
+    pub compute_seconds: f32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing
+
+/// Encodes one control frame: length prefix plus postcard body.
+///
+/// # Errors
+/// `FrameTooLarge` when the body exceeds [`MAX_FRAME_BYTES`].
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
+    let mut out = vec![0u8; 4];
+    out = postcard::to_extend(msg, out).map_err(|e| ProtoError::Decode {
+        what: "outgoing frame",
+        reason: e.to_string(),
+    })?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME_BYTES {
+        return Err(ProtoError::FrameTooLarge { len, limit: MAX_FRAME_BYTES });
+    }
+    out[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(out)
+}
+
+/// Reads a length prefix and checks it against the limit before anything is allocated.
+///
+/// # Errors
+/// `FrameTooLarge`.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(ProtoError::FrameTooLarge { len, limit: MAX_FRAME_BYTES });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (without its prefix); the whole body must be one message.
+///
+/// # Errors
+/// `Decode` or `Trailing`.
+pub fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, ProtoError> {
+    let (msg, rest) = postcard::take_from_bytes(body)
+        .map_err(|e| ProtoError::Decode { what, reason: e.to_string() })?;
+    if !rest.is_empty() {
+        return Err(ProtoError::Trailing { what, extra: rest.len() });
+    }
+    Ok(msg)
+}
+
+/// Decodes one complete frame from the front of `bytes`; returns it and the bytes consumed.
+///
+/// # Errors
+/// `Truncated`, `FrameTooLarge`, `Decode`, `Trailing`.
+pub fn decode_frame<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<(T, usize), ProtoError> {
+    let prefix: [u8; 4] = bytes
+        .get(..4)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(ProtoError::Truncated { need: 4, have: bytes.len() })?;
+    let len = frame_len(prefix)?;
+    let body = bytes
+        .get(4..4 + len)
+        .ok_or(ProtoError::Truncated { need: 4 + len, have: bytes.len() })?;
+    Ok((decode_body(what, body)?, 4 + len))
+}
+
+/// Checks the peer's hello version against ours.
+///
+/// # Errors
+/// `VersionMismatch`.
+pub fn check_version(theirs: u32) -> Result<(), ProtoError> {
+    if theirs == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(ProtoError::VersionMismatch { ours: PROTOCOL_VERSION, theirs })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor codec
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorMeta {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+}
+
+/// First frame of a bundle stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleHeader {
+    pub transfer: u64,
+    pub tensors: Vec<TensorMeta>,
+}
+
+impl BundleHeader {
+    pub fn for_bundle(transfer: u64, bundle: &Bundle) -> Self {
+        BundleHeader {
+            transfer,
+            tensors: bundle
+                .tensors
+                .iter()
+                .map(|t| TensorMeta {
+                    name: t.name.clone(),
+                    dtype: DType::F32,
+                    shape: t.shape.iter().map(|&d| d as u64).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Byte count of the payload the header announces, checked for overflow and limits.
+    ///
+    /// # Errors
+    /// `BadTensor` for an absurd shape, `BundleTooLarge` past [`MAX_BUNDLE_BYTES`].
+    pub fn payload_len(&self) -> Result<u64, ProtoError> {
+        if self.tensors.len() > MAX_BUNDLE_TENSORS {
+            return Err(ProtoError::BadTensor {
+                name: format!("<{} tensors>", self.tensors.len()),
+                reason: format!("more than {MAX_BUNDLE_TENSORS} tensors in one bundle"),
+            });
+        }
+        let mut total: u64 = 0;
+        for t in &self.tensors {
+            let bad = |reason: String| ProtoError::BadTensor { name: t.name.clone(), reason };
+            if t.shape.len() > MAX_RANK {
+                return Err(bad(format!("rank {} exceeds {MAX_RANK}", t.shape.len())));
+            }
+            let bytes = t
+                .shape
+                .iter()
+                .try_fold(t.dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+            total = total
+                .checked_add(bytes)
+                .ok_or_else(|| bad("bundle size overflows".into()))?;
+            if total > MAX_BUNDLE_BYTES {
+                return Err(ProtoError::BundleTooLarge { len: total, limit: MAX_BUNDLE_BYTES });
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Raw little-endian payload of a bundle, tensor after tensor.
+pub fn encode_payload(bundle: &Bundle) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bundle.byte_len());
+    for t in &bundle.tensors {
+        for v in &t.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Rebuilds a bundle from its header and exactly its payload bytes.
+///
+/// # Errors
+/// `Truncated` or `Trailing` when the byte count disagrees with the shapes; `BadTensor` and
+/// `BundleTooLarge` from the header.
+pub fn decode_payload(header: &BundleHeader, payload: &[u8]) -> Result<Bundle, ProtoError> {
+    let need = header.payload_len()?;
+    if (payload.len() as u64) < need {
+        return Err(ProtoError::Truncated { need: need as usize, have: payload.len() });
+    }
+    if payload.len() as u64 > need {
+        return Err(ProtoError::Trailing {
+            what: "bundle payload",
+            extra: payload.len() - need as usize,
+        });
+    }
+    let mut offset = 0;
+    let mut tensors = Vec::with_capacity(header.tensors.len());
+    for t in &header.tensors {
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let n: usize = shape.iter().product();
+        let bytes = &payload[offset..offset + n * 4];
+        offset += n * 4;
+        let data = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.push(HostTensor { name: t.name.clone(), shape, data });
+    }
+    Ok(Bundle { tensors })
+}
+
+/// A whole bundle stream as bytes (header frame, then payload): what `net` writes.
+///
+/// # Errors
+/// `FrameTooLarge` for a header with too many tensors to fit one frame.
+pub fn encode_bundle(transfer: u64, bundle: &Bundle) -> Result<Vec<u8>, ProtoError> {
+    let mut out = encode_frame(&BundleHeader::for_bundle(transfer, bundle))?;
+    out.extend_from_slice(&encode_payload(bundle));
+    Ok(out)
+}
+
+/// Decodes a whole bundle stream held in memory.
+///
+/// # Errors
+/// Any framing or tensor error.
+pub fn decode_bundle(bytes: &[u8]) -> Result<(u64, Bundle), ProtoError> {
+    let (header, used): (BundleHeader, usize) = decode_frame("bundle header", bytes)?;
+    let bundle = decode_payload(&header, &bytes[used..])?;
+    Ok((header.transfer, bundle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let bytes = encode_frame(&msg).expect("encode");
+        let (back, used): (T, usize) = decode_frame("test", &bytes).expect("decode");
+        assert_eq!(used, bytes.len());
+        assert_eq!(back, msg);
+    }
+
+    fn job() -> JobSpec {
+        JobSpec {
+            seed: 42,
+            model: ModelSpec::Mlp { inputs: 64, hidden: vec![128, 64], classes: 10 },
+            train_path: "/data/train.safetensors".into(),
+            shards: 4,
+            inner: InnerSpec { batch_size: 32, lr: 0.05, momentum: 0.9, weight_decay: 1e-4 },
+        }
+    }
+
+    #[test]
+    fn every_worker_message_roundtrips() {
+        roundtrip(WorkerMsg::Hello(Hello { protocol_version: 1, name: "w0".into() }));
+        roundtrip(WorkerMsg::Result(AssignmentResult {
+            round: 7,
+            assignment: 3,
+            delta_transfer: 99,
+            train_loss: 0.25,
+            samples: 640,
+            compute_seconds: 1.5,
+        }));
+        roundtrip(WorkerMsg::Failed { round: 2, assignment: 1, reason: "checksum".into() });
+    }
+
+    #[test]
+    fn every_coordinator_message_roundtrips() {
+        roundtrip(CoordinatorMsg::Welcome(Welcome {
+            protocol_version: 1,
+            worker_id: 5,
+            job: job(),
+        }));
+        roundtrip(CoordinatorMsg::Reject { reason: "full".into() });
+        for model in [
+            ModelSource::Full { version: 0, checksum: [1; 32], transfer: 1 },
+            ModelSource::Step { base: 1, version: 2, checksum: [2; 32], transfer: 3 },
+            ModelSource::Unchanged { version: 2, checksum: [3; 32] },
+        ] {
+            roundtrip(CoordinatorMsg::Round(RoundPlan {
+                round: 3,
+                model,
+                assignments: vec![Assignment { index: 0, shard: 1, steps: 20, seed: 77 }],
+            }));
+        }
+        roundtrip(CoordinatorMsg::Shutdown { reason: "done".into() });
+    }
+
+    fn sample_bundle() -> Bundle {
+        Bundle {
+            tensors: vec![
+                HostTensor { name: "w".into(), shape: vec![2, 3], data: vec![1., -2., 3.5, 0., 1e-8, -0.] },
+                HostTensor { name: "b".into(), shape: vec![2], data: vec![f32::MAX, f32::MIN] },
+                HostTensor { name: "s".into(), shape: vec![], data: vec![7.0] },
+            ],
+        }
+    }
+
+    #[test]
+    fn bundle_roundtrips_bit_exactly() {
+        let b = sample_bundle();
+        let bytes = encode_bundle(11, &b).expect("encode");
+        let (id, back) = decode_bundle(&bytes).expect("decode");
+        assert_eq!(id, 11);
+        assert_eq!(back, b);
+        assert_eq!(back.tensors[0].data[5].to_bits(), (-0.0f32).to_bits());
+    }
+
+    #[test]
+    fn bundle_byte_count_must_match_shape() {
+        let bytes = encode_bundle(1, &sample_bundle()).expect("encode");
+        let short = &bytes[..bytes.len() - 1];
+        assert!(matches!(decode_bundle(short), Err(ProtoError::Truncated { .. })));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(decode_bundle(&long), Err(ProtoError::Trailing { .. })));
+    }
+
+    #[test]
+    fn absurd_headers_are_rejected_before_allocation() {
+        let header = BundleHeader {
+            transfer: 1,
+            tensors: vec![TensorMeta { name: "huge".into(), dtype: DType::F32, shape: vec![u64::MAX, 2] }],
+        };
+        assert!(matches!(header.payload_len(), Err(ProtoError::BadTensor { .. })));
+        let header = BundleHeader {
+            transfer: 1,
+            tensors: vec![TensorMeta { name: "big".into(), dtype: DType::F32, shape: vec![1 << 20, 1 << 20] }],
+        };
+        assert!(matches!(header.payload_len(), Err(ProtoError::BundleTooLarge { .. })));
+    }
+
+    #[test]
+    fn oversized_frame_prefix_is_rejected() {
+        let prefix = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes();
+        assert!(matches!(frame_len(prefix), Err(ProtoError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn version_mismatch_is_an_error() {
+        assert!(check_version(PROTOCOL_VERSION).is_ok());
+        assert_eq!(
+            check_version(PROTOCOL_VERSION + 1),
+            Err(ProtoError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: PROTOCOL_VERSION + 1 })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<WorkerMsg>("fuzz", &bytes);
+            let _ = decode_frame::<CoordinatorMsg>("fuzz", &bytes);
+            let _ = decode_bundle(&bytes);
+        }
+
+        #[test]
+        fn corrupted_frames_never_panic(flip in 0usize..200, value in any::<u8>()) {
+            let mut bytes = encode_frame(&CoordinatorMsg::Welcome(Welcome {
+                protocol_version: 1, worker_id: 3, job: job(),
+            })).expect("encode");
+            let i = flip % bytes.len();
+            bytes[i] = value;
+            let _ = decode_frame::<CoordinatorMsg>("fuzz", &bytes);
+            let mut b = encode_bundle(5, &sample_bundle()).expect("encode");
+            let j = flip % b.len();
+            b[j] = value;
+            let _ = decode_bundle(&b);
+        }
+    }
+}
