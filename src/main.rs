@@ -1,1 +1,179 @@
-fn main() {}
+//! The `metaloop` command line: parses arguments and hands off to the library crates.
+
+mod local;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use metaloop_common::config::JobConfig;
+use metaloop_common::net::TlsFiles;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "metaloop", version, about = "Distributed orchestrator for bi-level (meta-learning) training")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a coordinator and N worker processes on this machine (default: the quickstart).
+    Local(local::LocalArgs),
+    /// Run the coordinator of a job.
+    Coordinator(CoordinatorArgs),
+    /// Run a worker that joins a coordinator.
+    Worker(WorkerArgs),
+    /// Check a job config and report every problem in it.
+    Validate {
+        /// The job config (TOML).
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// CA certificate (PEM) that peers must chain to.
+    #[arg(long)]
+    ca: PathBuf,
+    /// This party's certificate (PEM).
+    #[arg(long)]
+    cert: PathBuf,
+    /// This party's private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+}
+
+impl TlsArgs {
+    fn files(&self) -> TlsFiles {
+        TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct CoordinatorArgs {
+    /// The job config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Where summary.json and metrics.jsonl go.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Start once this many workers have joined.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// Seconds to wait with no worker connected before giving up.
+    #[arg(long, default_value_t = 300)]
+    worker_wait: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// Coordinator address (IP:port).
+    #[arg(long)]
+    coordinator: SocketAddr,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Name shown in the coordinator's logs (default: the host name and process id).
+    #[arg(long)]
+    name: Option<String>,
+    /// libtorch threads for this worker.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit code for a usage error (bad config), as sysexits' EX_USAGE.
+pub(crate) const EXIT_USAGE: u8 = 64;
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Local(args) => local::run(args).await,
+        Command::Validate { config } => match JobConfig::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(EXIT_USAGE))
+            }
+        },
+        Command::Coordinator(args) => {
+            init_stderr_logs();
+            let config = match JobConfig::load(&args.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
+            let shutdown = signal_token();
+            let coordinator = metaloop_coordinator::Coordinator::bind(metaloop_coordinator::CoordinatorOptions {
+                listen: args.listen,
+                tls: args.tls.files(),
+                run_dir: args.run_dir.clone(),
+                min_workers: args.min_workers,
+                worker_wait: Duration::from_secs(args.worker_wait),
+            })?;
+            tracing::info!(addr = %coordinator.local_addr()?, "coordinator listening");
+            let summary = coordinator
+                .run(config, |r| tracing::info!(round = r.round, train_loss = r.train_loss, test_accuracy = r.test_accuracy, seconds = r.seconds, "round done"), shutdown)
+                .await?;
+            println!("test accuracy {:.2}% after {} rounds; summary in {}", summary.test_accuracy * 100.0, summary.rounds, args.run_dir.join("summary.json").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker(args) => {
+            init_stderr_logs();
+            let name = args.name.unwrap_or_else(|| format!("worker-{}", std::process::id()));
+            let opts = metaloop_worker::WorkerOptions { coordinator: args.coordinator, tls: args.tls.files(), name, threads: args.threads };
+            metaloop_worker::run(opts, signal_token()).await.context("worker")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_stderr_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("METALOOP_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn signal_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            Some(()) = async { match term.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {}
+        }
+        tracing::warn!("signal received; stopping");
+        t.cancel();
+    });
+    token
+}

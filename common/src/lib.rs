@@ -3,6 +3,7 @@
 //! the QUIC/TLS set-up (`net`, the only module here that does network I/O).
 
 pub mod checksum;
+pub mod compute;
 pub mod config;
 pub mod dataset;
 pub mod model;

@@ -249,3 +249,73 @@ pub async fn recv_bundle(mut recv: RecvStream) -> Result<(u64, Bundle, usize), N
     let bundle = proto::decode_payload(&header, &payload)?;
     Ok((header.transfer, bundle, payload.len()))
 }
+
+/// Bundles received on a connection's unidirectional streams, waiting for the control message
+/// that refers to them by transfer id (QUIC does not order streams against each other).
+#[derive(Debug, Default)]
+pub struct Inbox {
+    state: std::sync::Mutex<InboxState>,
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct InboxState {
+    bundles: std::collections::HashMap<u64, Bundle>,
+    closed: Option<String>,
+}
+
+/// Most bundles held unclaimed; a peer that floods uni streams is cut off.
+const MAX_UNCLAIMED: usize = 64;
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Accepts bundle streams on `conn` until it closes, filing each by transfer id.
+    /// Returns the reason the connection stopped delivering.
+    pub async fn fill(&self, conn: &Connection, bytes_in: &std::sync::atomic::AtomicU64) -> NetError {
+        let err = loop {
+            let recv = match conn.accept_uni().await {
+                Ok(r) => r,
+                Err(e) => break NetError::Connection(e),
+            };
+            match recv_bundle(recv).await {
+                Ok((id, bundle, n)) => {
+                    bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    let mut s = self.lock();
+                    if s.bundles.len() >= MAX_UNCLAIMED {
+                        break NetError::Read(format!("peer sent more than {MAX_UNCLAIMED} unclaimed bundles"));
+                    }
+                    s.bundles.insert(id, bundle);
+                    drop(s);
+                    self.notify.notify_waiters();
+                }
+                Err(e) => break e,
+            }
+        };
+        self.lock().closed = Some(err.to_string());
+        self.notify.notify_waiters();
+        err
+    }
+
+    /// Waits for bundle `id`.
+    ///
+    /// # Errors
+    /// `Read` when the connection stopped delivering bundles first.
+    pub async fn take(&self, id: u64) -> Result<Bundle, NetError> {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut s = self.lock();
+                if let Some(b) = s.bundles.remove(&id) {
+                    return Ok(b);
+                }
+                if let Some(why) = &s.closed {
+                    return Err(NetError::Read(format!("bundle {id} never arrived: {why}")));
+                }
+            }
+            notified.await;
+        }
+    }
+}

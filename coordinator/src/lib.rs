@@ -1,1 +1,14 @@
-//! placeholder
+//! The metaloop coordinator: the outer loop. `job` runs rounds, `scheduler` decides who runs
+//! what (pure state machine), `outer` makes the model update, `server` moves the bytes and
+//! `rundir` writes the run's record.
+
+mod job;
+mod outer;
+mod rundir;
+mod scheduler;
+mod server;
+
+pub use job::{Coordinator, CoordinatorOptions};
+pub use outer::OuterOptimizer;
+pub use rundir::{RoundRecord, Summary};
+pub use scheduler::{Dispatch, Rejection, Scheduler};

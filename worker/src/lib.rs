@@ -1,1 +1,8 @@
-//! placeholder
+//! The metaloop worker: the inner loop. `client` speaks QUIC to the coordinator; `train` holds
+//! the model on a dedicated compute thread and runs assignments.
+
+mod client;
+mod train;
+
+pub use client::{run, WorkerOptions};
+pub use train::{AssignmentOutcome, Trainer, TrainError};

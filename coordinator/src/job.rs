@@ -1,0 +1,455 @@
+//! The coordinator's run loop: plan each round, dispatch it through the scheduler, collect
+//! results in assignment order, take the outer step, evaluate, record. Network events arrive
+//! from `server`; compute (evaluation) runs on a dedicated thread.
+
+use crate::outer::OuterOptimizer;
+use crate::rundir::{RoundRecord, RunDir, Summary};
+use crate::scheduler::{Dispatch, Scheduler, WorkerId};
+use crate::server::{self, Event, Outgoing, Traffic};
+use anyhow::{bail, Context};
+use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
+use metaloop_common::compute::ComputeThread;
+use metaloop_common::config::{JobConfig, ModelConfig};
+use metaloop_common::dataset::{self, Dataset};
+use metaloop_common::model;
+use metaloop_common::net::{self, TlsFiles};
+use metaloop_common::proto::{Assignment, AssignmentResult, InnerSpec, JobSpec, ModelSource, ModelSpec, RoundPlan};
+use metaloop_common::rng::derive_seed;
+use metaloop_common::tensor::Bundle;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How the coordinator is run (as opposed to what the job is).
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub run_dir: PathBuf,
+    /// Round 0 starts once this many workers have joined.
+    pub min_workers: usize,
+    /// How long to wait with no worker connected before giving up.
+    pub worker_wait: Duration,
+}
+
+/// A failed assignment is retried this often in one round before the job stops.
+const MAX_FAILURES_PER_ASSIGNMENT: u32 = 3;
+
+/// A coordinator with its port bound, so callers can learn the address before running.
+#[derive(Debug)]
+pub struct Coordinator {
+    endpoint: quinn::Endpoint,
+    options: CoordinatorOptions,
+}
+
+impl Coordinator {
+    /// Binds the QUIC endpoint.
+    ///
+    /// # Errors
+    /// Certificate files or the socket.
+    pub fn bind(options: CoordinatorOptions) -> anyhow::Result<Self> {
+        let endpoint = net::server_endpoint(options.listen, &options.tls)?;
+        Ok(Self { endpoint, options })
+    }
+
+    /// The address workers should dial.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Runs the whole job; `observe` sees every finished round (progress display).
+    ///
+    /// # Errors
+    /// Bad data, no workers within the wait, an assignment failing repeatedly, or I/O on the
+    /// run directory.
+    pub async fn run(
+        self,
+        config: JobConfig,
+        mut observe: impl FnMut(&RoundRecord) + Send,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Summary> {
+        let started = Instant::now();
+        let run_dir = RunDir::create(&self.options.run_dir)?;
+        let classes = config.data.classes;
+        let test = dataset::load(&config.data.test, classes)?;
+        let train = dataset::load(&config.data.train, classes)?;
+        if (train.len() as u32) < config.data.shards {
+            bail!("data.shards = {} but {} holds only {} samples", config.data.shards, config.data.train.display(), train.len());
+        }
+        if train.features != test.features {
+            bail!("train data has {} features but test data has {}", train.features, test.features);
+        }
+        let job = job_spec(&config, &train);
+        drop(train);
+        let mut state = LoopState::new(&config, &job, test)?;
+
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let traffic = Arc::new(Traffic::default());
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        tracker.spawn(server::accept_loop(self.endpoint.clone(), job, events_tx, traffic.clone(), tracker.clone(), stop.clone()));
+
+        let outcome = async {
+            state.wait_for_workers(&mut events, self.options.min_workers, self.options.worker_wait, &shutdown).await?;
+            for round in 0..config.rounds {
+                let record = state.round(round, &config, &mut events, &traffic, self.options.worker_wait, &shutdown).await?;
+                run_dir.append_metrics(&record)?;
+                observe(&record);
+                if shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        for peer in state.peers.values() {
+            let _ = peer.outbox.send(Outgoing::Shutdown { reason: "job finished".into() });
+        }
+        // Give workers a moment to read the shutdown before the endpoint goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while !state.peers.is_empty() {
+                match events.recv().await {
+                    Some(Event::Lost { worker, .. }) => {
+                        state.peers.remove(&worker);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        })
+        .await;
+        stop.cancel();
+        tracker.close();
+        self.endpoint.close(0u32.into(), b"job finished");
+        tracker.wait().await;
+        outcome?;
+
+        let (test_loss, test_accuracy) = state.last_eval;
+        let summary = Summary {
+            test_accuracy,
+            test_loss,
+            rounds: state.rounds_done,
+            wall_seconds: started.elapsed().as_secs_f64(),
+            workers: state.workers_seen,
+            seed: config.seed,
+            samples: state.samples,
+            reassigned: state.scheduler.reassigned(),
+            rejected: state.rejected.clone(),
+            bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
+            bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
+            final_state_checksum: hex(&state.state_checksum()),
+        };
+        run_dir.write_summary(&summary)?;
+        Ok(summary)
+    }
+}
+
+fn job_spec(config: &JobConfig, train: &Dataset) -> JobSpec {
+    let ModelConfig::Mlp { hidden } = &config.model;
+    JobSpec {
+        seed: config.seed,
+        model: ModelSpec::Mlp { inputs: train.features as u32, hidden: hidden.clone(), classes: config.data.classes },
+        train_path: config.data.train.to_string_lossy().into_owned(),
+        shards: config.data.shards,
+        inner: InnerSpec {
+            batch_size: config.inner.batch_size,
+            lr: config.inner.lr,
+            momentum: config.inner.momentum,
+            weight_decay: config.inner.weight_decay,
+        },
+    }
+}
+
+struct Peer {
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    /// The model version this worker holds (as far as we know).
+    version: Option<u64>,
+}
+
+struct Evaluator {
+    spec: ModelSpec,
+    test: Dataset,
+}
+
+struct LoopState {
+    params: Bundle,
+    version: u64,
+    checksum: [u8; 32],
+    /// The update that turned version − 1 into version, shipped to workers that hold version − 1.
+    last_step: Option<Arc<Bundle>>,
+    full: Option<(u64, Arc<Bundle>)>,
+    outer: OuterOptimizer,
+    scheduler: Scheduler,
+    peers: HashMap<WorkerId, Peer>,
+    next_transfer: u64,
+    eval: ComputeThread<Evaluator>,
+    last_eval: (f64, f64),
+    rounds_done: u64,
+    workers_seen: usize,
+    samples: u64,
+    rejected: BTreeMap<String, u64>,
+}
+
+/// Results of the round in progress, by assignment index.
+type Collected = Vec<Option<(AssignmentResult, Bundle)>>;
+
+impl LoopState {
+    fn new(config: &JobConfig, job: &JobSpec, test: Dataset) -> anyhow::Result<Self> {
+        let params = model::init_params(&job.model, config.seed);
+        let spec = job.model.clone();
+        let eval = ComputeThread::spawn("metaloop-eval", move || Evaluator { spec, test })?;
+        Ok(Self {
+            checksum: bundle_checksum(&params),
+            params,
+            version: 0,
+            last_step: None,
+            full: None,
+            outer: OuterOptimizer::new(config.outer.clone()),
+            scheduler: Scheduler::new(),
+            peers: HashMap::new(),
+            next_transfer: 0,
+            eval,
+            last_eval: (f64::NAN, 0.0),
+            rounds_done: 0,
+            workers_seen: 0,
+            samples: 0,
+            rejected: BTreeMap::new(),
+        })
+    }
+
+    /// Hash of the model, the outer optimizer's state and the version: equal across runs only
+    /// when they ended bit for bit in the same state.
+    fn state_checksum(&self) -> [u8; 32] {
+        let mut h = StateHasher::new();
+        h.bundle("model", &self.params);
+        if let Some(m) = self.outer.momentum() {
+            h.bundle("outer.momentum", m);
+        }
+        h.bytes(&self.version.to_le_bytes());
+        h.finish()
+    }
+
+    async fn wait_for_workers(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        min: usize,
+        wait: Duration,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.peers.len() < min.max(1) {
+            tracing::info!(connected = self.peers.len(), needed = min, "waiting for workers");
+            let event = tokio::select! {
+                e = events.recv() => e.context("network task stopped")?,
+                () = tokio::time::sleep_until(deadline) => bail!("only {} of {min} workers joined within {wait:?}", self.peers.len()),
+                () = shutdown.cancelled() => bail!("stopped while waiting for workers"),
+            };
+            self.handle(event, None)?;
+        }
+        Ok(())
+    }
+
+    async fn round(
+        &mut self,
+        round: u64,
+        config: &JobConfig,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        traffic: &Traffic,
+        wait: Duration,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<RoundRecord> {
+        let started = Instant::now();
+        let (bytes_in, bytes_out) = (traffic.bytes_in.load(Ordering::Relaxed), traffic.bytes_out.load(Ordering::Relaxed));
+        let assignments: Vec<Assignment> = (0..config.data.shards)
+            .map(|i| Assignment {
+                index: i,
+                shard: i,
+                steps: config.inner.steps,
+                seed: derive_seed(config.seed, &[round, u64::from(i)]),
+            })
+            .collect();
+        let mut collected: Collected = vec![None; assignments.len()];
+        let mut failures = vec![0u32; assignments.len()];
+        let dispatches = self.scheduler.start_round(round, config.data.shards);
+        self.dispatch(round, &assignments, dispatches);
+        let mut alone_since: Option<Instant> = None;
+        while !self.scheduler.round_complete() {
+            let idle = if self.peers.is_empty() {
+                let since = *alone_since.get_or_insert_with(Instant::now);
+                tracing::warn!(round, "no workers connected; waiting up to {wait:?}");
+                wait.saturating_sub(since.elapsed())
+            } else {
+                alone_since = None;
+                Duration::MAX
+            };
+            let event = tokio::select! {
+                e = events.recv() => e.context("network task stopped")?,
+                () = tokio::time::sleep(idle) => bail!("no workers connected for {wait:?} during round {round}"),
+                () = shutdown.cancelled() => bail!("stopped during round {round}"),
+            };
+            let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, failures: &mut failures };
+            self.handle(event, Some(ctx))?;
+        }
+
+        let mut deltas = Vec::with_capacity(collected.len());
+        let (mut loss, mut samples) = (0.0f64, 0u64);
+        for slot in &collected {
+            let (result, delta) = slot.as_ref().context("round complete without every result")?;
+            loss += f64::from(result.train_loss);
+            samples += result.samples;
+            deltas.push(delta);
+        }
+        let update = self.outer.step(&deltas);
+        self.params.add_assign(&update);
+        self.version += 1;
+        self.checksum = bundle_checksum(&self.params);
+        self.last_step = Some(Arc::new(update));
+        self.samples += samples;
+        self.rounds_done = round + 1;
+
+        let params = self.params.clone();
+        let (test_loss, test_accuracy) = self
+            .eval
+            .call(move |e| -> Result<(f64, f64), model::ModelError> {
+                let m = model::build(&e.spec, &params, tch::Device::Cpu)?;
+                model::evaluate(m.as_ref(), &e.test, tch::Device::Cpu)
+            })
+            .await??;
+        self.last_eval = (test_loss, test_accuracy);
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(RoundRecord {
+            round,
+            train_loss: loss / collected.len() as f64,
+            test_loss,
+            test_accuracy,
+            seconds,
+            samples_per_second: samples as f64 / seconds.max(1e-9),
+            workers: self.peers.len(),
+            bytes_in: traffic.bytes_in.load(Ordering::Relaxed) - bytes_in,
+            bytes_out: traffic.bytes_out.load(Ordering::Relaxed) - bytes_out,
+            reassigned: self.scheduler.reassigned(),
+        })
+    }
+
+    fn handle(&mut self, event: Event, ctx: Option<RoundCtx<'_>>) -> anyhow::Result<()> {
+        match event {
+            Event::Joined { worker, name, outbox } => {
+                tracing::info!(worker, %name, "worker admitted");
+                self.peers.insert(worker, Peer { outbox, version: None });
+                self.workers_seen += 1;
+                let d = self.scheduler.worker_joined(worker);
+                if let Some(ctx) = ctx {
+                    self.dispatch(ctx.round, ctx.assignments, d);
+                }
+            }
+            Event::Lost { worker, reason } => {
+                if self.peers.remove(&worker).is_some() {
+                    tracing::warn!(worker, %reason, "worker lost");
+                }
+                let d = self.scheduler.worker_lost(worker);
+                if let Some(ctx) = ctx {
+                    self.dispatch(ctx.round, ctx.assignments, d);
+                }
+            }
+            Event::Result { worker, result, delta } => {
+                let Some(ctx) = ctx else {
+                    return Ok(self.reject("stale_round"));
+                };
+                if !delta.same_layout(&self.params) {
+                    self.reject("wrong_shape");
+                    let d = self.scheduler.failed(worker, result.round, result.assignment);
+                    return Ok(self.dispatch(ctx.round, ctx.assignments, d));
+                }
+                if !delta.is_finite() || !result.train_loss.is_finite() {
+                    self.reject("non_finite");
+                    let d = self.scheduler.failed(worker, result.round, result.assignment);
+                    return Ok(self.dispatch(ctx.round, ctx.assignments, d));
+                }
+                match self.scheduler.result(worker, result.round, result.assignment) {
+                    Ok(()) => {
+                        let i = result.assignment as usize;
+                        ctx.collected[i] = Some((result, delta));
+                    }
+                    Err(r) => self.reject(r.as_str()),
+                }
+            }
+            Event::Failed { worker, round, assignment, reason } => {
+                tracing::warn!(worker, round, assignment, %reason, "assignment failed on the worker");
+                if let Some(p) = self.peers.get_mut(&worker) {
+                    p.version = None;
+                }
+                let Some(ctx) = ctx else { return Ok(()) };
+                if round == ctx.round {
+                    if let Some(n) = ctx.failures.get_mut(assignment as usize) {
+                        *n += 1;
+                        if *n >= MAX_FAILURES_PER_ASSIGNMENT {
+                            bail!("assignment {assignment} of round {round} failed {n} times; last error: {reason}");
+                        }
+                    }
+                }
+                let d = self.scheduler.failed(worker, round, assignment);
+                self.dispatch(ctx.round, ctx.assignments, d);
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, reason: &str) {
+        tracing::warn!(reason, "result rejected");
+        *self.rejected.entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// Sends each dispatch with the cheapest way to bring that worker to the current version.
+    fn dispatch(&mut self, round: u64, assignments: &[Assignment], dispatches: Vec<Dispatch>) {
+        for d in dispatches {
+            let Some(peer) = self.peers.get_mut(&d.worker) else { continue };
+            let (version, checksum) = (self.version, self.checksum);
+            let (model, bundle) = match (peer.version, &self.last_step) {
+                (Some(v), _) if v == version => (ModelSource::Unchanged { version, checksum }, None),
+                (Some(v), Some(step)) if v + 1 == version => {
+                    self.next_transfer += 1;
+                    let t = self.next_transfer;
+                    (ModelSource::Step { base: v, version, checksum, transfer: t }, Some((t, step.clone())))
+                }
+                _ => {
+                    self.next_transfer += 1;
+                    let t = self.next_transfer;
+                    let full = match &self.full {
+                        Some((v, b)) if *v == version => b.clone(),
+                        _ => {
+                            let b = Arc::new(self.params.clone());
+                            self.full = Some((version, b.clone()));
+                            b
+                        }
+                    };
+                    (ModelSource::Full { version, checksum, transfer: t }, Some((t, full)))
+                }
+            };
+            peer.version = Some(version);
+            let plan = RoundPlan {
+                round,
+                model,
+                assignments: d.assignments.iter().map(|&i| assignments[i as usize].clone()).collect(),
+            };
+            if peer.outbox.send(Outgoing::Plan { plan, bundle }).is_err() {
+                tracing::warn!(worker = d.worker, "worker's connection already closed");
+            }
+        }
+    }
+}
+
+struct RoundCtx<'a> {
+    round: u64,
+    assignments: &'a [Assignment],
+    collected: &'a mut Collected,
+    failures: &'a mut Vec<u32>,
+}

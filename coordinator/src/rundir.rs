@@ -1,0 +1,89 @@
+//! The run directory: `summary.json` at the end, one JSON line per round in `metrics.jsonl`.
+//! These files are the run's public record, read by people, scripts and tests.
+
+use anyhow::Context;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One finished round, as written to `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    /// Mean inner-loop training loss over the round's assignments.
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+    pub workers: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Assignments reassigned so far (cumulative).
+    pub reassigned: u64,
+}
+
+/// The end of a run, as written to `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Accuracy of the final model on the test set, in 0..1.
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    pub rounds: u64,
+    pub wall_seconds: f64,
+    /// Distinct workers that joined during the run.
+    pub workers: usize,
+    pub seed: u64,
+    pub samples: u64,
+    pub reassigned: u64,
+    /// Results not applied, by reason.
+    pub rejected: BTreeMap<String, u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// SHA-256 of the model parameters and all outer state: equal only for bit-identical runs.
+    pub final_state_checksum: String,
+}
+
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates the directory (and parents); an existing `metrics.jsonl` is started afresh.
+    ///
+    /// # Errors
+    /// When the directory cannot be created or written.
+    pub fn create(path: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(path).with_context(|| format!("creating run directory {}", path.display()))?;
+        let metrics = path.join("metrics.jsonl");
+        std::fs::write(&metrics, b"").with_context(|| format!("writing {}", metrics.display()))?;
+        Ok(Self { path: path.to_owned() })
+    }
+
+    /// Appends one round to `metrics.jsonl`.
+    ///
+    /// # Errors
+    /// On a write failure (a full disk, say), naming the file.
+    pub fn append_metrics(&self, record: &RoundRecord) -> anyhow::Result<()> {
+        let p = self.path.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).with_context(|| format!("opening {}", p.display()))?;
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        f.write_all(&line).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Writes `summary.json` atomically (temporary file, fsync, rename).
+    ///
+    /// # Errors
+    /// On a write failure, naming the file.
+    pub fn write_summary(&self, summary: &Summary) -> anyhow::Result<()> {
+        let p = self.path.join("summary.json");
+        let tmp = self.path.join("summary.json.tmp");
+        let body = serde_json::to_vec_pretty(summary)?;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&body).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))
+    }
+}

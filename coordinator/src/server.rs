@@ -1,0 +1,173 @@
+//! The coordinator's QUIC side: accept workers, run the hello, then turn each connection into
+//! events for the run loop and carry the loop's messages back out. Moves bytes only; every
+//! decision is made by the run loop and the scheduler.
+
+use crate::scheduler::WorkerId;
+use metaloop_common::net::{self, Inbox, NetError};
+use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, JobSpec, RoundPlan, Welcome, WorkerMsg};
+use metaloop_common::tensor::Bundle;
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A worker that has not said hello by then is dropped.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A result whose delta has not arrived by then counts as a lost worker.
+const BUNDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What happened on the network, for the run loop.
+#[derive(Debug)]
+pub enum Event {
+    Joined { worker: WorkerId, name: String, outbox: mpsc::UnboundedSender<Outgoing> },
+    Result { worker: WorkerId, result: AssignmentResult, delta: Bundle },
+    Failed { worker: WorkerId, round: u64, assignment: u32, reason: String },
+    Lost { worker: WorkerId, reason: String },
+}
+
+/// What the run loop sends to one worker.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A round plan, preceded by the bundle it refers to (full model or update), if any.
+    Plan { plan: RoundPlan, bundle: Option<(u64, Arc<Bundle>)> },
+    Shutdown { reason: String },
+}
+
+/// Tensor bytes moved (bundle streams; control frames are small and not counted).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// Accepts connections until `stop` is cancelled; every connection task is tracked.
+pub async fn accept_loop(
+    endpoint: Endpoint,
+    job: JobSpec,
+    events: mpsc::UnboundedSender<Event>,
+    traffic: Arc<Traffic>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    let mut next_id: WorkerId = 0;
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            () = stop.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        next_id += 1;
+        let (id, job, events, traffic, stop) = (next_id, job.clone(), events.clone(), traffic.clone(), stop.clone());
+        tracker.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "handshake failed");
+                    return;
+                }
+            };
+            let reason = match serve(id, &conn, job, &events, &traffic, stop).await {
+                Ok(()) => "finished".to_string(),
+                Err(e) => e.to_string(),
+            };
+            conn.close(0u32.into(), b"bye");
+            let _ = events.send(Event::Lost { worker: id, reason });
+        });
+    }
+}
+
+async fn serve(
+    id: WorkerId,
+    conn: &Connection,
+    job: JobSpec,
+    events: &mpsc::UnboundedSender<Event>,
+    traffic: &Traffic,
+    stop: CancellationToken,
+) -> Result<(), NetError> {
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| NetError::Read("no control stream within the hello timeout".into()))??;
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, net::read_frame::<WorkerMsg>(&mut recv, "hello"))
+        .await
+        .map_err(|_| NetError::Read("no hello within the hello timeout".into()))??;
+    let hello = match hello {
+        Some(WorkerMsg::Hello(h)) => h,
+        other => return Err(NetError::Read(format!("expected a hello, got {other:?}"))),
+    };
+    if let Err(e) = proto::check_version(hello.protocol_version) {
+        let _ = net::write_frame(&mut send, &CoordinatorMsg::Reject { reason: e.to_string() }).await;
+        let _ = send.finish();
+        return Err(e.into());
+    }
+    let welcome = CoordinatorMsg::Welcome(Welcome { protocol_version: proto::PROTOCOL_VERSION, worker_id: id, job });
+    net::write_frame(&mut send, &welcome).await?;
+    let (outbox, inbox_rx) = mpsc::unbounded_channel();
+    tracing::info!(worker = id, name = %hello.name, remote = %conn.remote_address(), "worker joined");
+    if events.send(Event::Joined { worker: id, name: hello.name, outbox }).is_err() {
+        return Ok(());
+    }
+    let bundles = Inbox::default();
+    tokio::select! {
+        e = bundles.fill(conn, &traffic.bytes_in) => Err(e),
+        r = read_loop(id, &mut recv, &bundles, events) => r,
+        r = write_loop(conn, &mut send, inbox_rx, traffic) => r,
+        () = stop.cancelled() => Ok(()),
+    }
+}
+
+async fn read_loop(
+    id: WorkerId,
+    recv: &mut RecvStream,
+    bundles: &Inbox,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<(), NetError> {
+    loop {
+        let Some(msg) = net::read_frame::<WorkerMsg>(recv, "worker message").await? else {
+            return Ok(());
+        };
+        let event = match msg {
+            WorkerMsg::Result(result) => {
+                let delta = tokio::time::timeout(BUNDLE_TIMEOUT, bundles.take(result.delta_transfer))
+                    .await
+                    .map_err(|_| NetError::Read(format!("delta {} did not arrive in time", result.delta_transfer)))??;
+                Event::Result { worker: id, result, delta }
+            }
+            WorkerMsg::Failed { round, assignment, reason } => Event::Failed { worker: id, round, assignment, reason },
+            WorkerMsg::Hello(_) => return Err(NetError::Read("second hello on an open connection".into())),
+        };
+        if events.send(event).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn write_loop(
+    conn: &Connection,
+    send: &mut SendStream,
+    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
+    traffic: &Traffic,
+) -> Result<(), NetError> {
+    while let Some(out) = outbox.recv().await {
+        match out {
+            Outgoing::Plan { plan, bundle } => {
+                if let Some((transfer, b)) = bundle {
+                    let n = net::send_bundle(conn, transfer, &b).await?;
+                    traffic.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                net::write_frame(send, &CoordinatorMsg::Round(plan)).await?;
+            }
+            Outgoing::Shutdown { reason } => {
+                net::write_frame(send, &CoordinatorMsg::Shutdown { reason }).await?;
+                let _ = send.finish();
+                // Wait for the worker to close, so the message is not lost to our own close.
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}

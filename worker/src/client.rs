@@ -1,0 +1,149 @@
+//! The worker's QUIC side: connect, hello, then serve rounds until the coordinator says stop.
+//! All compute happens on the trainer's compute thread; this task only moves bytes.
+
+use crate::train::Trainer;
+use anyhow::{bail, Context};
+use metaloop_common::compute::ComputeThread;
+use metaloop_common::net::{self, Inbox, TlsFiles};
+use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, RoundPlan, WorkerMsg};
+use quinn::{Connection, SendStream};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// How to reach the coordinator and how to compute.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub coordinator: SocketAddr,
+    pub tls: TlsFiles,
+    /// Shown in the coordinator's logs.
+    pub name: String,
+    /// libtorch intra-op threads (1 keeps several local workers from oversubscribing cores and
+    /// keeps results bit-for-bit reproducible).
+    pub threads: usize,
+}
+
+/// Runs a worker until the coordinator sends `Shutdown` or `shutdown` is cancelled.
+///
+/// # Errors
+/// Connection, handshake, data or compute failures, each with context.
+pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bind: SocketAddr = if opts.coordinator.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .context("bind address")?;
+    let endpoint = net::client_endpoint(&opts.tls, bind)?;
+    let conn = net::connect(&endpoint, opts.coordinator).await?;
+    let result = tokio::select! {
+        r = serve(&conn, &opts) => r,
+        () = shutdown.cancelled() => Ok(()),
+    };
+    conn.close(0u32.into(), b"worker stopping");
+    endpoint.wait_idle().await;
+    result
+}
+
+async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
+    net::write_frame(&mut send, &WorkerMsg::Hello(Hello { protocol_version: proto::PROTOCOL_VERSION, name: opts.name.clone() }))
+        .await?;
+    let welcome = match net::read_frame::<CoordinatorMsg>(&mut recv, "welcome").await? {
+        Some(CoordinatorMsg::Welcome(w)) => w,
+        Some(CoordinatorMsg::Reject { reason }) => bail!("coordinator refused us: {reason}"),
+        Some(other) => bail!("coordinator sent {other:?} instead of a welcome"),
+        None => bail!("coordinator closed the control stream during the handshake"),
+    };
+    proto::check_version(welcome.protocol_version).context("coordinator")?;
+    tracing::info!(worker_id = welcome.worker_id, "joined the job");
+
+    let threads = opts.threads.max(1) as i32;
+    let job = welcome.job.clone();
+    let engine = ComputeThread::spawn("metaloop-compute", move || {
+        tch::set_num_threads(threads);
+        Trainer::new(job, tch::Device::Cpu)
+    })?;
+    engine.call(|t| t.as_ref().map(|_| ()).map_err(|e| e.to_string())).await?.map_err(anyhow::Error::msg)
+        .context("loading the job's training data")?;
+
+    let inbox = Arc::new(Inbox::default());
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let filler = {
+        let (inbox, conn, bytes_in) = (inbox.clone(), conn.clone(), bytes_in.clone());
+        tokio::spawn(async move { inbox.fill(&conn, &bytes_in).await })
+    };
+    let mut next_transfer = 0u64;
+    let outcome = loop {
+        let msg = match net::read_frame::<CoordinatorMsg>(&mut recv, "control frame").await {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(anyhow::Error::from(e).context("reading from the coordinator")),
+        };
+        match msg {
+            CoordinatorMsg::Round(plan) => {
+                if let Err(e) = round(conn, &mut send, &engine, &inbox, plan, &mut next_transfer).await {
+                    break Err(e);
+                }
+            }
+            CoordinatorMsg::Shutdown { reason } => {
+                tracing::info!(%reason, "coordinator finished the job");
+                break Ok(());
+            }
+            other => break Err(anyhow::anyhow!("unexpected message from the coordinator: {other:?}")),
+        }
+    };
+    filler.abort();
+    outcome
+}
+
+/// Brings the model to the plan's version, then runs each assignment and returns its result.
+async fn round(
+    conn: &Connection,
+    send: &mut SendStream,
+    engine: &ComputeThread<Result<Trainer, crate::TrainError>>,
+    inbox: &Inbox,
+    plan: RoundPlan,
+    next_transfer: &mut u64,
+) -> anyhow::Result<()> {
+    let synced = match plan.model {
+        ModelSource::Full { version, checksum, transfer } => {
+            let params = inbox.take(transfer).await?;
+            engine.call(move |t| trainer(t)?.set_model(version, checksum, params)).await?
+        }
+        ModelSource::Step { base, version, checksum, transfer } => {
+            let step = inbox.take(transfer).await?;
+            engine.call(move |t| trainer(t)?.apply_step(base, version, checksum, &step)).await?
+        }
+        ModelSource::Unchanged { version, checksum } => engine.call(move |t| trainer(t)?.check_version(version, checksum)).await?,
+    };
+    for a in plan.assignments {
+        let index = a.index;
+        let outcome = match &synced {
+            Ok(()) => engine.call(move |t| trainer(t)?.run(&a)).await?,
+            Err(e) => Err(crate::TrainError::Mismatch(e.to_string())),
+        };
+        match outcome {
+            Ok(out) => {
+                *next_transfer += 1;
+                net::send_bundle(conn, *next_transfer, &out.delta).await?;
+                let result = AssignmentResult {
+                    round: plan.round,
+                    assignment: index,
+                    delta_transfer: *next_transfer,
+                    train_loss: out.mean_loss,
+                    samples: out.samples,
+                    compute_seconds: out.seconds,
+                };
+                net::write_frame(send, &WorkerMsg::Result(result)).await?;
+            }
+            Err(e) => {
+                tracing::warn!(round = plan.round, assignment = index, error = %e, "assignment failed");
+                net::write_frame(send, &WorkerMsg::Failed { round: plan.round, assignment: index, reason: e.to_string() }).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn trainer(t: &mut Result<Trainer, crate::TrainError>) -> Result<&mut Trainer, crate::TrainError> {
+    t.as_mut().map_err(|e| crate::TrainError::Mismatch(format!("trainer unavailable: {e}")))
+}
