@@ -66,7 +66,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let log = std::fs::File::create(run_dir.join("coordinator.log")).context("creating coordinator.log")?;
-    let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(std::sync::Mutex::new(log)).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .try_init();
 
     let (coord_tls, worker_tls) = net::write_pki(&run_dir.join("certs"))?;
     let coordinator = Coordinator::bind(CoordinatorOptions {
@@ -85,10 +88,20 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = tokio::process::Command::new(&exe)
             .arg("worker")
-            .args(["--coordinator", &addr.to_string(), "--name", &format!("worker-{i}"), "--threads", &args.threads.to_string()])
-            .arg("--ca").arg(&worker_tls.ca)
-            .arg("--cert").arg(&worker_tls.cert)
-            .arg("--key").arg(&worker_tls.key)
+            .args([
+                "--coordinator",
+                &addr.to_string(),
+                "--name",
+                &format!("worker-{i}"),
+                "--threads",
+                &args.threads.to_string(),
+            ])
+            .arg("--ca")
+            .arg(&worker_tls.ca)
+            .arg("--cert")
+            .arg(&worker_tls.cert)
+            .arg("--key")
+            .arg(&worker_tls.key)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -100,10 +113,22 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     let workers_gone = CancellationToken::new();
-    let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(config.rounds) };
-    pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} rounds  {elapsed_precise}  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let pb = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(config.rounds)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} rounds  {elapsed_precise}  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     if !args.quiet {
-        eprintln!("metaloop local: {} on {} worker processes, run directory {}", config_path.display(), args.workers, run_dir.display());
+        eprintln!(
+            "metaloop local: {} on {} worker processes, run directory {}",
+            config_path.display(),
+            args.workers,
+            run_dir.display()
+        );
     }
     let monitor = {
         let (shutdown, workers_gone, pb) = (shutdown.clone(), workers_gone.clone(), pb.clone());
@@ -163,7 +188,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let summary = match result {
         Ok(s) => s,
         Err(e) if workers_gone.is_cancelled() && !stop_by_signal(&stop, &workers_gone) => {
-            return Err(e.context(format!("all worker processes exited; see the worker-*.log files in {}", run_dir.display())));
+            return Err(e.context(format!(
+                "all worker processes exited; see the worker-*.log files in {}",
+                run_dir.display()
+            )));
         }
         Err(e) => return Err(e),
     };
@@ -194,7 +222,9 @@ fn stop_by_signal(stop: &CancellationToken, workers_gone: &CancellationToken) ->
 
 fn default_run_dir(config: &Path) -> anyhow::Result<PathBuf> {
     let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("job");
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let mut dir = PathBuf::from("runs").join(format!("{stem}-{secs}"));
     let mut n = 1;
     while dir.exists() {

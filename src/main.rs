@@ -13,7 +13,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "metaloop", version, about = "Distributed orchestrator for bi-level (meta-learning) training")]
+#[command(
+    name = "metaloop",
+    version,
+    about = "Distributed orchestrator for bi-level (meta-learning) training"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,7 +53,11 @@ struct TlsArgs {
 
 impl TlsArgs {
     fn files(&self) -> TlsFiles {
-        TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+        TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
     }
 }
 
@@ -142,15 +150,37 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             })?;
             tracing::info!(addr = %coordinator.local_addr()?, "coordinator listening");
             let summary = coordinator
-                .run(config, |r| tracing::info!(round = r.round, train_loss = r.train_loss, test_accuracy = r.test_accuracy, seconds = r.seconds, "round done"), shutdown)
+                .run(
+                    config,
+                    |r| {
+                        tracing::info!(
+                            round = r.round,
+                            train_loss = r.train_loss,
+                            test_accuracy = r.test_accuracy,
+                            seconds = r.seconds,
+                            "round done"
+                        )
+                    },
+                    shutdown,
+                )
                 .await?;
-            println!("test accuracy {:.2}% after {} rounds; summary in {}", summary.test_accuracy * 100.0, summary.rounds, args.run_dir.join("summary.json").display());
+            println!(
+                "test accuracy {:.2}% after {} rounds; summary in {}",
+                summary.test_accuracy * 100.0,
+                summary.rounds,
+                args.run_dir.join("summary.json").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(args) => {
             init_stderr_logs();
             let name = args.name.unwrap_or_else(|| format!("worker-{}", std::process::id()));
-            let opts = metaloop_worker::WorkerOptions { coordinator: args.coordinator, tls: args.tls.files(), name, threads: args.threads };
+            let opts = metaloop_worker::WorkerOptions {
+                coordinator: args.coordinator,
+                tls: args.tls.files(),
+                name,
+                threads: args.threads,
+            };
             metaloop_worker::run(opts, signal_token()).await.context("worker")?;
             Ok(ExitCode::SUCCESS)
         }
@@ -159,7 +189,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 fn init_stderr_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("METALOOP_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// A token cancelled on SIGINT or SIGTERM.

@@ -40,7 +40,10 @@ impl<S: 'static> ComputeThread<S> {
                 job(&mut state);
             }
         })?;
-        Ok(Self { tx: Some(tx), handle: Some(handle) })
+        Ok(Self {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
     }
 
     /// Runs `f` on the compute thread and awaits its result.
@@ -56,7 +59,11 @@ impl<S: 'static> ComputeThread<S> {
         let job: Job<S> = Box::new(move |s| {
             let _ = reply.send(f(s));
         });
-        self.tx.as_ref().ok_or(ComputeGone)?.send(job).map_err(|_| ComputeGone)?;
+        self.tx
+            .as_ref()
+            .ok_or(ComputeGone)?
+            .send(job)
+            .map_err(|_| ComputeGone)?;
         rx.await.map_err(|_| ComputeGone)
     }
 }

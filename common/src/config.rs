@@ -60,7 +60,9 @@ pub enum ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig::Mlp { hidden: defaults::hidden() }
+        ModelConfig::Mlp {
+            hidden: defaults::hidden(),
+        }
     }
 }
 
@@ -79,7 +81,13 @@ pub struct InnerConfig {
 
 impl Default for InnerConfig {
     fn default() -> Self {
-        Self { steps: 20, batch_size: 32, lr: 0.05, momentum: 0.9, weight_decay: 0.0 }
+        Self {
+            steps: 20,
+            batch_size: 32,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -96,7 +104,11 @@ pub struct OuterConfig {
 
 impl Default for OuterConfig {
     fn default() -> Self {
-        Self { method: OuterMethod::Nesterov, lr: 0.7, momentum: 0.9 }
+        Self {
+            method: OuterMethod::Nesterov,
+            lr: 0.7,
+            momentum: 0.9,
+        }
     }
 }
 
@@ -126,19 +138,26 @@ impl JobConfig {
     /// `Read`, `Parse` (unknown key, wrong type; the message names the key) or `Invalid` with
     /// every semantic problem found.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|e| match e {
-            ParseFailure::Syntax(message) => ConfigError::Parse { path: path.to_owned(), message },
-            ParseFailure::Invalid(problems) => ConfigError::Invalid { path: path.to_owned(), problems },
+            ParseFailure::Syntax(message) => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            ParseFailure::Invalid(problems) => ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            },
         })
     }
 
     /// Parses and validates config text; `base` resolves relative paths.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ParseFailure> {
-        let mut cfg: JobConfig =
-            toml::from_str(text).map_err(|e| ParseFailure::Syntax(e.to_string()))?;
+        let mut cfg: JobConfig = toml::from_str(text).map_err(|e| ParseFailure::Syntax(e.to_string()))?;
         for p in [&mut cfg.data.train, &mut cfg.data.test] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -160,9 +179,21 @@ impl JobConfig {
                 p.push(format!("{key}: {why}"));
             }
         };
-        check(self.rounds >= 1, "rounds", format!("must be at least 1, got {}", self.rounds));
-        check(self.data.classes >= 2, "data.classes", format!("must be at least 2, got {}", self.data.classes));
-        check(self.data.shards >= 1, "data.shards", format!("must be at least 1, got {}", self.data.shards));
+        check(
+            self.rounds >= 1,
+            "rounds",
+            format!("must be at least 1, got {}", self.rounds),
+        );
+        check(
+            self.data.classes >= 2,
+            "data.classes",
+            format!("must be at least 2, got {}", self.data.classes),
+        );
+        check(
+            self.data.shards >= 1,
+            "data.shards",
+            format!("must be at least 1, got {}", self.data.shards),
+        );
         for (key, path) in [("data.train", &self.data.train), ("data.test", &self.data.test)] {
             check(path.is_file(), key, format!("file {} does not exist", path.display()));
         }
@@ -173,14 +204,42 @@ impl JobConfig {
             format!("every layer needs at least one unit, got {hidden:?}"),
         );
         let i = &self.inner;
-        check(i.steps >= 1, "inner.steps", format!("must be at least 1, got {}", i.steps));
-        check(i.batch_size >= 1, "inner.batch_size", format!("must be at least 1, got {}", i.batch_size));
-        check(i.lr.is_finite() && i.lr > 0.0, "inner.lr", format!("must be positive, got {}", i.lr));
-        check((0.0..1.0).contains(&i.momentum), "inner.momentum", format!("must be in [0, 1), got {}", i.momentum));
-        check(i.weight_decay.is_finite() && i.weight_decay >= 0.0, "inner.weight_decay", format!("must be ≥ 0, got {}", i.weight_decay));
+        check(
+            i.steps >= 1,
+            "inner.steps",
+            format!("must be at least 1, got {}", i.steps),
+        );
+        check(
+            i.batch_size >= 1,
+            "inner.batch_size",
+            format!("must be at least 1, got {}", i.batch_size),
+        );
+        check(
+            i.lr.is_finite() && i.lr > 0.0,
+            "inner.lr",
+            format!("must be positive, got {}", i.lr),
+        );
+        check(
+            (0.0..1.0).contains(&i.momentum),
+            "inner.momentum",
+            format!("must be in [0, 1), got {}", i.momentum),
+        );
+        check(
+            i.weight_decay.is_finite() && i.weight_decay >= 0.0,
+            "inner.weight_decay",
+            format!("must be ≥ 0, got {}", i.weight_decay),
+        );
         let o = &self.outer;
-        check(o.lr.is_finite() && o.lr > 0.0, "outer.lr", format!("must be positive, got {}", o.lr));
-        check((0.0..1.0).contains(&o.momentum), "outer.momentum", format!("must be in [0, 1), got {}", o.momentum));
+        check(
+            o.lr.is_finite() && o.lr > 0.0,
+            "outer.lr",
+            format!("must be positive, got {}", o.lr),
+        );
+        check(
+            (0.0..1.0).contains(&o.momentum),
+            "outer.momentum",
+            format!("must be in [0, 1), got {}", o.momentum),
+        );
         p
     }
 }
@@ -236,7 +295,9 @@ mod tests {
             "rounds = 0\n[data]\ntrain = \"missing.st\"\ntest = \"test.st\"\nclasses = 1\n[inner]\nlr = -1.0\n",
             dir.path(),
         );
-        let Err(ParseFailure::Invalid(problems)) = err else { panic!("expected Invalid") };
+        let Err(ParseFailure::Invalid(problems)) = err else {
+            panic!("expected Invalid")
+        };
         let joined = problems.join("\n");
         for key in ["rounds:", "data.classes:", "data.train:", "inner.lr:"] {
             assert!(joined.contains(key), "missing {key} in {joined}");

@@ -36,13 +36,32 @@ pub enum DataError {
     #[error("data file {path} is not a valid safetensors file: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("data file {path} has no tensor `{tensor}` (it has: {found})")]
-    MissingTensor { path: PathBuf, tensor: &'static str, found: String },
+    MissingTensor {
+        path: PathBuf,
+        tensor: &'static str,
+        found: String,
+    },
     #[error("tensor `{tensor}` in {path} has dtype {found}, expected {expected}")]
-    Dtype { path: PathBuf, tensor: &'static str, found: String, expected: &'static str },
+    Dtype {
+        path: PathBuf,
+        tensor: &'static str,
+        found: String,
+        expected: &'static str,
+    },
     #[error("tensor `{tensor}` in {path} has shape {found:?}, expected {expected}")]
-    Shape { path: PathBuf, tensor: &'static str, found: Vec<usize>, expected: String },
+    Shape {
+        path: PathBuf,
+        tensor: &'static str,
+        found: Vec<usize>,
+        expected: String,
+    },
     #[error("tensor `y` in {path}: label {label} at row {row} is outside 0..{classes}")]
-    LabelOutOfRange { path: PathBuf, row: usize, label: i64, classes: u32 },
+    LabelOutOfRange {
+        path: PathBuf,
+        row: usize,
+        label: i64,
+        classes: u32,
+    },
     #[error("tensor `x` in {path}: non-finite value {value} at row {row}")]
     NonFinite { path: PathBuf, row: usize, value: f32 },
     #[error("data file {path} holds no samples")]
@@ -54,7 +73,10 @@ pub enum DataError {
 /// # Errors
 /// A [`DataError`] naming the file and tensor at fault.
 pub fn load(path: &Path, classes: u32) -> Result<Dataset, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+        path: path.into(),
+        source,
+    })?;
     parse(&bytes, path, classes)
 }
 
@@ -63,13 +85,19 @@ pub fn load(path: &Path, classes: u32) -> Result<Dataset, DataError> {
 /// # Errors
 /// As [`load`].
 pub fn parse(bytes: &[u8], path: &Path, classes: u32) -> Result<Dataset, DataError> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| DataError::Format { path: path.into(), reason: e.to_string() })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| DataError::Format {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     let get = |tensor: &'static str| -> Result<TensorView<'_>, DataError> {
         st.tensor(tensor).map_err(|_| {
             let mut names: Vec<_> = st.names().into_iter().map(str::to_owned).collect();
             names.sort();
-            DataError::MissingTensor { path: path.into(), tensor, found: names.join(", ") }
+            DataError::MissingTensor {
+                path: path.into(),
+                tensor,
+                found: names.join(", "),
+            }
         })
     };
     let x = get("x")?;
@@ -78,14 +106,24 @@ pub fn parse(bytes: &[u8], path: &Path, classes: u32) -> Result<Dataset, DataErr
         if view.dtype() == want {
             Ok(())
         } else {
-            Err(DataError::Dtype { path: path.into(), tensor, found: format!("{:?}", view.dtype()), expected })
+            Err(DataError::Dtype {
+                path: path.into(),
+                tensor,
+                found: format!("{:?}", view.dtype()),
+                expected,
+            })
         }
     };
     check_dtype(&x, "x", Dtype::F32, "F32")?;
     check_dtype(&y, "y", Dtype::I64, "I64")?;
     let (xs, ys) = (x.shape().to_vec(), y.shape().to_vec());
     if ys.len() != 1 {
-        return Err(DataError::Shape { path: path.into(), tensor: "y", found: ys, expected: "[n]".into() });
+        return Err(DataError::Shape {
+            path: path.into(),
+            tensor: "y",
+            found: ys,
+            expected: "[n]".into(),
+        });
     }
     let n = ys[0];
     if xs.len() != 2 || xs[0] != n || xs[1] == 0 {
@@ -111,10 +149,19 @@ pub fn parse(bytes: &[u8], path: &Path, classes: u32) -> Result<Dataset, DataErr
         .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
     if let Some((i, &v)) = xv.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(DataError::NonFinite { path: path.into(), row: i / features, value: v });
+        return Err(DataError::NonFinite {
+            path: path.into(),
+            row: i / features,
+            value: v,
+        });
     }
     if let Some((row, &label)) = yv.iter().enumerate().find(|(_, &l)| l < 0 || l >= i64::from(classes)) {
-        return Err(DataError::LabelOutOfRange { path: path.into(), row, label, classes });
+        return Err(DataError::LabelOutOfRange {
+            path: path.into(),
+            row,
+            label,
+            classes,
+        });
     }
     Ok(Dataset { x: xv, y: yv, features })
 }
@@ -136,7 +183,11 @@ mod tests {
     use super::*;
 
     fn tiny() -> Dataset {
-        Dataset { x: vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0], y: vec![0, 2, 1], features: 2 }
+        Dataset {
+            x: vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+            y: vec![0, 2, 1],
+            features: 2,
+        }
     }
 
     fn write(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
@@ -184,21 +235,33 @@ mod tests {
         let p = write(&dir, "garbage.safetensors", b"\x05\0\0\0\0\0\0\0hello");
         assert!(msg(load(&p, 3)).contains("not a valid safetensors"));
 
-        let p = write(&dir, "noy.safetensors", &raw(vec![("x", Dtype::F32, vec![1, 1], vec![0; 4])]));
+        let p = write(
+            &dir,
+            "noy.safetensors",
+            &raw(vec![("x", Dtype::F32, vec![1, 1], vec![0; 4])]),
+        );
         let m = msg(load(&p, 3));
         assert!(m.contains("no tensor `y`") && m.contains("noy.safetensors"), "{m}");
 
-        let p = write(&dir, "dtype.safetensors", &raw(vec![
-            ("x", Dtype::F64, vec![1, 1], vec![0; 8]),
-            ("y", Dtype::I64, vec![1], vec![0; 8]),
-        ]));
+        let p = write(
+            &dir,
+            "dtype.safetensors",
+            &raw(vec![
+                ("x", Dtype::F64, vec![1, 1], vec![0; 8]),
+                ("y", Dtype::I64, vec![1], vec![0; 8]),
+            ]),
+        );
         let m = msg(load(&p, 3));
         assert!(m.contains("`x`") && m.contains("F64"), "{m}");
 
-        let p = write(&dir, "shape.safetensors", &raw(vec![
-            ("x", Dtype::F32, vec![2, 1], vec![0; 8]),
-            ("y", Dtype::I64, vec![1], vec![0; 8]),
-        ]));
+        let p = write(
+            &dir,
+            "shape.safetensors",
+            &raw(vec![
+                ("x", Dtype::F32, vec![2, 1], vec![0; 8]),
+                ("y", Dtype::I64, vec![1], vec![0; 8]),
+            ]),
+        );
         assert!(msg(load(&p, 3)).contains("shape [2, 1]"));
 
         let mut bad = tiny();

@@ -32,7 +32,10 @@ impl Mlp {
     /// When the bundle does not have an MLP's layout.
     pub fn from_bundle(bundle: &Bundle, device: Device) -> Result<Self, ModelError> {
         if bundle.tensors.is_empty() || bundle.tensors.len() % 2 != 0 {
-            return Err(ModelError::Layout(format!("an MLP needs weight/bias pairs, got {} tensors", bundle.tensors.len())));
+            return Err(ModelError::Layout(format!(
+                "an MLP needs weight/bias pairs, got {} tensors",
+                bundle.tensors.len()
+            )));
         }
         let mut params = Vec::with_capacity(bundle.tensors.len());
         let mut names = Vec::with_capacity(bundle.tensors.len());
@@ -77,7 +80,11 @@ pub enum ModelError {
 /// Initial parameters for `spec`, made in pure Rust from `seed` so every machine and every
 /// libtorch build starts from the same bits. Uniform(±1/√fan_in), as PyTorch's `nn.Linear`.
 pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
-    let ModelSpec::Mlp { inputs, hidden, classes } = spec;
+    let ModelSpec::Mlp {
+        inputs,
+        hidden,
+        classes,
+    } = spec;
     let mut rng = SplitMix64::new(seed);
     let mut sizes = vec![*inputs as usize];
     sizes.extend(hidden.iter().map(|&h| h as usize));
@@ -92,8 +99,16 @@ pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
                 .map(|v| v as f32)
                 .collect()
         };
-        tensors.push(HostTensor { name: format!("l{i}.weight"), shape: vec![fan_out, fan_in], data: uniform(fan_out * fan_in) });
-        tensors.push(HostTensor { name: format!("l{i}.bias"), shape: vec![fan_out], data: uniform(fan_out) });
+        tensors.push(HostTensor {
+            name: format!("l{i}.weight"),
+            shape: vec![fan_out, fan_in],
+            data: uniform(fan_out * fan_in),
+        });
+        tensors.push(HostTensor {
+            name: format!("l{i}.bias"),
+            shape: vec![fan_out],
+            data: uniform(fan_out),
+        });
     }
     Bundle { tensors }
 }
@@ -131,10 +146,19 @@ pub fn host_to_tensor(t: &HostTensor, device: Device) -> Tensor {
 pub fn to_bundle(model: &dyn Model) -> Result<Bundle, ModelError> {
     let mut tensors = Vec::new();
     for (p, name) in model.parameters().iter().zip(model.names()) {
-        let flat = p.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view(-1);
+        let flat = p
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous()
+            .view(-1);
         let data = Vec::<f32>::try_from(&flat)?;
         let shape = p.size().iter().map(|&d| d as usize).collect();
-        tensors.push(HostTensor { name: name.clone(), shape, data });
+        tensors.push(HostTensor {
+            name: name.clone(),
+            shape,
+            data,
+        });
     }
     Ok(Bundle { tensors })
 }
@@ -146,13 +170,20 @@ pub fn to_bundle(model: &dyn Model) -> Result<Bundle, ModelError> {
 pub fn load_bundle(model: &dyn Model, bundle: &Bundle) -> Result<(), ModelError> {
     let names = model.names();
     if names.len() != bundle.tensors.len() {
-        return Err(ModelError::Layout(format!("model has {} tensors, bundle {}", names.len(), bundle.tensors.len())));
+        return Err(ModelError::Layout(format!(
+            "model has {} tensors, bundle {}",
+            names.len(),
+            bundle.tensors.len()
+        )));
     }
     tch::no_grad(|| {
         for ((p, name), t) in model.parameters().iter().zip(names).zip(&bundle.tensors) {
             let shape: Vec<usize> = p.size().iter().map(|&d| d as usize).collect();
             if *name != t.name || shape != t.shape {
-                return Err(ModelError::Layout(format!("tensor {name} {shape:?} vs {} {:?}", t.name, t.shape)));
+                return Err(ModelError::Layout(format!(
+                    "tensor {name} {shape:?} vs {} {:?}",
+                    t.name, t.shape
+                )));
             }
             let mut p = p.shallow_clone();
             p.f_copy_(&host_to_tensor(t, p.device()))?;
@@ -179,7 +210,11 @@ pub fn evaluate(model: &dyn Model, ds: &crate::dataset::Dataset, device: Device)
         let (x, y) = batch_tensors(&ds.x, &ds.y, ds.features, device);
         let logits = model.forward(&x);
         let loss = logits.cross_entropy_for_logits(&y).f_double_value(&[])?;
-        let correct = logits.f_argmax(-1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        let correct = logits
+            .f_argmax(-1, false)?
+            .f_eq_tensor(&y)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
         Ok((loss, correct as f64 / ds.len() as f64))
     })
 }
@@ -189,7 +224,11 @@ mod tests {
     use super::*;
 
     fn spec() -> ModelSpec {
-        ModelSpec::Mlp { inputs: 3, hidden: vec![4], classes: 2 }
+        ModelSpec::Mlp {
+            inputs: 3,
+            hidden: vec![4],
+            classes: 2,
+        }
     }
 
     #[test]
@@ -229,7 +268,14 @@ mod tests {
         let other = init_params(&spec(), 2);
         load_bundle(model.as_ref(), &other).expect("load");
         assert_eq!(to_bundle(model.as_ref()).expect("bundle"), other);
-        let wrong = init_params(&ModelSpec::Mlp { inputs: 3, hidden: vec![5], classes: 2 }, 1);
+        let wrong = init_params(
+            &ModelSpec::Mlp {
+                inputs: 3,
+                hidden: vec![5],
+                classes: 2,
+            },
+            1,
+        );
         assert!(load_bundle(model.as_ref(), &wrong).is_err());
         assert!(build(&spec(), &wrong, Device::Cpu).is_err());
     }

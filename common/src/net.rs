@@ -28,9 +28,17 @@ const CONNECTION_WINDOW: u32 = 256 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{what} {path}: {source}")]
-    File { what: &'static str, path: PathBuf, source: std::io::Error },
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad {what} in {path}: {reason}")]
-    Pem { what: &'static str, path: PathBuf, reason: String },
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("TLS set-up: {0}")]
     Tls(String),
     #[error("certificate generation: {0}")]
@@ -67,7 +75,11 @@ pub struct TlsFiles {
 /// Certificate generation or file writes.
 pub fn write_pki(dir: &Path) -> Result<(TlsFiles, TlsFiles), NetError> {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    std::fs::create_dir_all(dir).map_err(|source| NetError::File { what: "creating", path: dir.into(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| NetError::File {
+        what: "creating",
+        path: dir.into(),
+        source,
+    })?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, "metaloop CA");
@@ -75,14 +87,20 @@ pub fn write_pki(dir: &Path) -> Result<(TlsFiles, TlsFiles), NetError> {
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let write = |name: &str, contents: &str| -> Result<PathBuf, NetError> {
         let path = dir.join(name);
-        std::fs::write(&path, contents).map_err(|source| NetError::File { what: "writing", path: path.clone(), source })?;
+        std::fs::write(&path, contents).map_err(|source| NetError::File {
+            what: "writing",
+            path: path.clone(),
+            source,
+        })?;
         Ok(path)
     };
     let ca_path = write("ca.pem", &ca.pem())?;
     let issue = |role: &str, names: Vec<String>| -> Result<TlsFiles, NetError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names)?;
-        params.distinguished_name.push(DnType::CommonName, format!("metaloop {role}"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("metaloop {role}"));
         let cert = params.signed_by(&key, &ca)?;
         Ok(TlsFiles {
             ca: ca_path.clone(),
@@ -103,7 +121,11 @@ struct Loaded {
 
 fn load(files: &TlsFiles) -> Result<Loaded, NetError> {
     let certs = |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>, NetError> {
-        let pem_err = |reason: String| NetError::Pem { what, path: path.into(), reason };
+        let pem_err = |reason: String| NetError::Pem {
+            what,
+            path: path.into(),
+            reason,
+        };
         let list = CertificateDer::pem_file_iter(path)
             .map_err(|e| pem_err(e.to_string()))?
             .collect::<Result<Vec<_>, _>>()
@@ -115,11 +137,22 @@ fn load(files: &TlsFiles) -> Result<Loaded, NetError> {
     };
     let mut roots = rustls::RootCertStore::empty();
     for c in certs("CA certificate", &files.ca)? {
-        roots.add(c).map_err(|e| NetError::Pem { what: "CA certificate", path: files.ca.clone(), reason: e.to_string() })?;
+        roots.add(c).map_err(|e| NetError::Pem {
+            what: "CA certificate",
+            path: files.ca.clone(),
+            reason: e.to_string(),
+        })?;
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| NetError::Pem { what: "private key", path: files.key.clone(), reason: e.to_string() })?;
-    Ok(Loaded { roots: Arc::new(roots), chain: certs("certificate", &files.cert)?, key })
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| NetError::Pem {
+        what: "private key",
+        path: files.key.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Loaded {
+        roots: Arc::new(roots),
+        chain: certs("certificate", &files.cert)?,
+        key,
+    })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -129,7 +162,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000)))));
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000))),
+    ));
     t.stream_receive_window(STREAM_WINDOW.into());
     t.receive_window(CONNECTION_WINDOW.into());
     t.send_window(u64::from(CONNECTION_WINDOW));
@@ -185,10 +222,14 @@ pub fn client_endpoint(files: &TlsFiles, bind: SocketAddr) -> Result<Endpoint, N
 /// # Errors
 /// `Connect` naming the address.
 pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection, NetError> {
-    let connecting = endpoint
-        .connect(addr, SERVER_NAME)
-        .map_err(|e| NetError::Connect { addr, reason: e.to_string() })?;
-    connecting.await.map_err(|e| NetError::Connect { addr, reason: e.to_string() })
+    let connecting = endpoint.connect(addr, SERVER_NAME).map_err(|e| NetError::Connect {
+        addr,
+        reason: e.to_string(),
+    })?;
+    connecting.await.map_err(|e| NetError::Connect {
+        addr,
+        reason: e.to_string(),
+    })
 }
 
 /// Writes one control frame.
@@ -197,7 +238,9 @@ pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection
 /// `Proto` for an oversized message, `Write` when the stream fails.
 pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<usize, NetError> {
     let bytes = proto::encode_frame(msg)?;
-    send.write_all(&bytes).await.map_err(|e| NetError::Write(e.to_string()))?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| NetError::Write(e.to_string()))?;
     Ok(bytes.len())
 }
 
@@ -214,7 +257,9 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'stat
     }
     let len = proto::frame_len(prefix)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| NetError::Read(format!("{what} body ({len} bytes): {e}")))?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| NetError::Read(format!("{what} body ({len} bytes): {e}")))?;
     Ok(Some(proto::decode_body(what, &body)?))
 }
 
@@ -226,8 +271,12 @@ pub async fn send_bundle(conn: &Connection, transfer: u64, bundle: &Bundle) -> R
     let mut send = conn.open_uni().await?;
     let header = proto::encode_frame(&proto::BundleHeader::for_bundle(transfer, bundle))?;
     let payload = proto::encode_payload(bundle);
-    send.write_all(&header).await.map_err(|e| NetError::Write(e.to_string()))?;
-    send.write_all(&payload).await.map_err(|e| NetError::Write(e.to_string()))?;
+    send.write_all(&header)
+        .await
+        .map_err(|e| NetError::Write(e.to_string()))?;
+    send.write_all(&payload)
+        .await
+        .map_err(|e| NetError::Write(e.to_string()))?;
     send.finish().map_err(|e| NetError::Write(e.to_string()))?;
     Ok(header.len() + payload.len())
 }
@@ -317,5 +366,13 @@ impl Inbox {
             }
             notified.await;
         }
+    }
+}
+
+/// Finishes a stream and waits (bounded) until the peer has acknowledged all of it, so a last
+/// message (a rejection, a shutdown) is not lost to the connection closing right after.
+pub async fn finish_and_flush(send: &mut SendStream, within: Duration) {
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(within, send.stopped()).await;
     }
 }

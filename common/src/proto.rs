@@ -53,7 +53,11 @@ pub enum WorkerMsg {
     /// An assignment finished; its delta arrives as bundle `delta_transfer`.
     Result(AssignmentResult),
     /// An assignment could not be run (for example the model checksum did not match).
-    Failed { round: u64, assignment: u32, reason: String },
+    Failed {
+        round: u64,
+        assignment: u32,
+        reason: String,
+    },
 }
 
 /// Coordinator → worker.
@@ -92,7 +96,11 @@ pub struct JobSpec {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ModelSpec {
-    Mlp { inputs: u32, hidden: Vec<u32>, classes: u32 },
+    Mlp {
+        inputs: u32,
+        hidden: Vec<u32>,
+        classes: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,9 +123,18 @@ pub struct RoundPlan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ModelSource {
     /// The full parameters arrive as bundle `transfer`.
-    Full { version: u64, checksum: [u8; 32], transfer: u64 },
+    Full {
+        version: u64,
+        checksum: [u8; 32],
+        transfer: u64,
+    },
     /// Add bundle `transfer` (the exact update the coordinator applied) to version `base`.
-    Step { base: u64, version: u64, checksum: [u8; 32], transfer: u64 },
+    Step {
+        base: u64,
+        version: u64,
+        checksum: [u8; 32],
+        transfer: u64,
+    },
     /// The worker already holds this version.
     Unchanged { version: u64, checksum: [u8; 32] },
 }
@@ -157,7 +174,10 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
     })?;
     let len = out.len() - 4;
     if len > MAX_FRAME_BYTES {
-        return Err(ProtoError::FrameTooLarge { len, limit: MAX_FRAME_BYTES });
+        return Err(ProtoError::FrameTooLarge {
+            len,
+            limit: MAX_FRAME_BYTES,
+        });
     }
     out[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(out)
@@ -170,7 +190,10 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
 pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(ProtoError::FrameTooLarge { len, limit: MAX_FRAME_BYTES });
+        return Err(ProtoError::FrameTooLarge {
+            len,
+            limit: MAX_FRAME_BYTES,
+        });
     }
     Ok(len)
 }
@@ -180,10 +203,15 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
 /// # Errors
 /// `Decode` or `Trailing`.
 pub fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, ProtoError> {
-    let (msg, rest) = postcard::take_from_bytes(body)
-        .map_err(|e| ProtoError::Decode { what, reason: e.to_string() })?;
+    let (msg, rest) = postcard::take_from_bytes(body).map_err(|e| ProtoError::Decode {
+        what,
+        reason: e.to_string(),
+    })?;
     if !rest.is_empty() {
-        return Err(ProtoError::Trailing { what, extra: rest.len() });
+        return Err(ProtoError::Trailing {
+            what,
+            extra: rest.len(),
+        });
     }
     Ok(msg)
 }
@@ -192,18 +220,19 @@ pub fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Resu
 ///
 /// # Errors
 /// `Truncated`, `FrameTooLarge`, `Decode`, `Trailing`.
-pub fn decode_frame<T: DeserializeOwned>(
-    what: &'static str,
-    bytes: &[u8],
-) -> Result<(T, usize), ProtoError> {
+pub fn decode_frame<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<(T, usize), ProtoError> {
     let prefix: [u8; 4] = bytes
         .get(..4)
         .and_then(|p| p.try_into().ok())
-        .ok_or(ProtoError::Truncated { need: 4, have: bytes.len() })?;
+        .ok_or(ProtoError::Truncated {
+            need: 4,
+            have: bytes.len(),
+        })?;
     let len = frame_len(prefix)?;
-    let body = bytes
-        .get(4..4 + len)
-        .ok_or(ProtoError::Truncated { need: 4 + len, have: bytes.len() })?;
+    let body = bytes.get(4..4 + len).ok_or(ProtoError::Truncated {
+        need: 4 + len,
+        have: bytes.len(),
+    })?;
     Ok((decode_body(what, body)?, 4 + len))
 }
 
@@ -215,7 +244,10 @@ pub fn check_version(theirs: u32) -> Result<(), ProtoError> {
     if theirs == PROTOCOL_VERSION {
         Ok(())
     } else {
-        Err(ProtoError::VersionMismatch { ours: PROTOCOL_VERSION, theirs })
+        Err(ProtoError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        })
     }
 }
 
@@ -278,7 +310,10 @@ impl BundleHeader {
         }
         let mut total: u64 = 0;
         for t in &self.tensors {
-            let bad = |reason: String| ProtoError::BadTensor { name: t.name.clone(), reason };
+            let bad = |reason: String| ProtoError::BadTensor {
+                name: t.name.clone(),
+                reason,
+            };
             if t.shape.len() > MAX_RANK {
                 return Err(bad(format!("rank {} exceeds {MAX_RANK}", t.shape.len())));
             }
@@ -291,7 +326,10 @@ impl BundleHeader {
                 .checked_add(bytes)
                 .ok_or_else(|| bad("bundle size overflows".into()))?;
             if total > MAX_BUNDLE_BYTES {
-                return Err(ProtoError::BundleTooLarge { len: total, limit: MAX_BUNDLE_BYTES });
+                return Err(ProtoError::BundleTooLarge {
+                    len: total,
+                    limit: MAX_BUNDLE_BYTES,
+                });
             }
         }
         Ok(total)
@@ -317,7 +355,10 @@ pub fn encode_payload(bundle: &Bundle) -> Vec<u8> {
 pub fn decode_payload(header: &BundleHeader, payload: &[u8]) -> Result<Bundle, ProtoError> {
     let need = header.payload_len()?;
     if (payload.len() as u64) < need {
-        return Err(ProtoError::Truncated { need: need as usize, have: payload.len() });
+        return Err(ProtoError::Truncated {
+            need: need as usize,
+            have: payload.len(),
+        });
     }
     if payload.len() as u64 > need {
         return Err(ProtoError::Trailing {
@@ -336,7 +377,11 @@ pub fn decode_payload(header: &BundleHeader, payload: &[u8]) -> Result<Bundle, P
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        tensors.push(HostTensor { name: t.name.clone(), shape, data });
+        tensors.push(HostTensor {
+            name: t.name.clone(),
+            shape,
+            data,
+        });
     }
     Ok(Bundle { tensors })
 }
@@ -376,16 +421,28 @@ mod tests {
     fn job() -> JobSpec {
         JobSpec {
             seed: 42,
-            model: ModelSpec::Mlp { inputs: 64, hidden: vec![128, 64], classes: 10 },
+            model: ModelSpec::Mlp {
+                inputs: 64,
+                hidden: vec![128, 64],
+                classes: 10,
+            },
             train_path: "/data/train.safetensors".into(),
             shards: 4,
-            inner: InnerSpec { batch_size: 32, lr: 0.05, momentum: 0.9, weight_decay: 1e-4 },
+            inner: InnerSpec {
+                batch_size: 32,
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+            },
         }
     }
 
     #[test]
     fn every_worker_message_roundtrips() {
-        roundtrip(WorkerMsg::Hello(Hello { protocol_version: 1, name: "w0".into() }));
+        roundtrip(WorkerMsg::Hello(Hello {
+            protocol_version: 1,
+            name: "w0".into(),
+        }));
         roundtrip(WorkerMsg::Result(AssignmentResult {
             round: 7,
             assignment: 3,
@@ -394,7 +451,11 @@ mod tests {
             samples: 640,
             compute_seconds: 1.5,
         }));
-        roundtrip(WorkerMsg::Failed { round: 2, assignment: 1, reason: "checksum".into() });
+        roundtrip(WorkerMsg::Failed {
+            round: 2,
+            assignment: 1,
+            reason: "checksum".into(),
+        });
     }
 
     #[test]
@@ -406,14 +467,31 @@ mod tests {
         }));
         roundtrip(CoordinatorMsg::Reject { reason: "full".into() });
         for model in [
-            ModelSource::Full { version: 0, checksum: [1; 32], transfer: 1 },
-            ModelSource::Step { base: 1, version: 2, checksum: [2; 32], transfer: 3 },
-            ModelSource::Unchanged { version: 2, checksum: [3; 32] },
+            ModelSource::Full {
+                version: 0,
+                checksum: [1; 32],
+                transfer: 1,
+            },
+            ModelSource::Step {
+                base: 1,
+                version: 2,
+                checksum: [2; 32],
+                transfer: 3,
+            },
+            ModelSource::Unchanged {
+                version: 2,
+                checksum: [3; 32],
+            },
         ] {
             roundtrip(CoordinatorMsg::Round(RoundPlan {
                 round: 3,
                 model,
-                assignments: vec![Assignment { index: 0, shard: 1, steps: 20, seed: 77 }],
+                assignments: vec![Assignment {
+                    index: 0,
+                    shard: 1,
+                    steps: 20,
+                    seed: 77,
+                }],
             }));
         }
         roundtrip(CoordinatorMsg::Shutdown { reason: "done".into() });
@@ -422,9 +500,21 @@ mod tests {
     fn sample_bundle() -> Bundle {
         Bundle {
             tensors: vec![
-                HostTensor { name: "w".into(), shape: vec![2, 3], data: vec![1., -2., 3.5, 0., 1e-8, -0.] },
-                HostTensor { name: "b".into(), shape: vec![2], data: vec![f32::MAX, f32::MIN] },
-                HostTensor { name: "s".into(), shape: vec![], data: vec![7.0] },
+                HostTensor {
+                    name: "w".into(),
+                    shape: vec![2, 3],
+                    data: vec![1., -2., 3.5, 0., 1e-8, -0.],
+                },
+                HostTensor {
+                    name: "b".into(),
+                    shape: vec![2],
+                    data: vec![f32::MAX, f32::MIN],
+                },
+                HostTensor {
+                    name: "s".into(),
+                    shape: vec![],
+                    data: vec![7.0],
+                },
             ],
         }
     }
@@ -453,12 +543,20 @@ mod tests {
     fn absurd_headers_are_rejected_before_allocation() {
         let header = BundleHeader {
             transfer: 1,
-            tensors: vec![TensorMeta { name: "huge".into(), dtype: DType::F32, shape: vec![u64::MAX, 2] }],
+            tensors: vec![TensorMeta {
+                name: "huge".into(),
+                dtype: DType::F32,
+                shape: vec![u64::MAX, 2],
+            }],
         };
         assert!(matches!(header.payload_len(), Err(ProtoError::BadTensor { .. })));
         let header = BundleHeader {
             transfer: 1,
-            tensors: vec![TensorMeta { name: "big".into(), dtype: DType::F32, shape: vec![1 << 20, 1 << 20] }],
+            tensors: vec![TensorMeta {
+                name: "big".into(),
+                dtype: DType::F32,
+                shape: vec![1 << 20, 1 << 20],
+            }],
         };
         assert!(matches!(header.payload_len(), Err(ProtoError::BundleTooLarge { .. })));
     }
@@ -474,7 +572,10 @@ mod tests {
         assert!(check_version(PROTOCOL_VERSION).is_ok());
         assert_eq!(
             check_version(PROTOCOL_VERSION + 1),
-            Err(ProtoError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: PROTOCOL_VERSION + 1 })
+            Err(ProtoError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: PROTOCOL_VERSION + 1
+            })
         );
     }
 

@@ -83,10 +83,19 @@ impl Coordinator {
         let test = dataset::load(&config.data.test, classes)?;
         let train = dataset::load(&config.data.train, classes)?;
         if (train.len() as u32) < config.data.shards {
-            bail!("data.shards = {} but {} holds only {} samples", config.data.shards, config.data.train.display(), train.len());
+            bail!(
+                "data.shards = {} but {} holds only {} samples",
+                config.data.shards,
+                config.data.train.display(),
+                train.len()
+            );
         }
         if train.features != test.features {
-            bail!("train data has {} features but test data has {}", train.features, test.features);
+            bail!(
+                "train data has {} features but test data has {}",
+                train.features,
+                test.features
+            );
         }
         let job = job_spec(&config, &train);
         drop(train);
@@ -96,12 +105,35 @@ impl Coordinator {
         let traffic = Arc::new(Traffic::default());
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
-        tracker.spawn(server::accept_loop(self.endpoint.clone(), job, events_tx, traffic.clone(), tracker.clone(), stop.clone()));
+        tracker.spawn(server::accept_loop(
+            self.endpoint.clone(),
+            job,
+            events_tx,
+            traffic.clone(),
+            tracker.clone(),
+            stop.clone(),
+        ));
 
         let outcome = async {
-            state.wait_for_workers(&mut events, self.options.min_workers, self.options.worker_wait, &shutdown).await?;
+            state
+                .wait_for_workers(
+                    &mut events,
+                    self.options.min_workers,
+                    self.options.worker_wait,
+                    &shutdown,
+                )
+                .await?;
             for round in 0..config.rounds {
-                let record = state.round(round, &config, &mut events, &traffic, self.options.worker_wait, &shutdown).await?;
+                let record = state
+                    .round(
+                        round,
+                        &config,
+                        &mut events,
+                        &traffic,
+                        self.options.worker_wait,
+                        &shutdown,
+                    )
+                    .await?;
                 run_dir.append_metrics(&record)?;
                 observe(&record);
                 if shutdown.is_cancelled() {
@@ -112,7 +144,9 @@ impl Coordinator {
         }
         .await;
         for peer in state.peers.values() {
-            let _ = peer.outbox.send(Outgoing::Shutdown { reason: "job finished".into() });
+            let _ = peer.outbox.send(Outgoing::Shutdown {
+                reason: "job finished".into(),
+            });
         }
         // Give workers a moment to read the shutdown before the endpoint goes away.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -157,7 +191,11 @@ fn job_spec(config: &JobConfig, train: &Dataset) -> JobSpec {
     let ModelConfig::Mlp { hidden } = &config.model;
     JobSpec {
         seed: config.seed,
-        model: ModelSpec::Mlp { inputs: train.features as u32, hidden: hidden.clone(), classes: config.data.classes },
+        model: ModelSpec::Mlp {
+            inputs: train.features as u32,
+            hidden: hidden.clone(),
+            classes: config.data.classes,
+        },
         train_path: config.data.train.to_string_lossy().into_owned(),
         shards: config.data.shards,
         inner: InnerSpec {
@@ -268,7 +306,10 @@ impl LoopState {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<RoundRecord> {
         let started = Instant::now();
-        let (bytes_in, bytes_out) = (traffic.bytes_in.load(Ordering::Relaxed), traffic.bytes_out.load(Ordering::Relaxed));
+        let (bytes_in, bytes_out) = (
+            traffic.bytes_in.load(Ordering::Relaxed),
+            traffic.bytes_out.load(Ordering::Relaxed),
+        );
         let assignments: Vec<Assignment> = (0..config.data.shards)
             .map(|i| Assignment {
                 index: i,
@@ -296,7 +337,12 @@ impl LoopState {
                 () = tokio::time::sleep(idle) => bail!("no workers connected for {wait:?} during round {round}"),
                 () = shutdown.cancelled() => bail!("stopped during round {round}"),
             };
-            let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, failures: &mut failures };
+            let ctx = RoundCtx {
+                round,
+                assignments: &assignments,
+                collected: &mut collected,
+                failures: &mut failures,
+            };
             self.handle(event, Some(ctx))?;
         }
 
@@ -362,17 +408,21 @@ impl LoopState {
             }
             Event::Result { worker, result, delta } => {
                 let Some(ctx) = ctx else {
-                    return Ok(self.reject("stale_round"));
+                    self.reject("stale_round");
+                    return Ok(());
                 };
-                if !delta.same_layout(&self.params) {
-                    self.reject("wrong_shape");
+                let malformed = if !delta.same_layout(&self.params) {
+                    Some("wrong_shape")
+                } else if !delta.is_finite() || !result.train_loss.is_finite() {
+                    Some("non_finite")
+                } else {
+                    None
+                };
+                if let Some(reason) = malformed {
+                    self.reject(reason);
                     let d = self.scheduler.failed(worker, result.round, result.assignment);
-                    return Ok(self.dispatch(ctx.round, ctx.assignments, d));
-                }
-                if !delta.is_finite() || !result.train_loss.is_finite() {
-                    self.reject("non_finite");
-                    let d = self.scheduler.failed(worker, result.round, result.assignment);
-                    return Ok(self.dispatch(ctx.round, ctx.assignments, d));
+                    self.dispatch(ctx.round, ctx.assignments, d);
+                    return Ok(());
                 }
                 match self.scheduler.result(worker, result.round, result.assignment) {
                     Ok(()) => {
@@ -382,7 +432,12 @@ impl LoopState {
                     Err(r) => self.reject(r.as_str()),
                 }
             }
-            Event::Failed { worker, round, assignment, reason } => {
+            Event::Failed {
+                worker,
+                round,
+                assignment,
+                reason,
+            } => {
                 tracing::warn!(worker, round, assignment, %reason, "assignment failed on the worker");
                 if let Some(p) = self.peers.get_mut(&worker) {
                     p.version = None;
@@ -411,14 +466,24 @@ impl LoopState {
     /// Sends each dispatch with the cheapest way to bring that worker to the current version.
     fn dispatch(&mut self, round: u64, assignments: &[Assignment], dispatches: Vec<Dispatch>) {
         for d in dispatches {
-            let Some(peer) = self.peers.get_mut(&d.worker) else { continue };
+            let Some(peer) = self.peers.get_mut(&d.worker) else {
+                continue;
+            };
             let (version, checksum) = (self.version, self.checksum);
             let (model, bundle) = match (peer.version, &self.last_step) {
                 (Some(v), _) if v == version => (ModelSource::Unchanged { version, checksum }, None),
                 (Some(v), Some(step)) if v + 1 == version => {
                     self.next_transfer += 1;
                     let t = self.next_transfer;
-                    (ModelSource::Step { base: v, version, checksum, transfer: t }, Some((t, step.clone())))
+                    (
+                        ModelSource::Step {
+                            base: v,
+                            version,
+                            checksum,
+                            transfer: t,
+                        },
+                        Some((t, step.clone())),
+                    )
                 }
                 _ => {
                     self.next_transfer += 1;
@@ -431,7 +496,14 @@ impl LoopState {
                             b
                         }
                     };
-                    (ModelSource::Full { version, checksum, transfer: t }, Some((t, full)))
+                    (
+                        ModelSource::Full {
+                            version,
+                            checksum,
+                            transfer: t,
+                        },
+                        Some((t, full)),
+                    )
                 }
             };
             peer.version = Some(version);

@@ -26,7 +26,9 @@ impl OuterOptimizer {
     /// * `average`:  u = lr · Δ̄
     /// * `nesterov`: b ← μ·b + Δ̄;  u = lr · (Δ̄ + μ·b)  (PyTorch's Nesterov SGD on −Δ̄, as DiLoCo)
     pub fn step(&mut self, deltas: &[&Bundle]) -> Bundle {
-        let Some(first) = deltas.first() else { return Bundle::default() };
+        let Some(first) = deltas.first() else {
+            return Bundle::default();
+        };
         let mut mean = first.zeros_like();
         for d in deltas {
             mean.add_assign(d);
@@ -71,18 +73,32 @@ mod tests {
     use metaloop_common::tensor::HostTensor;
 
     fn b(v: &[f32]) -> Bundle {
-        Bundle { tensors: vec![HostTensor { name: "w".into(), shape: vec![v.len()], data: v.to_vec() }] }
+        Bundle {
+            tensors: vec![HostTensor {
+                name: "w".into(),
+                shape: vec![v.len()],
+                data: v.to_vec(),
+            }],
+        }
     }
 
     #[test]
     fn average_is_the_scaled_mean() {
-        let mut o = OuterOptimizer::new(OuterConfig { method: OuterMethod::Average, lr: 1.0, momentum: 0.0 });
+        let mut o = OuterOptimizer::new(OuterConfig {
+            method: OuterMethod::Average,
+            lr: 1.0,
+            momentum: 0.0,
+        });
         assert_eq!(o.step(&[&b(&[1.0, 2.0]), &b(&[3.0, -2.0])]), b(&[2.0, 0.0]));
     }
 
     #[test]
     fn nesterov_matches_hand_computed_steps() {
-        let mut o = OuterOptimizer::new(OuterConfig { method: OuterMethod::Nesterov, lr: 0.5, momentum: 0.9 });
+        let mut o = OuterOptimizer::new(OuterConfig {
+            method: OuterMethod::Nesterov,
+            lr: 0.5,
+            momentum: 0.9,
+        });
         // Round 1: Δ̄ = 2; b = 2; u = 0.5·(2 + 0.9·2) = 1.9.
         let u1 = o.step(&[&b(&[1.0]), &b(&[3.0])]);
         assert!((u1.tensors[0].data[0] - 1.9).abs() < 1e-6);

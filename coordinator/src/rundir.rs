@@ -68,7 +68,10 @@ impl RunDir {
     /// On a write failure (a full disk, say), naming the file.
     pub fn append_metrics(&self, record: &RoundRecord) -> anyhow::Result<()> {
         let p = self.path.join("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new().append(true).open(&p).with_context(|| format!("opening {}", p.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))?;
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
         f.write_all(&line).with_context(|| format!("writing {}", p.display()))
@@ -83,7 +86,9 @@ impl RunDir {
         let tmp = self.path.join("summary.json.tmp");
         let body = serde_json::to_vec_pretty(summary)?;
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&body).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&body)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &p).with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))
     }
 }

@@ -143,7 +143,9 @@ impl Scheduler {
                 out.entry(*worker).or_default().extend(block);
             }
         }
-        out.into_iter().map(|(worker, assignments)| Dispatch { worker, assignments }).collect()
+        out.into_iter()
+            .map(|(worker, assignments)| Dispatch { worker, assignments })
+            .collect()
     }
 }
 
@@ -152,7 +154,10 @@ mod tests {
     use super::*;
 
     fn d(worker: WorkerId, a: &[u32]) -> Dispatch {
-        Dispatch { worker, assignments: a.to_vec() }
+        Dispatch {
+            worker,
+            assignments: a.to_vec(),
+        }
     }
 
     #[test]

@@ -22,18 +22,39 @@ const BUNDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// What happened on the network, for the run loop.
 #[derive(Debug)]
 pub enum Event {
-    Joined { worker: WorkerId, name: String, outbox: mpsc::UnboundedSender<Outgoing> },
-    Result { worker: WorkerId, result: AssignmentResult, delta: Bundle },
-    Failed { worker: WorkerId, round: u64, assignment: u32, reason: String },
-    Lost { worker: WorkerId, reason: String },
+    Joined {
+        worker: WorkerId,
+        name: String,
+        outbox: mpsc::UnboundedSender<Outgoing>,
+    },
+    Result {
+        worker: WorkerId,
+        result: AssignmentResult,
+        delta: Bundle,
+    },
+    Failed {
+        worker: WorkerId,
+        round: u64,
+        assignment: u32,
+        reason: String,
+    },
+    Lost {
+        worker: WorkerId,
+        reason: String,
+    },
 }
 
 /// What the run loop sends to one worker.
 #[derive(Debug)]
 pub enum Outgoing {
     /// A round plan, preceded by the bundle it refers to (full model or update), if any.
-    Plan { plan: RoundPlan, bundle: Option<(u64, Arc<Bundle>)> },
-    Shutdown { reason: String },
+    Plan {
+        plan: RoundPlan,
+        bundle: Option<(u64, Arc<Bundle>)>,
+    },
+    Shutdown {
+        reason: String,
+    },
 }
 
 /// Tensor bytes moved (bundle streams; control frames are small and not counted).
@@ -100,14 +121,25 @@ async fn serve(
     };
     if let Err(e) = proto::check_version(hello.protocol_version) {
         let _ = net::write_frame(&mut send, &CoordinatorMsg::Reject { reason: e.to_string() }).await;
-        let _ = send.finish();
+        net::finish_and_flush(&mut send, Duration::from_secs(5)).await;
         return Err(e.into());
     }
-    let welcome = CoordinatorMsg::Welcome(Welcome { protocol_version: proto::PROTOCOL_VERSION, worker_id: id, job });
+    let welcome = CoordinatorMsg::Welcome(Welcome {
+        protocol_version: proto::PROTOCOL_VERSION,
+        worker_id: id,
+        job,
+    });
     net::write_frame(&mut send, &welcome).await?;
     let (outbox, inbox_rx) = mpsc::unbounded_channel();
     tracing::info!(worker = id, name = %hello.name, remote = %conn.remote_address(), "worker joined");
-    if events.send(Event::Joined { worker: id, name: hello.name, outbox }).is_err() {
+    if events
+        .send(Event::Joined {
+            worker: id,
+            name: hello.name,
+            outbox,
+        })
+        .is_err()
+    {
         return Ok(());
     }
     let bundles = Inbox::default();
@@ -134,9 +166,22 @@ async fn read_loop(
                 let delta = tokio::time::timeout(BUNDLE_TIMEOUT, bundles.take(result.delta_transfer))
                     .await
                     .map_err(|_| NetError::Read(format!("delta {} did not arrive in time", result.delta_transfer)))??;
-                Event::Result { worker: id, result, delta }
+                Event::Result {
+                    worker: id,
+                    result,
+                    delta,
+                }
             }
-            WorkerMsg::Failed { round, assignment, reason } => Event::Failed { worker: id, round, assignment, reason },
+            WorkerMsg::Failed {
+                round,
+                assignment,
+                reason,
+            } => Event::Failed {
+                worker: id,
+                round,
+                assignment,
+                reason,
+            },
             WorkerMsg::Hello(_) => return Err(NetError::Read("second hello on an open connection".into())),
         };
         if events.send(event).is_err() {
@@ -162,9 +207,7 @@ async fn write_loop(
             }
             Outgoing::Shutdown { reason } => {
                 net::write_frame(send, &CoordinatorMsg::Shutdown { reason }).await?;
-                let _ = send.finish();
-                // Wait for the worker to close, so the message is not lost to our own close.
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                net::finish_and_flush(send, Duration::from_secs(5)).await;
                 return Ok(());
             }
         }

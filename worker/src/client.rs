@@ -29,9 +29,13 @@ pub struct WorkerOptions {
 /// # Errors
 /// Connection, handshake, data or compute failures, each with context.
 pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bind: SocketAddr = if opts.coordinator.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .context("bind address")?;
+    let bind: SocketAddr = if opts.coordinator.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .context("bind address")?;
     let endpoint = net::client_endpoint(&opts.tls, bind)?;
     let conn = net::connect(&endpoint, opts.coordinator).await?;
     let result = tokio::select! {
@@ -45,8 +49,14 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Re
 
 async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
-    net::write_frame(&mut send, &WorkerMsg::Hello(Hello { protocol_version: proto::PROTOCOL_VERSION, name: opts.name.clone() }))
-        .await?;
+    net::write_frame(
+        &mut send,
+        &WorkerMsg::Hello(Hello {
+            protocol_version: proto::PROTOCOL_VERSION,
+            name: opts.name.clone(),
+        }),
+    )
+    .await?;
     let welcome = match net::read_frame::<CoordinatorMsg>(&mut recv, "welcome").await? {
         Some(CoordinatorMsg::Welcome(w)) => w,
         Some(CoordinatorMsg::Reject { reason }) => bail!("coordinator refused us: {reason}"),
@@ -62,7 +72,10 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         tch::set_num_threads(threads);
         Trainer::new(job, tch::Device::Cpu)
     })?;
-    engine.call(|t| t.as_ref().map(|_| ()).map_err(|e| e.to_string())).await?.map_err(anyhow::Error::msg)
+    engine
+        .call(|t| t.as_ref().map(|_| ()).map_err(|e| e.to_string()))
+        .await?
+        .map_err(anyhow::Error::msg)
         .context("loading the job's training data")?;
 
     let inbox = Arc::new(Inbox::default());
@@ -105,15 +118,32 @@ async fn round(
     next_transfer: &mut u64,
 ) -> anyhow::Result<()> {
     let synced = match plan.model {
-        ModelSource::Full { version, checksum, transfer } => {
+        ModelSource::Full {
+            version,
+            checksum,
+            transfer,
+        } => {
             let params = inbox.take(transfer).await?;
-            engine.call(move |t| trainer(t)?.set_model(version, checksum, params)).await?
+            engine
+                .call(move |t| trainer(t)?.set_model(version, checksum, params))
+                .await?
         }
-        ModelSource::Step { base, version, checksum, transfer } => {
+        ModelSource::Step {
+            base,
+            version,
+            checksum,
+            transfer,
+        } => {
             let step = inbox.take(transfer).await?;
-            engine.call(move |t| trainer(t)?.apply_step(base, version, checksum, &step)).await?
+            engine
+                .call(move |t| trainer(t)?.apply_step(base, version, checksum, &step))
+                .await?
         }
-        ModelSource::Unchanged { version, checksum } => engine.call(move |t| trainer(t)?.check_version(version, checksum)).await?,
+        ModelSource::Unchanged { version, checksum } => {
+            engine
+                .call(move |t| trainer(t)?.check_version(version, checksum))
+                .await?
+        }
     };
     for a in plan.assignments {
         let index = a.index;
@@ -137,7 +167,15 @@ async fn round(
             }
             Err(e) => {
                 tracing::warn!(round = plan.round, assignment = index, error = %e, "assignment failed");
-                net::write_frame(send, &WorkerMsg::Failed { round: plan.round, assignment: index, reason: e.to_string() }).await?;
+                net::write_frame(
+                    send,
+                    &WorkerMsg::Failed {
+                        round: plan.round,
+                        assignment: index,
+                        reason: e.to_string(),
+                    },
+                )
+                .await?;
             }
         }
     }
@@ -145,5 +183,6 @@ async fn round(
 }
 
 fn trainer(t: &mut Result<Trainer, crate::TrainError>) -> Result<&mut Trainer, crate::TrainError> {
-    t.as_mut().map_err(|e| crate::TrainError::Mismatch(format!("trainer unavailable: {e}")))
+    t.as_mut()
+        .map_err(|e| crate::TrainError::Mismatch(format!("trainer unavailable: {e}")))
 }

@@ -5,4 +5,4 @@ mod client;
 mod train;
 
 pub use client::{run, WorkerOptions};
-pub use train::{AssignmentOutcome, Trainer, TrainError};
+pub use train::{AssignmentOutcome, TrainError, Trainer};

@@ -49,7 +49,9 @@ pub struct Trainer {
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trainer").field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("Trainer")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,7 +67,14 @@ impl Trainer {
     }
 
     pub fn with_data(job: JobSpec, data: Dataset, device: Device) -> Self {
-        Self { job, data, device, params: None, version: None, model: None }
+        Self {
+            job,
+            data,
+            device,
+            params: None,
+            version: None,
+            model: None,
+        }
     }
 
     /// The model version held, if any.
@@ -95,7 +104,9 @@ impl Trainer {
     pub fn apply_step(&mut self, base: u64, version: u64, checksum: [u8; 32], step: &Bundle) -> Result<(), TrainError> {
         let held = self.version.take();
         if held != Some(base) {
-            return Err(TrainError::Mismatch(format!("update is for version {base}, we hold {held:?}")));
+            return Err(TrainError::Mismatch(format!(
+                "update is for version {base}, we hold {held:?}"
+            )));
         }
         let mut params = self.params.take().ok_or(TrainError::NoModel)?;
         if !params.same_layout(step) {
@@ -112,7 +123,10 @@ impl Trainer {
     pub fn check_version(&self, version: u64, checksum: [u8; 32]) -> Result<(), TrainError> {
         match &self.params {
             Some(p) if self.version == Some(version) => verify(p, checksum, version),
-            _ => Err(TrainError::Mismatch(format!("need version {version}, hold {:?}", self.version))),
+            _ => Err(TrainError::Mismatch(format!(
+                "need version {version}, hold {:?}",
+                self.version
+            ))),
         }
     }
 
@@ -130,7 +144,11 @@ impl Trainer {
         model::load_bundle(model.as_ref(), base)?;
         let range = self.data.shard_range(a.shard, self.job.shards);
         if range.is_empty() {
-            return Err(TrainError::EmptyShard { shard: a.shard, shards: self.job.shards, samples: self.data.len() });
+            return Err(TrainError::EmptyShard {
+                shard: a.shard,
+                shards: self.job.shards,
+                samples: self.data.len(),
+            });
         }
         let inner = &self.job.inner;
         let batch = (inner.batch_size as usize).min(range.len());
@@ -168,7 +186,13 @@ impl Trainer {
             }
             loss_sum += value;
             loss.backward();
-            sgd_step(model.parameters(), &mut momentum, inner.lr, inner.momentum, inner.weight_decay);
+            sgd_step(
+                model.parameters(),
+                &mut momentum,
+                inner.lr,
+                inner.momentum,
+                inner.weight_decay,
+            );
         }
         let mut delta = model::to_bundle(model.as_ref())?;
         for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
@@ -207,7 +231,7 @@ fn sgd_step(params: &[Tensor], momentum: &mut [Option<Tensor>], lr: f64, mu: f64
                 continue;
             }
             if wd != 0.0 {
-                g = g + p * wd;
+                g += p * wd;
             }
             let b = match buf.take() {
                 Some(b) if mu != 0.0 => b * mu + &g,
@@ -228,10 +252,19 @@ mod tests {
     fn job(shards: u32) -> JobSpec {
         JobSpec {
             seed: 1,
-            model: ModelSpec::Mlp { inputs: 2, hidden: vec![8], classes: 2 },
+            model: ModelSpec::Mlp {
+                inputs: 2,
+                hidden: vec![8],
+                classes: 2,
+            },
             train_path: String::new(),
             shards,
-            inner: InnerSpec { batch_size: 8, lr: 0.1, momentum: 0.9, weight_decay: 0.0 },
+            inner: InnerSpec {
+                batch_size: 8,
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            },
         }
     }
 
@@ -261,27 +294,53 @@ mod tests {
     #[test]
     fn assignments_reduce_the_loss_and_replay_identically() {
         let mut t = trainer();
-        let a = Assignment { index: 0, shard: 1, steps: 30, seed: 5 };
+        let a = Assignment {
+            index: 0,
+            shard: 1,
+            steps: 30,
+            seed: 5,
+        };
         let first = t.run(&a).expect("run");
         let again = t.run(&a).expect("run");
-        assert_eq!(first.delta, again.delta, "same version + same assignment must give the same delta");
+        assert_eq!(
+            first.delta, again.delta,
+            "same version + same assignment must give the same delta"
+        );
         let short = t.run(&Assignment { steps: 1, ..a.clone() }).expect("run");
-        assert!(first.mean_loss < short.mean_loss, "{} !< {}", first.mean_loss, short.mean_loss);
+        assert!(
+            first.mean_loss < short.mean_loss,
+            "{} !< {}",
+            first.mean_loss,
+            short.mean_loss
+        );
         assert_eq!(first.samples, 30 * 8);
     }
 
     #[test]
     fn steps_must_chain_from_the_held_version() {
         let mut t = trainer();
-        let out = t.run(&Assignment { index: 0, shard: 0, steps: 3, seed: 1 }).expect("run");
+        let out = t
+            .run(&Assignment {
+                index: 0,
+                shard: 0,
+                steps: 3,
+                seed: 1,
+            })
+            .expect("run");
         let mut next = model::init_params(&job(2).model, 3);
         next.add_assign(&out.delta);
         let sum = bundle_checksum(&next);
-        assert!(t.apply_step(7, 8, sum, &out.delta).is_err(), "wrong base must be refused");
+        assert!(
+            t.apply_step(7, 8, sum, &out.delta).is_err(),
+            "wrong base must be refused"
+        );
         assert_eq!(t.version(), None, "a refused step drops the model so it is resent");
         let mut t = trainer();
         t.apply_step(0, 1, sum, &out.delta).expect("apply");
         t.check_version(1, sum).expect("held");
-        assert!(t.apply_step(1, 2, [0; 32], &out.delta).is_err(), "checksum mismatch is refused");
+        assert!(
+            t.apply_step(1, 2, [0; 32], &out.delta).is_err(),
+            "checksum mismatch is refused"
+        );
     }
 }

@@ -1,0 +1,124 @@
+//! End to end: `metaloop local` with real worker processes talking QUIC on loopback.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn metaloop() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_metaloop"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+fn run_local(dir: &Path, extra: &[&str]) -> Value {
+    let out = metaloop()
+        .args(["local", "--quiet", "--run-dir"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("start metaloop");
+    assert!(
+        out.status.success(),
+        "metaloop local failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.join("worker-0.log")).unwrap_or_default()
+    );
+    let text = std::fs::read_to_string(dir.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).expect("summary.json is JSON")
+}
+
+#[test]
+fn quickstart_trains_to_90_percent_with_two_worker_processes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = run_local(dir.path(), &["--workers", "2"]);
+    let acc = s["test_accuracy"].as_f64().expect("test_accuracy");
+    assert!((0.9..=1.0).contains(&acc), "test accuracy {acc} below 90%");
+    assert_eq!(s["rounds"], 30);
+    assert_eq!(s["workers"], 2);
+    assert!(s["wall_seconds"].as_f64().expect("wall_seconds") > 0.0);
+    assert!(
+        s["bytes_in"].as_u64().expect("bytes_in") > 0,
+        "deltas must have crossed the network"
+    );
+    let checksum = s["final_state_checksum"].as_str().expect("checksum");
+    assert!(
+        checksum.len() == 64 && checksum.chars().all(|c| c.is_ascii_hexdigit()),
+        "{checksum}"
+    );
+
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics.jsonl");
+    let rounds: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(rounds.len(), 30);
+    let first = rounds[0]["test_accuracy"].as_f64().expect("acc");
+    assert!(first < acc, "accuracy should improve over the run: {first} → {acc}");
+    for r in &rounds {
+        assert_eq!(r["workers"], 2);
+    }
+}
+
+#[test]
+fn same_seed_gives_the_same_state_whatever_the_number_of_workers() {
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let c = tempfile::tempdir().expect("tmp");
+    let one = run_local(a.path(), &["--workers", "1", "--rounds", "4", "--seed", "7"]);
+    let three = run_local(b.path(), &["--workers", "3", "--rounds", "4", "--seed", "7"]);
+    let other = run_local(c.path(), &["--workers", "2", "--rounds", "4", "--seed", "8"]);
+    assert_eq!(one["final_state_checksum"], three["final_state_checksum"]);
+    assert_eq!(one["test_accuracy"], three["test_accuracy"]);
+    assert_ne!(
+        one["final_state_checksum"], other["final_state_checksum"],
+        "the seed must matter"
+    );
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "rounds = 0\n[data]\ntrain = \"nope.safetensors\"\ntest = \"nope.safetensors\"\nclasses = 10\n[inner]\nmomentum = 1.5\n")
+        .expect("write");
+    let out = metaloop().arg("validate").arg(&cfg).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["rounds:", "data.train:", "data.test:", "inner.momentum:", "bad.toml"] {
+        assert!(err.contains(key), "missing {key} in:\n{err}");
+    }
+    let ok = metaloop()
+        .args(["validate", "configs/quickstart.toml"])
+        .output()
+        .expect("run");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[test]
+fn a_corrupt_data_file_is_named_before_training() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("train.safetensors"), b"not a safetensors file").expect("write");
+    let test = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits/test.safetensors");
+    let cfg = dir.path().join("job.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "rounds = 1\n[data]\ntrain = \"train.safetensors\"\ntest = {:?}\nclasses = 10\n",
+            test
+        ),
+    )
+    .expect("write");
+    let out = metaloop()
+        .args(["local", "--quiet", "--workers", "1", "--config"])
+        .arg(&cfg)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+}
