@@ -2,6 +2,7 @@
 //! the model on a dedicated compute thread and runs assignments.
 
 mod client;
+pub mod primitives;
 mod train;
 
 pub use client::{run, WorkerOptions};

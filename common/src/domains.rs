@@ -1,0 +1,233 @@
+//! Training domains: each is a safetensors file, optionally passed through deterministic,
+//! seeded transforms (a subset, symmetric label noise, a fixed label permutation, additive
+//! feature noise). Coordinator and workers build domains with this same code from the same
+//! spec, and compare checksums, so both sides train on identical data; the corruption applied
+//! is recorded for the run directory.
+
+use crate::dataset::{self, DataError, Dataset};
+use crate::rng::{derive_seed, SplitMix64};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+/// One training domain as written in the job config (`[[data.domains]]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    /// Shown in progress lines, metrics and the summary.
+    pub name: String,
+    /// Safetensors file with `x` and `y`, relative to the config file.
+    pub source: PathBuf,
+    /// Rows `start .. start + count` of the source (default: all of it).
+    #[serde(default)]
+    pub subset: Option<Subset>,
+    /// Probability that a label is replaced by a different class, chosen uniformly.
+    #[serde(default)]
+    pub label_noise: f64,
+    /// Relabel every sample through a fixed random permutation with no fixed point.
+    #[serde(default)]
+    pub permute_labels: bool,
+    /// Standard deviation of Gaussian noise added to every feature.
+    #[serde(default)]
+    pub feature_noise: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subset {
+    pub start: usize,
+    pub count: usize,
+}
+
+/// What was done to a domain's data, for the run directory.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DomainRecord {
+    pub name: String,
+    pub source: String,
+    pub rows: (usize, usize),
+    pub samples: usize,
+    pub label_noise: f64,
+    /// Rows (within the domain) whose label the noise changed.
+    pub flipped: Vec<usize>,
+    /// `permutation[c]` is the label given to class c.
+    pub permutation: Option<Vec<i64>>,
+    pub feature_noise: f64,
+    pub checksum: String,
+}
+
+/// A built domain.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    pub data: Dataset,
+    pub record: DomainRecord,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("domain `{name}`: {source}")]
+    Data { name: String, source: DataError },
+    #[error("domain `{name}`: subset {start}..{end} is outside {path}, which has {len} samples")]
+    Subset { name: String, start: usize, end: usize, path: PathBuf, len: usize },
+    #[error("domain `{name}` is empty")]
+    Empty { name: String },
+}
+
+/// Builds domain `index` of a job: loads its source and applies its transforms, seeded by
+/// (job seed, domain index) so the same job always yields the same data.
+///
+/// # Errors
+/// A bad source file or a subset outside it, naming the domain and file.
+pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> Result<Domain, DomainError> {
+    let name = cfg.name.clone();
+    let full = dataset::load(&cfg.source, classes).map_err(|source| DomainError::Data { name: name.clone(), source })?;
+    let (start, end) = match cfg.subset {
+        Some(s) => (s.start, s.start.saturating_add(s.count)),
+        None => (0, full.len()),
+    };
+    if end > full.len() || start > end {
+        return Err(DomainError::Subset { name, start, end, path: cfg.source.clone(), len: full.len() });
+    }
+    if start == end {
+        return Err(DomainError::Empty { name });
+    }
+    let f = full.features;
+    let mut data = Dataset { x: full.x[start * f..end * f].to_vec(), y: full.y[start..end].to_vec(), features: f };
+    let mut rng = SplitMix64::new(derive_seed(job_seed, &[0xD0_0A1, index as u64]));
+    let permutation = cfg.permute_labels.then(|| derangement(classes as usize, &mut rng));
+    if let Some(p) = &permutation {
+        for y in &mut data.y {
+            *y = p[*y as usize];
+        }
+    }
+    let mut flipped = Vec::new();
+    if cfg.label_noise > 0.0 && classes > 1 {
+        for (row, y) in data.y.iter_mut().enumerate() {
+            if uniform(&mut rng) < cfg.label_noise {
+                let other = rng.below(classes as usize - 1) as i64;
+                *y = if other >= *y { other + 1 } else { other };
+                flipped.push(row);
+            }
+        }
+    }
+    if cfg.feature_noise > 0.0 {
+        for v in &mut data.x {
+            *v += (cfg.feature_noise * gaussian(&mut rng)) as f32;
+        }
+    }
+    let record = DomainRecord {
+        name: cfg.name.clone(),
+        source: cfg.source.display().to_string(),
+        rows: (start, end),
+        samples: data.len(),
+        label_noise: cfg.label_noise,
+        flipped,
+        permutation,
+        feature_noise: cfg.feature_noise,
+        checksum: crate::checksum::hex(&dataset_checksum(&data)),
+    };
+    Ok(Domain { data, record })
+}
+
+/// SHA-256 of a dataset's features and labels.
+pub fn dataset_checksum(ds: &Dataset) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((ds.features as u64).to_le_bytes());
+    for v in &ds.x {
+        h.update(v.to_le_bytes());
+    }
+    for y in &ds.y {
+        h.update(y.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+fn uniform(rng: &mut SplitMix64) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Standard normal by Box–Muller.
+fn gaussian(rng: &mut SplitMix64) -> f64 {
+    let u1 = uniform(rng).max(f64::MIN_POSITIVE);
+    let u2 = uniform(rng);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// A uniformly drawn permutation of 0..n with no fixed point (every label changes).
+fn derangement(n: usize, rng: &mut SplitMix64) -> Vec<i64> {
+    let mut p: Vec<i64> = (0..n as i64).collect();
+    if n < 2 {
+        return p;
+    }
+    loop {
+        rng.shuffle(&mut p);
+        if p.iter().enumerate().all(|(i, &v)| v != i as i64) {
+            return p;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(dir: &tempfile::TempDir, n: usize) -> PathBuf {
+        let ds = Dataset { x: (0..n * 2).map(|v| v as f32).collect(), y: (0..n).map(|i| (i % 4) as i64).collect(), features: 2 };
+        let p = dir.path().join("src.safetensors");
+        std::fs::write(&p, dataset::to_safetensors(&ds).expect("ser")).expect("write");
+        p
+    }
+
+    fn cfg(source: PathBuf) -> DomainConfig {
+        DomainConfig { name: "d".into(), source, subset: None, label_noise: 0.0, permute_labels: false, feature_noise: 0.0 }
+    }
+
+    #[test]
+    fn subset_and_permutation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = DomainConfig { subset: Some(Subset { start: 4, count: 8 }), permute_labels: true, ..cfg(source(&dir, 20)) };
+        let d = build(&c, 0, 4, 1).expect("build");
+        assert_eq!(d.data.len(), 8);
+        assert_eq!(d.data.x[0], 8.0, "row 4 starts at feature 8");
+        let p = d.record.permutation.clone().expect("recorded");
+        for (row, y) in d.data.y.iter().enumerate() {
+            let original = ((row + 4) % 4) as i64;
+            assert_eq!(*y, p[original as usize]);
+            assert_ne!(*y, original, "a derangement changes every label");
+        }
+    }
+
+    #[test]
+    fn label_noise_flips_about_p_and_records_exactly_which() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = DomainConfig { label_noise: 0.5, ..cfg(source(&dir, 2000)) };
+        let d = build(&c, 1, 4, 3).expect("build");
+        let changed: Vec<usize> = (0..2000).filter(|&i| d.data.y[i] != (i % 4) as i64).collect();
+        assert_eq!(changed, d.record.flipped);
+        assert!((900..1100).contains(&changed.len()), "{}", changed.len());
+        let again = build(&c, 1, 4, 3).expect("build");
+        assert_eq!(again.record, d.record, "same seed, same corruption");
+        assert_ne!(build(&c, 1, 4, 4).expect("build").record.flipped, d.record.flipped);
+    }
+
+    #[test]
+    fn feature_noise_has_the_requested_scale() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let clean = build(&cfg(source(&dir, 1000)), 0, 4, 0).expect("build");
+        let noisy = build(&DomainConfig { feature_noise: 2.0, ..cfg(source(&dir, 1000)) }, 0, 4, 0).expect("build");
+        let diffs: Vec<f64> = noisy.data.x.iter().zip(&clean.data.x).map(|(a, b)| f64::from(a - b)).collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / diffs.len() as f64).sqrt();
+        assert!(mean.abs() < 0.1 && (sd - 2.0).abs() < 0.1, "mean {mean} sd {sd}");
+        assert_eq!(noisy.data.y, clean.data.y);
+    }
+
+    #[test]
+    fn bad_subsets_and_files_name_the_domain() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = DomainConfig { subset: Some(Subset { start: 15, count: 10 }), ..cfg(source(&dir, 20)) };
+        let e = build(&c, 0, 4, 0).expect_err("outside").to_string();
+        assert!(e.contains("domain `d`") && e.contains("15..25") && e.contains("20 samples"), "{e}");
+        let e = build(&cfg(dir.path().join("missing.safetensors")), 0, 4, 0).expect_err("missing").to_string();
+        assert!(e.contains("domain `d`") && e.contains("missing.safetensors"), "{e}");
+    }
+}
