@@ -1,6 +1,7 @@
 //! Job configuration: TOML read into one typed struct per section, then validated with every
 //! problem collected (each with its key path) before anything starts.
 
+pub use crate::domains::DomainConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -31,21 +32,101 @@ pub struct JobConfig {
     pub inner: InnerConfig,
     #[serde(default)]
     pub outer: OuterConfig,
+    #[serde(default)]
+    pub strategy: StrategyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training data (safetensors with `x` and `y`), relative to the config file.
-    pub train: PathBuf,
+    /// Shorthand for a single training domain named `train` (safetensors with `x` and `y`).
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    /// Training domains (`[[data.domains]]`), each a file or a seeded transform of one.
+    #[serde(default)]
+    pub domains: Vec<DomainConfig>,
     /// Held-out data for the final accuracy.
     pub test: PathBuf,
+    /// Small clean set the outer objective is measured on (needed by `hypergradient`).
+    #[serde(default)]
+    pub meta: Option<PathBuf>,
     /// Number of classes; labels must lie in `0..classes`.
     pub classes: u32,
-    /// The training set is cut into this many contiguous shards; each round has one assignment
+    /// Every domain is cut into this many contiguous shards; each round has one assignment
     /// per shard, so results do not depend on how many workers there are.
     #[serde(default = "defaults::shards")]
     pub shards: u32,
+    /// Set when `train` was given, to report it if `domains` was given too.
+    #[serde(skip)]
+    pub train_shorthand: bool,
+}
+
+/// The outer strategy: what outer variables the coordinator learns.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StrategyConfig {
+    pub kind: StrategyKind,
+    pub method: WeightMethod,
+    /// Per-domain weights for `fixed` (normalised to mean 1).
+    pub weights: Vec<f64>,
+    /// How workers compute d_k for `hypergradient`.
+    pub directional: Directional,
+    /// AdamW on λ; DreamPRM's code uses lr 0.01 and weight decay 1e-3.
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Samples per domain (from the assignment's shard) on which d_k is measured.
+    pub probe: u32,
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        Self {
+            kind: StrategyKind::DomainWeights,
+            method: WeightMethod::Uniform,
+            weights: Vec::new(),
+            directional: Directional::Exact,
+            lr: 0.01,
+            weight_decay: 1e-3,
+            probe: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// One learned weight per training domain.
+    DomainWeights,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightMethod {
+    /// Every domain weighs 1 (the baseline).
+    Uniform,
+    /// The weights given in `strategy.weights`.
+    Fixed,
+    /// Learned by the DreamPRM-style hypergradient on the meta set.
+    Hypergradient,
+}
+
+impl WeightMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightMethod::Uniform => "uniform",
+            WeightMethod::Fixed => "fixed",
+            WeightMethod::Hypergradient => "hypergradient",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Directional {
+    /// One double backward.
+    Exact,
+    /// Two forward passes at θ ± εu.
+    FiniteDifference,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,7 +239,22 @@ impl JobConfig {
     /// Parses and validates config text; `base` resolves relative paths.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ParseFailure> {
         let mut cfg: JobConfig = toml::from_str(text).map_err(|e| ParseFailure::Syntax(e.to_string()))?;
-        for p in [&mut cfg.data.train, &mut cfg.data.test] {
+        if let Some(train) = cfg.data.train.take() {
+            cfg.data.domains.insert(
+                0,
+                DomainConfig {
+                    name: "train".into(),
+                    source: train,
+                    subset: None,
+                    label_noise: 0.0,
+                    permute_labels: false,
+                    feature_noise: 0.0,
+                },
+            );
+            cfg.data.train_shorthand = true;
+        }
+        let paths = cfg.data.domains.iter_mut().map(|d| &mut d.source).chain([&mut cfg.data.test]).chain(cfg.data.meta.as_mut());
+        for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -194,8 +290,44 @@ impl JobConfig {
             "data.shards",
             format!("must be at least 1, got {}", self.data.shards),
         );
-        for (key, path) in [("data.train", &self.data.train), ("data.test", &self.data.test)] {
-            check(path.is_file(), key, format!("file {} does not exist", path.display()));
+        let d = &self.data;
+        check(!d.domains.is_empty(), "data", "needs `train` or at least one [[data.domains]]".into());
+        check(
+            !(d.train_shorthand && d.domains.len() > 1),
+            "data.train",
+            "give either `train` or [[data.domains]], not both".into(),
+        );
+        let mut names = std::collections::BTreeSet::new();
+        for (i, dom) in d.domains.iter().enumerate() {
+            let key = if d.train_shorthand { "data.train".to_string() } else { format!("data.domains[{i}]") };
+            check(!dom.name.is_empty(), &format!("{key}.name"), "must not be empty".into());
+            check(names.insert(dom.name.clone()), &format!("{key}.name"), format!("`{}` is used twice", dom.name));
+            let src_key = if d.train_shorthand { key.clone() } else { format!("{key}.source") };
+            check(dom.source.is_file(), &src_key, format!("file {} does not exist", dom.source.display()));
+            check((0.0..=1.0).contains(&dom.label_noise), &format!("{key}.label_noise"), format!("must be in [0, 1], got {}", dom.label_noise));
+            check(dom.feature_noise.is_finite() && dom.feature_noise >= 0.0, &format!("{key}.feature_noise"), format!("must be ≥ 0, got {}", dom.feature_noise));
+            if let Some(s) = dom.subset {
+                check(s.count >= d.shards as usize, &format!("{key}.subset.count"), format!("{} samples cannot fill {} shards", s.count, d.shards));
+            }
+        }
+        check(d.test.is_file(), "data.test", format!("file {} does not exist", d.test.display()));
+        if let Some(meta) = &d.meta {
+            check(meta.is_file(), "data.meta", format!("file {} does not exist", meta.display()));
+        }
+        let s = &self.strategy;
+        let k = d.domains.len();
+        match s.method {
+            WeightMethod::Hypergradient => {
+                check(d.meta.is_some(), "data.meta", "method `hypergradient` needs a meta set".into());
+                check(s.lr.is_finite() && s.lr > 0.0, "strategy.lr", format!("must be positive, got {}", s.lr));
+                check(s.weight_decay.is_finite() && s.weight_decay >= 0.0, "strategy.weight_decay", format!("must be ≥ 0, got {}", s.weight_decay));
+                check(s.probe >= 1, "strategy.probe", format!("must be at least 1, got {}", s.probe));
+            }
+            WeightMethod::Fixed => {
+                check(s.weights.len() == k, "strategy.weights", format!("needs one weight per domain ({k}), got {}", s.weights.len()));
+                check(s.weights.iter().all(|w| w.is_finite() && *w > 0.0), "strategy.weights", "every weight must be positive".into());
+            }
+            WeightMethod::Uniform => {}
         }
         let ModelConfig::Mlp { hidden } = &self.model;
         check(
@@ -270,7 +402,9 @@ mod tests {
             dir.path(),
         )
         .expect("valid");
-        assert_eq!(cfg.data.train, dir.path().join("train.st"));
+        assert_eq!(cfg.data.domains.len(), 1);
+        assert_eq!(cfg.data.domains[0].source, dir.path().join("train.st"));
+        assert_eq!(cfg.strategy.method, WeightMethod::Uniform);
         assert_eq!(cfg.inner.steps, 20);
         assert_eq!(cfg.outer.method, OuterMethod::Nesterov);
     }

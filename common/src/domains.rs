@@ -128,6 +128,31 @@ pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> R
     Ok(Domain { data, record })
 }
 
+/// The wire form of a domain, carrying the checksum of the coordinator's build.
+pub fn to_spec(cfg: &DomainConfig, checksum: [u8; 32]) -> crate::proto::DomainSpec {
+    crate::proto::DomainSpec {
+        name: cfg.name.clone(),
+        source: cfg.source.to_string_lossy().into_owned(),
+        subset: cfg.subset.map(|s| (s.start as u64, s.count as u64)),
+        label_noise: cfg.label_noise,
+        permute_labels: cfg.permute_labels,
+        feature_noise: cfg.feature_noise,
+        checksum,
+    }
+}
+
+/// The config a wire spec describes (the worker's side of [`to_spec`]).
+pub fn from_spec(spec: &crate::proto::DomainSpec) -> DomainConfig {
+    DomainConfig {
+        name: spec.name.clone(),
+        source: PathBuf::from(&spec.source),
+        subset: spec.subset.map(|(start, count)| Subset { start: start as usize, count: count as usize }),
+        label_noise: spec.label_noise,
+        permute_labels: spec.permute_labels,
+        feature_noise: spec.feature_noise,
+    }
+}
+
 /// SHA-256 of a dataset's features and labels.
 pub fn dataset_checksum(ds: &Dataset) -> [u8; 32] {
     let mut h = Sha256::new();

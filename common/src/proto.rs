@@ -88,10 +88,33 @@ pub struct Welcome {
 pub struct JobSpec {
     pub seed: u64,
     pub model: ModelSpec,
-    /// Path of the training data file, as the worker should open it.
-    pub train_path: String,
+    /// Training domains, built by the worker from these specs and checked against the checksums.
+    pub domains: Vec<DomainSpec>,
+    /// The meta set, when the job has one.
+    pub meta: Option<DataRef>,
     pub shards: u32,
     pub inner: InnerSpec,
+}
+
+/// A training domain: a file as the worker should open it, plus its seeded transforms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainSpec {
+    pub name: String,
+    pub source: String,
+    /// (start, count) rows of the source.
+    pub subset: Option<(u64, u64)>,
+    pub label_noise: f64,
+    pub permute_labels: bool,
+    pub feature_noise: f64,
+    /// Checksum of the built domain on the coordinator.
+    pub checksum: [u8; 32],
+}
+
+/// A data file and the checksum of its contents on the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataRef {
+    pub path: String,
+    pub checksum: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,7 +139,24 @@ pub struct InnerSpec {
 pub struct RoundPlan {
     pub round: u64,
     pub model: ModelSource,
+    /// The inner loss weight of every domain, in job order (mean 1).
+    pub domain_weights: Vec<f64>,
+    /// When set, also measure d_k = ⟨∇ℓ_k, ∇L_meta⟩ per domain after the inner steps.
+    pub hypergradient: Option<HypergradientSpec>,
     pub assignments: Vec<Assignment>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HypergradientSpec {
+    pub directional: DirectionalMethod,
+    /// Samples per domain on which d_k is measured.
+    pub probe: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirectionalMethod {
+    Exact,
+    FiniteDifference,
 }
 
 /// How the worker obtains model version `version` (identified by `checksum`).
@@ -153,10 +193,21 @@ pub struct AssignmentResult {
     pub round: u64,
     pub assignment: u32,
     pub delta_transfer: u64,
-    /// Mean training loss over the inner steps.
+    /// Mean (weighted) training loss over the inner steps.
     pub train_loss: f32,
     pub samples: u64,
     pub compute_seconds: f32,
+    /// Loss on the meta set after the inner steps, when the job has one.
+    pub meta_loss: Option<f32>,
+    /// Per domain, in job order (empty unless the plan asked for the hypergradient).
+    pub domains: Vec<DomainStat>,
+}
+
+/// One domain's contribution to the hypergradient: Σ c_i over `count` probe samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DomainStat {
+    pub d_sum: f64,
+    pub count: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,7 +477,16 @@ mod tests {
                 hidden: vec![128, 64],
                 classes: 10,
             },
-            train_path: "/data/train.safetensors".into(),
+            domains: vec![DomainSpec {
+                name: "clean".into(),
+                source: "/data/train.safetensors".into(),
+                subset: Some((0, 300)),
+                label_noise: 0.5,
+                permute_labels: true,
+                feature_noise: 1.0,
+                checksum: [9; 32],
+            }],
+            meta: Some(DataRef { path: "/data/meta.safetensors".into(), checksum: [4; 32] }),
             shards: 4,
             inner: InnerSpec {
                 batch_size: 32,
@@ -450,6 +510,8 @@ mod tests {
             train_loss: 0.25,
             samples: 640,
             compute_seconds: 1.5,
+            meta_loss: Some(0.5),
+            domains: vec![DomainStat { d_sum: -1.5, count: 64 }],
         }));
         roundtrip(WorkerMsg::Failed {
             round: 2,
@@ -486,6 +548,8 @@ mod tests {
             roundtrip(CoordinatorMsg::Round(RoundPlan {
                 round: 3,
                 model,
+                domain_weights: vec![1.5, 0.5],
+                hypergradient: Some(HypergradientSpec { directional: DirectionalMethod::FiniteDifference, probe: 64 }),
                 assignments: vec![Assignment {
                     index: 0,
                     shard: 1,

@@ -11,9 +11,13 @@ use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
 use metaloop_common::config::{JobConfig, ModelConfig};
 use metaloop_common::dataset::{self, Dataset};
+use metaloop_common::domains;
 use metaloop_common::model;
 use metaloop_common::net::{self, TlsFiles};
-use metaloop_common::proto::{Assignment, AssignmentResult, InnerSpec, JobSpec, ModelSource, ModelSpec, RoundPlan};
+use metaloop_common::proto::{
+    Assignment, AssignmentResult, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RoundPlan,
+};
+use crate::strategy::DomainWeights;
 use metaloop_common::rng::derive_seed;
 use metaloop_common::tensor::Bundle;
 use std::collections::{BTreeMap, HashMap};
@@ -79,26 +83,7 @@ impl Coordinator {
     ) -> anyhow::Result<Summary> {
         let started = Instant::now();
         let run_dir = RunDir::create(&self.options.run_dir)?;
-        let classes = config.data.classes;
-        let test = dataset::load(&config.data.test, classes)?;
-        let train = dataset::load(&config.data.train, classes)?;
-        if (train.len() as u32) < config.data.shards {
-            bail!(
-                "data.shards = {} but {} holds only {} samples",
-                config.data.shards,
-                config.data.train.display(),
-                train.len()
-            );
-        }
-        if train.features != test.features {
-            bail!(
-                "train data has {} features but test data has {}",
-                train.features,
-                test.features
-            );
-        }
-        let job = job_spec(&config, &train);
-        drop(train);
+        let (job, test) = prepare_data(&config, &run_dir)?;
         let mut state = LoopState::new(&config, &job, test)?;
 
         let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -181,30 +166,61 @@ impl Coordinator {
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
             final_state_checksum: hex(&state.state_checksum()),
+            strategy: state.strategy.method().as_str().to_string(),
+            domain_weights: state.domain_weights(),
+            meta_loss: state.last_meta_loss,
+            baseline_test_accuracy: None,
         };
         run_dir.write_summary(&summary)?;
         Ok(summary)
     }
 }
 
-fn job_spec(config: &JobConfig, train: &Dataset) -> JobSpec {
+/// Builds every domain and the meta set once, checks they fit together, records what was done
+/// to them in `domains.json`, and returns the job spec workers rebuild the same data from,
+/// with the test set.
+fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec, Dataset)> {
+    let d = &config.data;
+    let test = dataset::load(&d.test, d.classes)?;
+    let mut specs = Vec::new();
+    let mut records = Vec::new();
+    for (i, cfg) in d.domains.iter().enumerate() {
+        let built = domains::build(cfg, i, d.classes, config.seed)?;
+        if built.data.features != test.features {
+            bail!("domain `{}` has {} features but the test data has {}", cfg.name, built.data.features, test.features);
+        }
+        if (built.data.len() as u32) < d.shards {
+            bail!("domain `{}` has {} samples, fewer than data.shards = {}", cfg.name, built.data.len(), d.shards);
+        }
+        specs.push(domains::to_spec(cfg, domains::dataset_checksum(&built.data)));
+        records.push(built.record);
+    }
+    let meta = match &d.meta {
+        Some(path) => {
+            let m = dataset::load(path, d.classes)?;
+            if m.features != test.features {
+                bail!("the meta set {} has {} features but the test data has {}", path.display(), m.features, test.features);
+            }
+            Some(DataRef { path: path.to_string_lossy().into_owned(), checksum: domains::dataset_checksum(&m) })
+        }
+        None => None,
+    };
+    run_dir.write_json("domains.json", &records)?;
     let ModelConfig::Mlp { hidden } = &config.model;
-    JobSpec {
+    let job = JobSpec {
         seed: config.seed,
-        model: ModelSpec::Mlp {
-            inputs: train.features as u32,
-            hidden: hidden.clone(),
-            classes: config.data.classes,
-        },
-        train_path: config.data.train.to_string_lossy().into_owned(),
-        shards: config.data.shards,
+        model: ModelSpec::Mlp { inputs: test.features as u32, hidden: hidden.clone(), classes: d.classes },
+        domains: specs,
+        meta,
+        shards: d.shards,
         inner: InnerSpec {
             batch_size: config.inner.batch_size,
             lr: config.inner.lr,
             momentum: config.inner.momentum,
             weight_decay: config.inner.weight_decay,
         },
-    }
+    };
+    Ok((job, test))
 }
 
 struct Peer {
@@ -226,11 +242,15 @@ struct LoopState {
     last_step: Option<Arc<Bundle>>,
     full: Option<(u64, Arc<Bundle>)>,
     outer: OuterOptimizer,
+    strategy: DomainWeights,
+    /// What this round's plans carry for the strategy (fixed for the whole round).
+    round_weights: (Vec<f64>, Option<HypergradientSpec>),
     scheduler: Scheduler,
     peers: HashMap<WorkerId, Peer>,
     next_transfer: u64,
     eval: ComputeThread<Evaluator>,
     last_eval: (f64, f64),
+    last_meta_loss: Option<f64>,
     rounds_done: u64,
     workers_seen: usize,
     samples: u64,
@@ -252,11 +272,14 @@ impl LoopState {
             last_step: None,
             full: None,
             outer: OuterOptimizer::new(config.outer.clone()),
+            strategy: DomainWeights::new(&config.strategy, job.domains.iter().map(|d| d.name.clone()).collect()),
+            round_weights: (Vec::new(), None),
             scheduler: Scheduler::new(),
             peers: HashMap::new(),
             next_transfer: 0,
             eval,
             last_eval: (f64::NAN, 0.0),
+            last_meta_loss: None,
             rounds_done: 0,
             workers_seen: 0,
             samples: 0,
@@ -272,6 +295,7 @@ impl LoopState {
         if let Some(m) = self.outer.momentum() {
             h.bundle("outer.momentum", m);
         }
+        self.strategy.hash_into(&mut h);
         h.bytes(&self.version.to_le_bytes());
         h.finish()
     }
@@ -318,6 +342,7 @@ impl LoopState {
                 seed: derive_seed(config.seed, &[round, u64::from(i)]),
             })
             .collect();
+        self.round_weights = self.strategy.plan();
         let mut collected: Collected = vec![None; assignments.len()];
         let mut failures = vec![0u32; assignments.len()];
         let dispatches = self.scheduler.start_round(round, config.data.shards);
@@ -347,13 +372,19 @@ impl LoopState {
         }
 
         let mut deltas = Vec::with_capacity(collected.len());
+        let mut results = Vec::with_capacity(collected.len());
         let (mut loss, mut samples) = (0.0f64, 0u64);
         for slot in &collected {
             let (result, delta) = slot.as_ref().context("round complete without every result")?;
             loss += f64::from(result.train_loss);
             samples += result.samples;
             deltas.push(delta);
+            results.push(result);
         }
+        let meta: Vec<f64> = results.iter().filter_map(|r| r.meta_loss.map(f64::from)).collect();
+        let meta_loss = (!meta.is_empty()).then(|| meta.iter().sum::<f64>() / meta.len() as f64);
+        self.last_meta_loss = meta_loss;
+        self.strategy.update(&results);
         let update = self.outer.step(&deltas);
         self.params.add_assign(&update);
         self.version += 1;
@@ -375,6 +406,9 @@ impl LoopState {
         Ok(RoundRecord {
             round,
             train_loss: loss / collected.len() as f64,
+            meta_loss,
+            domain_weights: self.domain_weights(),
+            hypergradient_norm: self.strategy.last_grad_norm(),
             test_loss,
             test_accuracy,
             seconds,
@@ -458,6 +492,10 @@ impl LoopState {
         Ok(())
     }
 
+    fn domain_weights(&self) -> BTreeMap<String, f64> {
+        self.strategy.names().iter().cloned().zip(self.strategy.weights()).collect()
+    }
+
     fn reject(&mut self, reason: &str) {
         tracing::warn!(reason, "result rejected");
         *self.rejected.entry(reason.to_string()).or_default() += 1;
@@ -510,6 +548,8 @@ impl LoopState {
             let plan = RoundPlan {
                 round,
                 model,
+                domain_weights: self.round_weights.0.clone(),
+                hypergradient: self.round_weights.1,
                 assignments: d.assignments.iter().map(|&i| assignments[i as usize].clone()).collect(),
             };
             if peer.outbox.send(Outgoing::Plan { plan, bundle }).is_err() {

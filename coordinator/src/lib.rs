@@ -7,6 +7,7 @@ mod outer;
 mod rundir;
 mod scheduler;
 mod server;
+mod strategy;
 
 pub use job::{Coordinator, CoordinatorOptions};
 pub use outer::OuterOptimizer;

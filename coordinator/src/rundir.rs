@@ -13,6 +13,12 @@ pub struct RoundRecord {
     pub round: u64,
     /// Mean inner-loop training loss over the round's assignments.
     pub train_loss: f64,
+    /// Mean meta-set loss after the inner steps (when the job has a meta set).
+    pub meta_loss: Option<f64>,
+    /// Domain weights after this round's outer update.
+    pub domain_weights: BTreeMap<String, f64>,
+    /// ‖dL_meta/dλ‖ of this round's update (method `hypergradient`).
+    pub hypergradient_norm: Option<f64>,
     pub test_loss: f64,
     pub test_accuracy: f64,
     pub seconds: f64,
@@ -43,6 +49,13 @@ pub struct Summary {
     pub bytes_out: u64,
     /// SHA-256 of the model parameters and all outer state: equal only for bit-identical runs.
     pub final_state_checksum: String,
+    /// The domain-weights method: uniform, fixed or hypergradient.
+    pub strategy: String,
+    /// Final weight of every domain (mean 1).
+    pub domain_weights: BTreeMap<String, f64>,
+    pub meta_loss: Option<f64>,
+    /// Test accuracy of the uniform-weights baseline run (same seed, same budget), when run.
+    pub baseline_test_accuracy: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -77,14 +90,23 @@ impl RunDir {
         f.write_all(&line).with_context(|| format!("writing {}", p.display()))
     }
 
-    /// Writes `summary.json` atomically (temporary file, fsync, rename).
+    /// Writes `summary.json` atomically.
     ///
     /// # Errors
     /// On a write failure, naming the file.
     pub fn write_summary(&self, summary: &Summary) -> anyhow::Result<()> {
-        let p = self.path.join("summary.json");
-        let tmp = self.path.join("summary.json.tmp");
-        let body = serde_json::to_vec_pretty(summary)?;
+        self.write_json("summary.json", summary)
+    }
+
+    /// Writes `name` in the run directory as pretty JSON, atomically (temporary file, fsync,
+    /// rename).
+    ///
+    /// # Errors
+    /// On a write failure, naming the file.
+    pub fn write_json(&self, name: &str, value: &impl Serialize) -> anyhow::Result<()> {
+        let p = self.path.join(name);
+        let tmp = self.path.join(format!("{name}.tmp"));
+        let body = serde_json::to_vec_pretty(value)?;
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(&body)
             .and_then(|()| f.sync_all())

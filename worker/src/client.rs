@@ -145,10 +145,12 @@ async fn round(
                 .await?
         }
     };
+    let (weights, hyper) = (Arc::new(plan.domain_weights), plan.hypergradient);
     for a in plan.assignments {
         let index = a.index;
+        let weights = weights.clone();
         let outcome = match &synced {
-            Ok(()) => engine.call(move |t| trainer(t)?.run(&a)).await?,
+            Ok(()) => engine.call(move |t| trainer(t)?.run(&a, &weights, hyper)).await?,
             Err(e) => Err(crate::TrainError::Mismatch(e.to_string())),
         };
         match outcome {
@@ -162,6 +164,8 @@ async fn round(
                     train_loss: out.mean_loss,
                     samples: out.samples,
                     compute_seconds: out.seconds,
+                    meta_loss: out.meta_loss,
+                    domains: out.domains,
                 };
                 net::write_frame(send, &WorkerMsg::Result(result)).await?;
             }

@@ -1,11 +1,13 @@
 //! The inner loop on one device: hold the current model version and run assignments on it.
 //! Synchronous and socket-free; the client drives it from a compute thread.
 
+use crate::primitives;
 use metaloop_common::checksum::{bundle_checksum, hex};
 use metaloop_common::dataset::{self, Dataset};
+use metaloop_common::domains::{self, DomainError};
 use metaloop_common::model::{self, Model};
-use metaloop_common::proto::{Assignment, JobSpec};
-use metaloop_common::rng::SplitMix64;
+use metaloop_common::proto::{Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec};
+use metaloop_common::rng::{derive_seed, SplitMix64};
 use metaloop_common::tensor::Bundle;
 use std::time::Instant;
 use tch::{Device, Tensor};
@@ -15,13 +17,21 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] dataset::DataError),
     #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("{what} differs from the coordinator's (checksum {ours} here, {theirs} there): is {path} the same file on this machine?")]
+    DataMismatch { what: String, path: String, ours: String, theirs: String },
+    #[error("the plan has {got} domain weights for {want} domains")]
+    Weights { got: usize, want: usize },
+    #[error("the plan asks for a hypergradient but the job has no meta set")]
+    NoMeta,
+    #[error(transparent)]
     Model(#[from] model::ModelError),
     #[error("no model loaded")]
     NoModel,
     #[error("model mismatch: {0}")]
     Mismatch(String),
-    #[error("shard {shard} of {shards} is empty ({samples} samples in the training set)")]
-    EmptyShard { shard: u32, shards: u32, samples: usize },
+    #[error("shard {shard} of {shards} of domain `{domain}` is empty ({samples} samples)")]
+    EmptyShard { domain: String, shard: u32, shards: u32, samples: usize },
     #[error("training diverged: non-finite loss at inner step {step}")]
     Diverged { step: u32 },
 }
@@ -34,12 +44,17 @@ pub struct AssignmentOutcome {
     pub mean_loss: f32,
     pub samples: u64,
     pub seconds: f32,
+    pub meta_loss: Option<f32>,
+    /// Per-domain hypergradient contributions (empty unless asked for).
+    pub domains: Vec<DomainStat>,
 }
 
 /// The worker's model state and data.
 pub struct Trainer {
     job: JobSpec,
-    data: Dataset,
+    /// One dataset per training domain, in job order.
+    domains: Vec<Dataset>,
+    meta: Option<Dataset>,
     device: Device,
     /// Host copy of the current version: the base every assignment starts from.
     params: Option<Bundle>,
@@ -56,25 +71,32 @@ impl std::fmt::Debug for Trainer {
 }
 
 impl Trainer {
-    /// Loads the job's training data.
+    /// Builds the job's domains and loads its meta set, checking both against the
+    /// coordinator's checksums.
     ///
     /// # Errors
-    /// When the data file is missing or malformed.
+    /// A missing or malformed file, or data that differs from the coordinator's.
     pub fn new(job: JobSpec, device: Device) -> Result<Self, TrainError> {
-        let metaloop_common::proto::ModelSpec::Mlp { classes, .. } = &job.model;
-        let data = dataset::load(std::path::Path::new(&job.train_path), *classes)?;
-        Ok(Self::with_data(job, data, device))
+        let ModelSpec::Mlp { classes, .. } = job.model;
+        let mut built = Vec::with_capacity(job.domains.len());
+        for (i, spec) in job.domains.iter().enumerate() {
+            let d = domains::build(&domains::from_spec(spec), i, classes, job.seed)?;
+            same_data(&format!("domain `{}`", spec.name), &spec.source, &d.data, spec.checksum)?;
+            built.push(d.data);
+        }
+        let meta = match &job.meta {
+            Some(r) => {
+                let ds = dataset::load(std::path::Path::new(&r.path), classes)?;
+                same_data("the meta set", &r.path, &ds, r.checksum)?;
+                Some(ds)
+            }
+            None => None,
+        };
+        Ok(Self::with_data(job, built, meta, device))
     }
 
-    pub fn with_data(job: JobSpec, data: Dataset, device: Device) -> Self {
-        Self {
-            job,
-            data,
-            device,
-            params: None,
-            version: None,
-            model: None,
-        }
+    pub fn with_data(job: JobSpec, domains: Vec<Dataset>, meta: Option<Dataset>, device: Device) -> Self {
+        Self { job, domains, meta, device, params: None, version: None, model: None }
     }
 
     /// The model version held, if any.
@@ -130,69 +152,67 @@ impl Trainer {
         }
     }
 
-    /// Runs one assignment: `steps` SGD-with-momentum steps on minibatches of its shard, drawn
-    /// by the assignment's own seed, starting from the held version. Deterministic in
-    /// (model version, assignment).
+    /// Runs one assignment from the held version: `steps` SGD-with-momentum steps on batches
+    /// that take `batch_size / K` samples from the assignment's shard of every domain, with
+    /// loss (1/K) Σ_k w_k · mean_k ℓ. Then, when asked, measures the meta loss and each
+    /// domain's d_k = ⟨∇ℓ_k(θ), ∇L_meta(θ)⟩ on a probe of its shard. Deterministic in
+    /// (model version, assignment, weights).
     ///
     /// # Errors
-    /// `NoModel`, `EmptyShard`, `Diverged`, or a libtorch failure.
-    pub fn run(&mut self, a: &Assignment) -> Result<AssignmentOutcome, TrainError> {
+    /// `NoModel`, `EmptyShard`, `Diverged`, `Weights`, `NoMeta`, or a libtorch failure.
+    pub fn run(&mut self, a: &Assignment, weights: &[f64], hyper: Option<HypergradientSpec>) -> Result<AssignmentOutcome, TrainError> {
         let start = Instant::now();
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
             return Err(TrainError::NoModel);
         };
-        model::load_bundle(model.as_ref(), base)?;
-        let range = self.data.shard_range(a.shard, self.job.shards);
-        if range.is_empty() {
-            return Err(TrainError::EmptyShard {
-                shard: a.shard,
-                shards: self.job.shards,
-                samples: self.data.len(),
-            });
+        let k = self.domains.len();
+        if weights.len() != k {
+            return Err(TrainError::Weights { got: weights.len(), want: k });
         }
+        if hyper.is_some() && self.meta.is_none() {
+            return Err(TrainError::NoMeta);
+        }
+        model::load_bundle(model.as_ref(), base)?;
         let inner = &self.job.inner;
-        let batch = (inner.batch_size as usize).min(range.len());
-        let mut order: Vec<usize> = range.collect();
-        let mut rng = SplitMix64::new(a.seed);
-        rng.shuffle(&mut order);
-        let mut cursor = 0;
+        let per_domain = (inner.batch_size as usize / k).max(1);
+        let mut samplers = Vec::with_capacity(k);
+        for (i, d) in self.domains.iter().enumerate() {
+            let range = d.shard_range(a.shard, self.job.shards);
+            if range.is_empty() {
+                return Err(TrainError::EmptyShard {
+                    domain: self.job.domains[i].name.clone(),
+                    shard: a.shard,
+                    shards: self.job.shards,
+                    samples: d.len(),
+                });
+            }
+            samplers.push(Sampler::new(range.collect(), derive_seed(a.seed, &[i as u64])));
+        }
         let mut momentum: Vec<Option<Tensor>> = model.parameters().iter().map(|_| None).collect();
         let mut loss_sum = 0.0f64;
-        let f = self.data.features;
+        let mut samples = 0u64;
         for step in 0..a.steps {
-            if cursor + batch > order.len() {
-                rng.shuffle(&mut order);
-                cursor = 0;
+            let mut xs = Vec::new();
+            let mut ys = Vec::new();
+            let mut ws = Vec::new();
+            for ((d, sampler), w) in self.domains.iter().zip(&mut samplers).zip(weights) {
+                let rows = sampler.next(per_domain);
+                gather(d, &rows, &mut xs, &mut ys);
+                ws.extend(std::iter::repeat_n((w / (k * rows.len()) as f64) as f32, rows.len()));
             }
-            let idx = &order[cursor..cursor + batch];
-            cursor += batch;
-            let mut xs = Vec::with_capacity(batch * f);
-            let mut ys = Vec::with_capacity(batch);
-            for &i in idx {
-                xs.extend_from_slice(&self.data.x[i * f..(i + 1) * f]);
-                ys.push(self.data.y[i]);
-            }
+            samples += ys.len() as u64;
+            let f = self.domains[0].features;
             let (x, y) = model::batch_tensors(&xs, &ys, f, self.device);
-            for p in model.parameters() {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
-            let loss = model.forward(&x).cross_entropy_for_logits(&y);
+            let w = Tensor::from_slice(&ws).to_device(self.device);
+            zero_grads(model.parameters());
+            let loss = (primitives::per_sample_loss(model.as_ref(), &x, &y) * w).sum(tch::Kind::Float);
             let value = loss.f_double_value(&[]).map_err(model::ModelError::from)?;
             if !value.is_finite() {
                 return Err(TrainError::Diverged { step });
             }
             loss_sum += value;
             loss.backward();
-            sgd_step(
-                model.parameters(),
-                &mut momentum,
-                inner.lr,
-                inner.momentum,
-                inner.weight_decay,
-            );
+            sgd_step(model.parameters(), &mut momentum, inner.lr, inner.momentum, inner.weight_decay);
         }
         let mut delta = model::to_bundle(model.as_ref())?;
         for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
@@ -200,12 +220,99 @@ impl Trainer {
                 *x -= *y;
             }
         }
+        let (meta_loss, domain_stats) = self.meta_signals(model.as_ref(), a, hyper)?;
         Ok(AssignmentOutcome {
             delta,
             mean_loss: (loss_sum / f64::from(a.steps.max(1))) as f32,
-            samples: u64::from(a.steps) * batch as u64,
+            samples,
             seconds: start.elapsed().as_secs_f32(),
+            meta_loss,
+            domains: domain_stats,
         })
+    }
+
+    /// The meta loss at the current θ and, when asked, every domain's Σ c_i on its probe.
+    fn meta_signals(
+        &self,
+        model: &dyn Model,
+        a: &Assignment,
+        hyper: Option<HypergradientSpec>,
+    ) -> Result<(Option<f32>, Vec<DomainStat>), TrainError> {
+        let Some(meta) = &self.meta else { return Ok((None, Vec::new())) };
+        let (mx, my) = model::batch_tensors(&meta.x, &meta.y, meta.features, self.device);
+        zero_grads(model.parameters());
+        let meta_loss = primitives::per_sample_loss(model, &mx, &my).mean(tch::Kind::Float);
+        let value = meta_loss.f_double_value(&[]).map_err(model::ModelError::from)? as f32;
+        let Some(h) = hyper else { return Ok((Some(value), Vec::new())) };
+        let v = primitives::gradient(model, &meta_loss);
+        let mut stats = Vec::with_capacity(self.domains.len());
+        for (i, d) in self.domains.iter().enumerate() {
+            let mut rows: Vec<usize> = d.shard_range(a.shard, self.job.shards).collect();
+            SplitMix64::new(derive_seed(a.seed, &[1 << 32, i as u64])).shuffle(&mut rows);
+            rows.truncate(h.probe.max(1) as usize);
+            let (mut xs, mut ys) = (Vec::new(), Vec::new());
+            gather(d, &rows, &mut xs, &mut ys);
+            let (x, y) = model::batch_tensors(&xs, &ys, d.features, self.device);
+            let c = match h.directional {
+                DirectionalMethod::Exact => primitives::directional_exact(model, &x, &y, &v),
+                DirectionalMethod::FiniteDifference => primitives::directional_fd(model, &x, &y, &v, primitives::FD_RADIUS),
+            };
+            let d_sum = c.to_kind(tch::Kind::Double).sum(tch::Kind::Double).f_double_value(&[]).map_err(model::ModelError::from)?;
+            stats.push(DomainStat { d_sum, count: rows.len() as u64 });
+        }
+        Ok((Some(value), stats))
+    }
+}
+
+/// Draws rows from one domain's shard without replacement, reshuffling at each epoch.
+struct Sampler {
+    order: Vec<usize>,
+    cursor: usize,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    fn new(mut order: Vec<usize>, seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        rng.shuffle(&mut order);
+        Self { order, cursor: 0, rng }
+    }
+
+    fn next(&mut self, n: usize) -> Vec<usize> {
+        let n = n.min(self.order.len());
+        if self.cursor + n > self.order.len() {
+            self.rng.shuffle(&mut self.order);
+            self.cursor = 0;
+        }
+        let rows = self.order[self.cursor..self.cursor + n].to_vec();
+        self.cursor += n;
+        rows
+    }
+}
+
+fn gather(d: &Dataset, rows: &[usize], xs: &mut Vec<f32>, ys: &mut Vec<i64>) {
+    let f = d.features;
+    for &i in rows {
+        xs.extend_from_slice(&d.x[i * f..(i + 1) * f]);
+        ys.push(d.y[i]);
+    }
+}
+
+fn zero_grads(params: &[Tensor]) {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+fn same_data(what: &str, path: &str, ds: &Dataset, theirs: [u8; 32]) -> Result<(), TrainError> {
+    let ours = domains::dataset_checksum(ds);
+    if ours == theirs {
+        Ok(())
+    } else {
+        Err(TrainError::DataMismatch { what: what.into(), path: path.into(), ours: hex(&ours[..8]), theirs: hex(&theirs[..8]) })
     }
 }
 
@@ -257,7 +364,8 @@ mod tests {
                 hidden: vec![8],
                 classes: 2,
             },
-            train_path: String::new(),
+            domains: Vec::new(),
+            meta: None,
             shards,
             inner: InnerSpec {
                 batch_size: 8,
@@ -285,7 +393,7 @@ mod tests {
     }
 
     fn trainer() -> Trainer {
-        let mut t = Trainer::with_data(job(2), blobs(64), Device::Cpu);
+        let mut t = Trainer::with_data(job(2), vec![blobs(64)], None, Device::Cpu);
         let p = model::init_params(&job(2).model, 3);
         t.set_model(0, bundle_checksum(&p), p).expect("set");
         t
@@ -300,13 +408,13 @@ mod tests {
             steps: 30,
             seed: 5,
         };
-        let first = t.run(&a).expect("run");
-        let again = t.run(&a).expect("run");
+        let first = t.run(&a, &[1.0], None).expect("run");
+        let again = t.run(&a, &[1.0], None).expect("run");
         assert_eq!(
             first.delta, again.delta,
             "same version + same assignment must give the same delta"
         );
-        let short = t.run(&Assignment { steps: 1, ..a.clone() }).expect("run");
+        let short = t.run(&Assignment { steps: 1, ..a.clone() }, &[1.0], None).expect("run");
         assert!(
             first.mean_loss < short.mean_loss,
             "{} !< {}",
