@@ -1,11 +1,12 @@
 //! `metaloop local`: a coordinator in this process and N worker processes on loopback, with a
-//! throwaway CA, a progress bar and one line per round.
+//! throwaway CA, a progress bar and a line per round. When the job learns its domain weights,
+//! the uniform-weights baseline runs next with the same seed and budget, for comparison.
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use metaloop_common::config::JobConfig;
-use metaloop_common::net;
-use metaloop_coordinator::{Coordinator, CoordinatorOptions};
+use metaloop_common::config::{JobConfig, WeightMethod};
+use metaloop_common::net::{self, TlsFiles};
+use metaloop_coordinator::{Coordinator, CoordinatorOptions, RoundRecord, RunDir, Summary};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
@@ -13,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The quickstart, used when no config is given.
 const QUICKSTART: &str = "configs/quickstart.toml";
+/// At most this many per-round lines are printed (all rounds are in metrics.jsonl).
+const MAX_LINES: u64 = 40;
 
 #[derive(Debug, clap::Args)]
 pub struct LocalArgs {
@@ -34,6 +37,9 @@ pub struct LocalArgs {
     /// Override the config's seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Skip the uniform-weights baseline run.
+    #[arg(long)]
+    no_baseline: bool,
     /// No progress bar or per-round lines (for scripts and tests).
     #[arg(long)]
     quiet: bool,
@@ -66,21 +72,46 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let log = std::fs::File::create(run_dir.join("coordinator.log")).context("creating coordinator.log")?;
-    let _ = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(log))
-        .try_init();
-
+    let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(std::sync::Mutex::new(log)).try_init();
     let (coord_tls, worker_tls) = net::write_pki(&run_dir.join("certs"))?;
+    let tls = Tls { coordinator: coord_tls, worker: worker_tls };
+
+    if !args.quiet {
+        eprintln!("metaloop local: {} on {} worker processes, run directory {}", config_path.display(), args.workers, run_dir.display());
+    }
+    let mut summary = run_job(&args, config.clone(), &run_dir, &tls, "").await?;
+    let learned = config.strategy.method != WeightMethod::Uniform;
+    if learned && !args.no_baseline {
+        let mut baseline = config;
+        baseline.strategy.method = WeightMethod::Uniform;
+        let dir = run_dir.join("baseline-uniform");
+        if !args.quiet {
+            eprintln!("baseline: the same job with uniform domain weights, run directory {}", dir.display());
+        }
+        let b = run_job(&args, baseline, &dir, &tls, "baseline ").await?;
+        summary.baseline_test_accuracy = Some(b.test_accuracy);
+        RunDir::open(&run_dir).write_summary(&summary)?;
+    }
+    print_summary(&summary, &run_dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Tls {
+    coordinator: TlsFiles,
+    worker: TlsFiles,
+}
+
+/// One job: bind a coordinator, start the worker processes, run to the end, stop the workers.
+async fn run_job(args: &LocalArgs, config: JobConfig, run_dir: &Path, tls: &Tls, label: &str) -> anyhow::Result<Summary> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let coordinator = Coordinator::bind(CoordinatorOptions {
         listen: "127.0.0.1:0".parse()?,
-        tls: coord_tls,
-        run_dir: run_dir.clone(),
+        tls: tls.coordinator.clone(),
+        run_dir: run_dir.to_owned(),
         min_workers: args.workers,
         worker_wait: Duration::from_secs(60),
     })?;
     let addr = coordinator.local_addr()?;
-
     let exe = std::env::current_exe().context("locating the metaloop binary")?;
     let mut children = Vec::new();
     for i in 0..args.workers {
@@ -88,20 +119,13 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = tokio::process::Command::new(&exe)
             .arg("worker")
-            .args([
-                "--coordinator",
-                &addr.to_string(),
-                "--name",
-                &format!("worker-{i}"),
-                "--threads",
-                &args.threads.to_string(),
-            ])
+            .args(["--coordinator", &addr.to_string(), "--name", &format!("worker-{i}"), "--threads", &args.threads.to_string()])
             .arg("--ca")
-            .arg(&worker_tls.ca)
+            .arg(&tls.worker.ca)
             .arg("--cert")
-            .arg(&worker_tls.cert)
+            .arg(&tls.worker.cert)
             .arg("--key")
-            .arg(&worker_tls.key)
+            .arg(&tls.worker.key)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -111,38 +135,24 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         children.push((i, log_path, child));
     }
 
-    let shutdown = CancellationToken::new();
+    let job_over = CancellationToken::new();
     let workers_gone = CancellationToken::new();
-    let pb = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(config.rounds)
-    };
+    let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(config.rounds) };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} rounds  {elapsed_precise}  {msg}")
+        ProgressStyle::with_template(&format!("{label}{{bar:30}} {{pos}}/{{len}} rounds  {{elapsed_precise}}  {{msg}}"))
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    if !args.quiet {
-        eprintln!(
-            "metaloop local: {} on {} worker processes, run directory {}",
-            config_path.display(),
-            args.workers,
-            run_dir.display()
-        );
-    }
     let monitor = {
-        let (shutdown, workers_gone, pb) = (shutdown.clone(), workers_gone.clone(), pb.clone());
+        let (job_over, workers_gone, pb) = (job_over.clone(), workers_gone.clone(), pb.clone());
         tokio::spawn(async move {
             for (i, log_path, mut child) in children {
                 tokio::select! {
-                    status = child.wait() => {
-                        match status {
-                            Ok(s) if s.success() => {}
-                            Ok(s) => say(&pb, format!("worker-{i} exited with {s}; its log: {}", log_path.display())),
-                            Err(e) => say(&pb, format!("worker-{i}: {e}")),
-                        }
-                    }
-                    () = shutdown.cancelled() => {
+                    status = child.wait() => match status {
+                        Ok(s) if s.success() => {}
+                        Ok(s) => say(&pb, format!("worker-{i} exited with {s}; its log: {}", log_path.display())),
+                        Err(e) => say(&pb, format!("worker-{i}: {e}")),
+                    },
+                    () = job_over.cancelled() => {
                         // The job is over: give the worker a moment to leave, then stop it.
                         if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
                             let _ = child.kill().await;
@@ -154,57 +164,85 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let stop = CancellationToken::new();
+    let interrupted = CancellationToken::new();
     {
-        let (stop, workers_gone) = (stop.clone(), workers_gone.clone());
+        let (stop, workers_gone, interrupted) = (stop.clone(), workers_gone.clone(), interrupted.clone());
         tokio::spawn(async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = tokio::signal::ctrl_c() => interrupted.cancel(),
                 () = workers_gone.cancelled() => {}
             }
             stop.cancel();
         });
     }
-    let pb2 = pb.clone();
-    let quiet = args.quiet;
+    let every = config.rounds.div_ceil(MAX_LINES).max(1);
+    let last = config.rounds.saturating_sub(1);
+    let (pb2, quiet, label2) = (pb.clone(), args.quiet, label.to_string());
     let result = coordinator
         .run(
             config,
             move |r| {
                 pb2.inc(1);
-                pb2.set_message(format!("test acc {:.1}%", r.test_accuracy * 100.0));
-                if !quiet {
-                    say(&pb2, format!(
-                        "round {:>3}  train loss {:.4}  test loss {:.4}  test acc {:>5.1}%  {:>6.2}s  {:>7.0} samples/s  {} workers  {:.1} KiB out",
-                        r.round, r.train_loss, r.test_loss, r.test_accuracy * 100.0, r.seconds, r.samples_per_second, r.workers, r.bytes_out as f64 / 1024.0
-                    ));
+                pb2.set_message(format!("test acc {:.1}%{}", r.test_accuracy * 100.0, weights_text(r)));
+                if !quiet && (r.round % every == 0 || r.round == last) {
+                    say(&pb2, format!("{label2}{}", round_line(r)));
                 }
             },
             stop.clone(),
         )
         .await;
     pb.finish_and_clear();
-    shutdown.cancel();
+    job_over.cancel();
     let _ = monitor.await;
-    let summary = match result {
-        Ok(s) => s,
-        Err(e) if workers_gone.is_cancelled() && !stop_by_signal(&stop, &workers_gone) => {
-            return Err(e.context(format!(
-                "all worker processes exited; see the worker-*.log files in {}",
-                run_dir.display()
-            )));
+    match result {
+        Ok(s) => Ok(s),
+        Err(e) if workers_gone.is_cancelled() && !interrupted.is_cancelled() => {
+            Err(e.context(format!("all worker processes exited; see the worker-*.log files in {}", run_dir.display())))
         }
-        Err(e) => return Err(e),
-    };
-    println!(
-        "done: test accuracy {:.2}% after {} rounds on {} workers in {:.1}s\nsummary: {}\nstate checksum: {}",
-        summary.test_accuracy * 100.0,
-        summary.rounds,
-        summary.workers,
-        summary.wall_seconds,
-        run_dir.join("summary.json").display(),
-        summary.final_state_checksum
-    );
-    Ok(ExitCode::SUCCESS)
+        Err(e) => Err(e),
+    }
+}
+
+fn round_line(r: &RoundRecord) -> String {
+    let meta = r.meta_loss.map_or(String::new(), |m| format!("  meta {m:.4}"));
+    format!(
+        "round {:>4}  train {:.4}{meta}  test {:.4}  acc {:>5.1}%  {:>5.2}s  {:>6.0} samples/s  {} workers{}",
+        r.round,
+        r.train_loss,
+        r.test_loss,
+        r.test_accuracy * 100.0,
+        r.seconds,
+        r.samples_per_second,
+        r.workers,
+        weights_text(r)
+    )
+}
+
+fn weights_text(r: &RoundRecord) -> String {
+    if r.domain_weights.len() < 2 || r.domain_weights.values().all(|&w| w == 1.0) {
+        return String::new();
+    }
+    let parts: Vec<String> = r.domain_weights.iter().map(|(n, w)| format!("{n} {w:.2}")).collect();
+    format!("  weights: {}", parts.join(", "))
+}
+
+fn print_summary(s: &Summary, run_dir: &Path) {
+    println!("done: test accuracy {:.2}% after {} rounds on {} workers in {:.1}s", s.test_accuracy * 100.0, s.rounds, s.workers, s.wall_seconds);
+    if s.domain_weights.len() > 1 {
+        let parts: Vec<String> = s.domain_weights.iter().map(|(n, w)| format!("{n} {w:.3}")).collect();
+        println!("domain weights ({}): {}", s.strategy, parts.join(", "));
+    }
+    if let Some(b) = s.baseline_test_accuracy {
+        println!(
+            "baseline (uniform weights, same seed and budget): test accuracy {:.2}%  →  {} by {:+.2} points",
+            b * 100.0,
+            if s.test_accuracy >= b { "learned weights win" } else { "learned weights lose" },
+            (s.test_accuracy - b) * 100.0
+        );
+    }
+    println!("summary: {}", run_dir.join("summary.json").display());
+    println!("plot: {}", run_dir.join("plot.svg").display());
+    println!("state checksum: {}", s.final_state_checksum);
 }
 
 /// A line above the progress bar, or on stderr when there is no bar (not a terminal).
@@ -216,15 +254,9 @@ fn say(pb: &ProgressBar, line: String) {
     }
 }
 
-fn stop_by_signal(stop: &CancellationToken, workers_gone: &CancellationToken) -> bool {
-    stop.is_cancelled() && !workers_gone.is_cancelled()
-}
-
 fn default_run_dir(config: &Path) -> anyhow::Result<PathBuf> {
     let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("job");
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let mut dir = PathBuf::from("runs").join(format!("{stem}-{secs}"));
     let mut n = 1;
     while dir.exists() {

@@ -99,6 +99,7 @@ impl Coordinator {
             stop.clone(),
         ));
 
+        let mut records = Vec::with_capacity(config.rounds as usize);
         let outcome = async {
             state
                 .wait_for_workers(
@@ -121,6 +122,7 @@ impl Coordinator {
                     .await?;
                 run_dir.append_metrics(&record)?;
                 observe(&record);
+                records.push(record);
                 if shutdown.is_cancelled() {
                     break;
                 }
@@ -150,6 +152,7 @@ impl Coordinator {
         tracker.close();
         self.endpoint.close(0u32.into(), b"job finished");
         tracker.wait().await;
+        run_dir.write_text("plot.svg", &crate::plot::render(&records))?;
         outcome?;
 
         let (test_loss, test_accuracy) = state.last_eval;

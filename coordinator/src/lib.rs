@@ -4,6 +4,7 @@
 
 mod job;
 mod outer;
+mod plot;
 mod rundir;
 mod scheduler;
 mod server;
@@ -11,5 +12,5 @@ mod strategy;
 
 pub use job::{Coordinator, CoordinatorOptions};
 pub use outer::OuterOptimizer;
-pub use rundir::{RoundRecord, Summary};
+pub use rundir::{RoundRecord, RunDir, Summary};
 pub use scheduler::{Dispatch, Rejection, Scheduler};

@@ -64,6 +64,11 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// A run directory that already exists (to amend its summary).
+    pub fn open(path: &Path) -> Self {
+        Self { path: path.to_owned() }
+    }
+
     /// Creates the directory (and parents); an existing `metrics.jsonl` is started afresh.
     ///
     /// # Errors
@@ -98,17 +103,24 @@ impl RunDir {
         self.write_json("summary.json", summary)
     }
 
-    /// Writes `name` in the run directory as pretty JSON, atomically (temporary file, fsync,
-    /// rename).
+    /// Writes `name` in the run directory as pretty JSON, atomically.
     ///
     /// # Errors
     /// On a write failure, naming the file.
     pub fn write_json(&self, name: &str, value: &impl Serialize) -> anyhow::Result<()> {
+        self.write_text(name, &String::from_utf8(serde_json::to_vec_pretty(value)?)?)
+    }
+
+    /// Writes `name` in the run directory atomically (temporary file, fsync, rename), so a
+    /// crash never leaves a half-written file.
+    ///
+    /// # Errors
+    /// On a write failure, naming the file.
+    pub fn write_text(&self, name: &str, body: &str) -> anyhow::Result<()> {
         let p = self.path.join(name);
         let tmp = self.path.join(format!("{name}.tmp"));
-        let body = serde_json::to_vec_pretty(value)?;
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&body)
+        f.write_all(body.as_bytes())
             .and_then(|()| f.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &p).with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))
