@@ -72,12 +72,23 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let log = std::fs::File::create(run_dir.join("coordinator.log")).context("creating coordinator.log")?;
-    let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(std::sync::Mutex::new(log)).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .try_init();
     let (coord_tls, worker_tls) = net::write_pki(&run_dir.join("certs"))?;
-    let tls = Tls { coordinator: coord_tls, worker: worker_tls };
+    let tls = Tls {
+        coordinator: coord_tls,
+        worker: worker_tls,
+    };
 
     if !args.quiet {
-        eprintln!("metaloop local: {} on {} worker processes, run directory {}", config_path.display(), args.workers, run_dir.display());
+        eprintln!(
+            "metaloop local: {} on {} worker processes, run directory {}",
+            config_path.display(),
+            args.workers,
+            run_dir.display()
+        );
     }
     let mut summary = run_job(&args, config.clone(), &run_dir, &tls, "").await?;
     let learned = config.strategy.method != WeightMethod::Uniform;
@@ -86,7 +97,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         baseline.strategy.method = WeightMethod::Uniform;
         let dir = run_dir.join("baseline-uniform");
         if !args.quiet {
-            eprintln!("baseline: the same job with uniform domain weights, run directory {}", dir.display());
+            eprintln!(
+                "baseline: the same job with uniform domain weights, run directory {}",
+                dir.display()
+            );
         }
         let b = run_job(&args, baseline, &dir, &tls, "baseline ").await?;
         summary.baseline_test_accuracy = Some(b.test_accuracy);
@@ -102,7 +116,13 @@ struct Tls {
 }
 
 /// One job: bind a coordinator, start the worker processes, run to the end, stop the workers.
-async fn run_job(args: &LocalArgs, config: JobConfig, run_dir: &Path, tls: &Tls, label: &str) -> anyhow::Result<Summary> {
+async fn run_job(
+    args: &LocalArgs,
+    config: JobConfig,
+    run_dir: &Path,
+    tls: &Tls,
+    label: &str,
+) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let coordinator = Coordinator::bind(CoordinatorOptions {
         listen: "127.0.0.1:0".parse()?,
@@ -119,7 +139,14 @@ async fn run_job(args: &LocalArgs, config: JobConfig, run_dir: &Path, tls: &Tls,
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = tokio::process::Command::new(&exe)
             .arg("worker")
-            .args(["--coordinator", &addr.to_string(), "--name", &format!("worker-{i}"), "--threads", &args.threads.to_string()])
+            .args([
+                "--coordinator",
+                &addr.to_string(),
+                "--name",
+                &format!("worker-{i}"),
+                "--threads",
+                &args.threads.to_string(),
+            ])
             .arg("--ca")
             .arg(&tls.worker.ca)
             .arg("--cert")
@@ -137,10 +164,16 @@ async fn run_job(args: &LocalArgs, config: JobConfig, run_dir: &Path, tls: &Tls,
 
     let job_over = CancellationToken::new();
     let workers_gone = CancellationToken::new();
-    let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(config.rounds) };
+    let pb = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(config.rounds)
+    };
     pb.set_style(
-        ProgressStyle::with_template(&format!("{label}{{bar:30}} {{pos}}/{{len}} rounds  {{elapsed_precise}}  {{msg}}"))
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(&format!(
+            "{label}{{bar:30}} {{pos}}/{{len}} rounds  {{elapsed_precise}}  {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let monitor = {
         let (job_over, workers_gone, pb) = (job_over.clone(), workers_gone.clone(), pb.clone());
@@ -196,9 +229,10 @@ async fn run_job(args: &LocalArgs, config: JobConfig, run_dir: &Path, tls: &Tls,
     let _ = monitor.await;
     match result {
         Ok(s) => Ok(s),
-        Err(e) if workers_gone.is_cancelled() && !interrupted.is_cancelled() => {
-            Err(e.context(format!("all worker processes exited; see the worker-*.log files in {}", run_dir.display())))
-        }
+        Err(e) if workers_gone.is_cancelled() && !interrupted.is_cancelled() => Err(e.context(format!(
+            "all worker processes exited; see the worker-*.log files in {}",
+            run_dir.display()
+        ))),
         Err(e) => Err(e),
     }
 }
@@ -227,7 +261,13 @@ fn weights_text(r: &RoundRecord) -> String {
 }
 
 fn print_summary(s: &Summary, run_dir: &Path) {
-    println!("done: test accuracy {:.2}% after {} rounds on {} workers in {:.1}s", s.test_accuracy * 100.0, s.rounds, s.workers, s.wall_seconds);
+    println!(
+        "done: test accuracy {:.2}% after {} rounds on {} workers in {:.1}s",
+        s.test_accuracy * 100.0,
+        s.rounds,
+        s.workers,
+        s.wall_seconds
+    );
     if s.domain_weights.len() > 1 {
         let parts: Vec<String> = s.domain_weights.iter().map(|(n, w)| format!("{n} {w:.3}")).collect();
         println!("domain weights ({}): {}", s.strategy, parts.join(", "));
@@ -236,7 +276,11 @@ fn print_summary(s: &Summary, run_dir: &Path) {
         println!(
             "baseline (uniform weights, same seed and budget): test accuracy {:.2}%  →  {} by {:+.2} points",
             b * 100.0,
-            if s.test_accuracy >= b { "learned weights win" } else { "learned weights lose" },
+            if s.test_accuracy >= b {
+                "learned weights win"
+            } else {
+                "learned weights lose"
+            },
             (s.test_accuracy - b) * 100.0
         );
     }
@@ -256,7 +300,9 @@ fn say(pb: &ProgressBar, line: String) {
 
 fn default_run_dir(config: &Path) -> anyhow::Result<PathBuf> {
     let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("job");
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let mut dir = PathBuf::from("runs").join(format!("{stem}-{secs}"));
     let mut n = 1;
     while dir.exists() {

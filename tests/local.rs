@@ -28,9 +28,9 @@ fn run_local(dir: &Path, extra: &[&str]) -> Value {
 }
 
 #[test]
-fn quickstart_trains_to_90_percent_with_two_worker_processes() {
+fn local_sgd_trains_to_90_percent_with_two_worker_processes() {
     let dir = tempfile::tempdir().expect("tmp");
-    let s = run_local(dir.path(), &["--workers", "2"]);
+    let s = run_local(dir.path(), &["--workers", "2", "--config", "configs/local-sgd.toml"]);
     let acc = s["test_accuracy"].as_f64().expect("test_accuracy");
     assert!((0.9..=1.0).contains(&acc), "test accuracy {acc} below 90%");
     assert_eq!(s["rounds"], 30);
@@ -64,15 +64,108 @@ fn same_seed_gives_the_same_state_whatever_the_number_of_workers() {
     let a = tempfile::tempdir().expect("tmp");
     let b = tempfile::tempdir().expect("tmp");
     let c = tempfile::tempdir().expect("tmp");
-    let one = run_local(a.path(), &["--workers", "1", "--rounds", "4", "--seed", "7"]);
-    let three = run_local(b.path(), &["--workers", "3", "--rounds", "4", "--seed", "7"]);
-    let other = run_local(c.path(), &["--workers", "2", "--rounds", "4", "--seed", "8"]);
+    // The quickstart learns domain weights, so λ and its optimizer state are in the checksum too.
+    let args = |workers: &'static str, seed: &'static str| {
+        ["--workers", workers, "--rounds", "4", "--seed", seed, "--no-baseline"]
+    };
+    let one = run_local(a.path(), &args("1", "7"));
+    let three = run_local(b.path(), &args("3", "7"));
+    let other = run_local(c.path(), &args("2", "8"));
     assert_eq!(one["final_state_checksum"], three["final_state_checksum"]);
     assert_eq!(one["test_accuracy"], three["test_accuracy"]);
     assert_ne!(
         one["final_state_checksum"], other["final_state_checksum"],
         "the seed must matter"
     );
+}
+
+#[test]
+fn quickstart_learns_domain_weights_that_beat_uniform_weights() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = run_local(dir.path(), &["--workers", "2"]);
+    let w = |name: &str| {
+        s["domain_weights"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("weight of {name}: {s}"))
+    };
+    let (clean, noisy, permuted, features) = (w("clean"), w("noisy-50"), w("permuted"), w("feature-noise"));
+    assert!(permuted < 0.5 * clean, "permuted {permuted} vs clean {clean}");
+    assert!(
+        noisy < 0.5 * clean && features < clean,
+        "noisy {noisy}, feature noise {features}, clean {clean}"
+    );
+    assert_eq!(s["strategy"], "hypergradient");
+    let acc = s["test_accuracy"].as_f64().expect("acc");
+    let baseline = s["baseline_test_accuracy"].as_f64().expect("the baseline ran");
+    assert!(acc >= 0.9, "learned weights reach {acc}");
+    assert!(acc > baseline + 0.05, "learned {acc} vs uniform {baseline}");
+    let b: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("baseline-uniform/summary.json")).expect("baseline summary"),
+    )
+    .expect("JSON");
+    assert_eq!(b["test_accuracy"].as_f64(), Some(baseline));
+    assert_eq!(b["rounds"], s["rounds"], "same budget");
+    assert_eq!(b["seed"], s["seed"], "same seed");
+
+    let domains: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("domains.json")).expect("domains.json"))
+            .expect("JSON");
+    let noisy = &domains[1];
+    assert_eq!(noisy["name"], "noisy-50");
+    let flipped = noisy["flipped"].as_array().expect("flipped rows recorded").len();
+    assert!(
+        (120..=180).contains(&flipped),
+        "{flipped} of 300 labels flipped at p = 0.5"
+    );
+    assert!(domains[2]["permutation"].as_array().is_some_and(|p| p.len() == 10));
+
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
+    let last: Value = serde_json::from_str(metrics.lines().last().expect("a round")).expect("JSON");
+    assert!(
+        last["meta_loss"].as_f64().is_some() && last["hypergradient_norm"].as_f64().is_some(),
+        "{last}"
+    );
+    let plot = std::fs::read_to_string(dir.path().join("plot.svg")).expect("plot.svg");
+    assert!(
+        plot.contains("permuted") && plot.matches("<polyline").count() >= 4 + 3,
+        "weights and losses are plotted"
+    );
+}
+
+#[test]
+fn a_domain_that_does_not_fit_the_job_is_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let odd = metaloop_common::dataset::Dataset {
+        x: vec![0.5; 30],
+        y: vec![1; 10],
+        features: 3,
+    };
+    std::fs::write(
+        dir.path().join("odd.safetensors"),
+        metaloop_common::dataset::to_safetensors(&odd).expect("ser"),
+    )
+    .expect("write");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits");
+    let cfg = dir.path().join("job.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "rounds = 1\n[data]\ntest = {:?}\nclasses = 10\nshards = 1\n[[data.domains]]\nname = \"good\"\nsource = {:?}\n[[data.domains]]\nname = \"odd\"\nsource = \"odd.safetensors\"\n",
+            root.join("test.safetensors"),
+            root.join("train.safetensors")
+        ),
+    )
+    .expect("write");
+    let out = metaloop()
+        .args(["local", "--quiet", "--workers", "1", "--config"])
+        .arg(&cfg)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("domain `odd`") && err.contains("3 features"), "{err}");
 }
 
 #[test]

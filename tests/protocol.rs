@@ -67,7 +67,8 @@ async fn worker_refuses_a_coordinator_of_another_version() {
                 hidden: vec![8],
                 classes: 10,
             },
-            train_path: String::new(),
+            domains: Vec::new(),
+            meta: None,
             shards: 1,
             inner: InnerSpec {
                 batch_size: 8,

@@ -253,7 +253,13 @@ impl JobConfig {
             );
             cfg.data.train_shorthand = true;
         }
-        let paths = cfg.data.domains.iter_mut().map(|d| &mut d.source).chain([&mut cfg.data.test]).chain(cfg.data.meta.as_mut());
+        let paths = cfg
+            .data
+            .domains
+            .iter_mut()
+            .map(|d| &mut d.source)
+            .chain([&mut cfg.data.test])
+            .chain(cfg.data.meta.as_mut());
         for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -291,7 +297,11 @@ impl JobConfig {
             format!("must be at least 1, got {}", self.data.shards),
         );
         let d = &self.data;
-        check(!d.domains.is_empty(), "data", "needs `train` or at least one [[data.domains]]".into());
+        check(
+            !d.domains.is_empty(),
+            "data",
+            "needs `train` or at least one [[data.domains]]".into(),
+        );
         check(
             !(d.train_shorthand && d.domains.len() > 1),
             "data.train",
@@ -299,33 +309,93 @@ impl JobConfig {
         );
         let mut names = std::collections::BTreeSet::new();
         for (i, dom) in d.domains.iter().enumerate() {
-            let key = if d.train_shorthand { "data.train".to_string() } else { format!("data.domains[{i}]") };
+            let key = if d.train_shorthand {
+                "data.train".to_string()
+            } else {
+                format!("data.domains[{i}]")
+            };
             check(!dom.name.is_empty(), &format!("{key}.name"), "must not be empty".into());
-            check(names.insert(dom.name.clone()), &format!("{key}.name"), format!("`{}` is used twice", dom.name));
-            let src_key = if d.train_shorthand { key.clone() } else { format!("{key}.source") };
-            check(dom.source.is_file(), &src_key, format!("file {} does not exist", dom.source.display()));
-            check((0.0..=1.0).contains(&dom.label_noise), &format!("{key}.label_noise"), format!("must be in [0, 1], got {}", dom.label_noise));
-            check(dom.feature_noise.is_finite() && dom.feature_noise >= 0.0, &format!("{key}.feature_noise"), format!("must be ≥ 0, got {}", dom.feature_noise));
+            check(
+                names.insert(dom.name.clone()),
+                &format!("{key}.name"),
+                format!("`{}` is used twice", dom.name),
+            );
+            let src_key = if d.train_shorthand {
+                key.clone()
+            } else {
+                format!("{key}.source")
+            };
+            check(
+                dom.source.is_file(),
+                &src_key,
+                format!("file {} does not exist", dom.source.display()),
+            );
+            check(
+                (0.0..=1.0).contains(&dom.label_noise),
+                &format!("{key}.label_noise"),
+                format!("must be in [0, 1], got {}", dom.label_noise),
+            );
+            check(
+                dom.feature_noise.is_finite() && dom.feature_noise >= 0.0,
+                &format!("{key}.feature_noise"),
+                format!("must be ≥ 0, got {}", dom.feature_noise),
+            );
             if let Some(s) = dom.subset {
-                check(s.count >= d.shards as usize, &format!("{key}.subset.count"), format!("{} samples cannot fill {} shards", s.count, d.shards));
+                check(
+                    s.count >= d.shards as usize,
+                    &format!("{key}.subset.count"),
+                    format!("{} samples cannot fill {} shards", s.count, d.shards),
+                );
             }
         }
-        check(d.test.is_file(), "data.test", format!("file {} does not exist", d.test.display()));
+        check(
+            d.test.is_file(),
+            "data.test",
+            format!("file {} does not exist", d.test.display()),
+        );
         if let Some(meta) = &d.meta {
-            check(meta.is_file(), "data.meta", format!("file {} does not exist", meta.display()));
+            check(
+                meta.is_file(),
+                "data.meta",
+                format!("file {} does not exist", meta.display()),
+            );
         }
         let s = &self.strategy;
         let k = d.domains.len();
         match s.method {
             WeightMethod::Hypergradient => {
-                check(d.meta.is_some(), "data.meta", "method `hypergradient` needs a meta set".into());
-                check(s.lr.is_finite() && s.lr > 0.0, "strategy.lr", format!("must be positive, got {}", s.lr));
-                check(s.weight_decay.is_finite() && s.weight_decay >= 0.0, "strategy.weight_decay", format!("must be ≥ 0, got {}", s.weight_decay));
-                check(s.probe >= 1, "strategy.probe", format!("must be at least 1, got {}", s.probe));
+                check(
+                    d.meta.is_some(),
+                    "data.meta",
+                    "method `hypergradient` needs a meta set".into(),
+                );
+                check(
+                    s.lr.is_finite() && s.lr > 0.0,
+                    "strategy.lr",
+                    format!("must be positive, got {}", s.lr),
+                );
+                check(
+                    s.weight_decay.is_finite() && s.weight_decay >= 0.0,
+                    "strategy.weight_decay",
+                    format!("must be ≥ 0, got {}", s.weight_decay),
+                );
+                check(
+                    s.probe >= 1,
+                    "strategy.probe",
+                    format!("must be at least 1, got {}", s.probe),
+                );
             }
             WeightMethod::Fixed => {
-                check(s.weights.len() == k, "strategy.weights", format!("needs one weight per domain ({k}), got {}", s.weights.len()));
-                check(s.weights.iter().all(|w| w.is_finite() && *w > 0.0), "strategy.weights", "every weight must be positive".into());
+                check(
+                    s.weights.len() == k,
+                    "strategy.weights",
+                    format!("needs one weight per domain ({k}), got {}", s.weights.len()),
+                );
+                check(
+                    s.weights.iter().all(|w| w.is_finite() && *w > 0.0),
+                    "strategy.weights",
+                    "every weight must be positive".into(),
+                );
             }
             WeightMethod::Uniform => {}
         }
@@ -437,5 +507,34 @@ mod tests {
             assert!(joined.contains(key), "missing {key} in {joined}");
         }
         assert_eq!(problems.len(), 4, "{joined}");
+    }
+
+    #[test]
+    fn domain_jobs_are_checked_as_a_whole() {
+        let dir = base_with_data();
+        let text = "rounds = 3\n[data]\ntest = \"test.st\"\nclasses = 10\nshards = 4\n\
+            [[data.domains]]\nname = \"a\"\nsource = \"train.st\"\nlabel_noise = 1.5\n\
+            [[data.domains]]\nname = \"a\"\nsource = \"train.st\"\nsubset = { start = 0, count = 2 }\n\
+            [strategy]\nmethod = \"hypergradient\"\n";
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        let joined = problems.join("\n");
+        for key in [
+            "data.domains[0].label_noise:",
+            "data.domains[1].name:",
+            "data.domains[1].subset.count:",
+            "data.meta:",
+        ] {
+            assert!(joined.contains(key), "missing {key} in {joined}");
+        }
+        let fixed = "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n[strategy]\nmethod = \"fixed\"\nweights = [1.0, 2.0]\n";
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(fixed, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert!(
+            problems.iter().any(|p| p.starts_with("strategy.weights:")),
+            "{problems:?}"
+        );
     }
 }

@@ -67,7 +67,13 @@ pub enum DomainError {
     #[error("domain `{name}`: {source}")]
     Data { name: String, source: DataError },
     #[error("domain `{name}`: subset {start}..{end} is outside {path}, which has {len} samples")]
-    Subset { name: String, start: usize, end: usize, path: PathBuf, len: usize },
+    Subset {
+        name: String,
+        start: usize,
+        end: usize,
+        path: PathBuf,
+        len: usize,
+    },
     #[error("domain `{name}` is empty")]
     Empty { name: String },
 }
@@ -79,19 +85,32 @@ pub enum DomainError {
 /// A bad source file or a subset outside it, naming the domain and file.
 pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> Result<Domain, DomainError> {
     let name = cfg.name.clone();
-    let full = dataset::load(&cfg.source, classes).map_err(|source| DomainError::Data { name: name.clone(), source })?;
+    let full = dataset::load(&cfg.source, classes).map_err(|source| DomainError::Data {
+        name: name.clone(),
+        source,
+    })?;
     let (start, end) = match cfg.subset {
         Some(s) => (s.start, s.start.saturating_add(s.count)),
         None => (0, full.len()),
     };
     if end > full.len() || start > end {
-        return Err(DomainError::Subset { name, start, end, path: cfg.source.clone(), len: full.len() });
+        return Err(DomainError::Subset {
+            name,
+            start,
+            end,
+            path: cfg.source.clone(),
+            len: full.len(),
+        });
     }
     if start == end {
         return Err(DomainError::Empty { name });
     }
     let f = full.features;
-    let mut data = Dataset { x: full.x[start * f..end * f].to_vec(), y: full.y[start..end].to_vec(), features: f };
+    let mut data = Dataset {
+        x: full.x[start * f..end * f].to_vec(),
+        y: full.y[start..end].to_vec(),
+        features: f,
+    };
     let mut rng = SplitMix64::new(derive_seed(job_seed, &[0xD0_0A1, index as u64]));
     let permutation = cfg.permute_labels.then(|| derangement(classes as usize, &mut rng));
     if let Some(p) = &permutation {
@@ -146,7 +165,10 @@ pub fn from_spec(spec: &crate::proto::DomainSpec) -> DomainConfig {
     DomainConfig {
         name: spec.name.clone(),
         source: PathBuf::from(&spec.source),
-        subset: spec.subset.map(|(start, count)| Subset { start: start as usize, count: count as usize }),
+        subset: spec.subset.map(|(start, count)| Subset {
+            start: start as usize,
+            count: count as usize,
+        }),
         label_noise: spec.label_noise,
         permute_labels: spec.permute_labels,
         feature_noise: spec.feature_noise,
@@ -196,20 +218,35 @@ mod tests {
     use super::*;
 
     fn source(dir: &tempfile::TempDir, n: usize) -> PathBuf {
-        let ds = Dataset { x: (0..n * 2).map(|v| v as f32).collect(), y: (0..n).map(|i| (i % 4) as i64).collect(), features: 2 };
+        let ds = Dataset {
+            x: (0..n * 2).map(|v| v as f32).collect(),
+            y: (0..n).map(|i| (i % 4) as i64).collect(),
+            features: 2,
+        };
         let p = dir.path().join("src.safetensors");
         std::fs::write(&p, dataset::to_safetensors(&ds).expect("ser")).expect("write");
         p
     }
 
     fn cfg(source: PathBuf) -> DomainConfig {
-        DomainConfig { name: "d".into(), source, subset: None, label_noise: 0.0, permute_labels: false, feature_noise: 0.0 }
+        DomainConfig {
+            name: "d".into(),
+            source,
+            subset: None,
+            label_noise: 0.0,
+            permute_labels: false,
+            feature_noise: 0.0,
+        }
     }
 
     #[test]
     fn subset_and_permutation() {
         let dir = tempfile::tempdir().expect("tmp");
-        let c = DomainConfig { subset: Some(Subset { start: 4, count: 8 }), permute_labels: true, ..cfg(source(&dir, 20)) };
+        let c = DomainConfig {
+            subset: Some(Subset { start: 4, count: 8 }),
+            permute_labels: true,
+            ..cfg(source(&dir, 20))
+        };
         let d = build(&c, 0, 4, 1).expect("build");
         assert_eq!(d.data.len(), 8);
         assert_eq!(d.data.x[0], 8.0, "row 4 starts at feature 8");
@@ -224,7 +261,10 @@ mod tests {
     #[test]
     fn label_noise_flips_about_p_and_records_exactly_which() {
         let dir = tempfile::tempdir().expect("tmp");
-        let c = DomainConfig { label_noise: 0.5, ..cfg(source(&dir, 2000)) };
+        let c = DomainConfig {
+            label_noise: 0.5,
+            ..cfg(source(&dir, 2000))
+        };
         let d = build(&c, 1, 4, 3).expect("build");
         let changed: Vec<usize> = (0..2000).filter(|&i| d.data.y[i] != (i % 4) as i64).collect();
         assert_eq!(changed, d.record.flipped);
@@ -238,8 +278,23 @@ mod tests {
     fn feature_noise_has_the_requested_scale() {
         let dir = tempfile::tempdir().expect("tmp");
         let clean = build(&cfg(source(&dir, 1000)), 0, 4, 0).expect("build");
-        let noisy = build(&DomainConfig { feature_noise: 2.0, ..cfg(source(&dir, 1000)) }, 0, 4, 0).expect("build");
-        let diffs: Vec<f64> = noisy.data.x.iter().zip(&clean.data.x).map(|(a, b)| f64::from(a - b)).collect();
+        let noisy = build(
+            &DomainConfig {
+                feature_noise: 2.0,
+                ..cfg(source(&dir, 1000))
+            },
+            0,
+            4,
+            0,
+        )
+        .expect("build");
+        let diffs: Vec<f64> = noisy
+            .data
+            .x
+            .iter()
+            .zip(&clean.data.x)
+            .map(|(a, b)| f64::from(a - b))
+            .collect();
         let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
         let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / diffs.len() as f64).sqrt();
         assert!(mean.abs() < 0.1 && (sd - 2.0).abs() < 0.1, "mean {mean} sd {sd}");
@@ -249,10 +304,18 @@ mod tests {
     #[test]
     fn bad_subsets_and_files_name_the_domain() {
         let dir = tempfile::tempdir().expect("tmp");
-        let c = DomainConfig { subset: Some(Subset { start: 15, count: 10 }), ..cfg(source(&dir, 20)) };
+        let c = DomainConfig {
+            subset: Some(Subset { start: 15, count: 10 }),
+            ..cfg(source(&dir, 20))
+        };
         let e = build(&c, 0, 4, 0).expect_err("outside").to_string();
-        assert!(e.contains("domain `d`") && e.contains("15..25") && e.contains("20 samples"), "{e}");
-        let e = build(&cfg(dir.path().join("missing.safetensors")), 0, 4, 0).expect_err("missing").to_string();
+        assert!(
+            e.contains("domain `d`") && e.contains("15..25") && e.contains("20 samples"),
+            "{e}"
+        );
+        let e = build(&cfg(dir.path().join("missing.safetensors")), 0, 4, 0)
+            .expect_err("missing")
+            .to_string();
         assert!(e.contains("domain `d`") && e.contains("missing.safetensors"), "{e}");
     }
 }

@@ -486,7 +486,10 @@ mod tests {
                 feature_noise: 1.0,
                 checksum: [9; 32],
             }],
-            meta: Some(DataRef { path: "/data/meta.safetensors".into(), checksum: [4; 32] }),
+            meta: Some(DataRef {
+                path: "/data/meta.safetensors".into(),
+                checksum: [4; 32],
+            }),
             shards: 4,
             inner: InnerSpec {
                 batch_size: 32,
@@ -549,7 +552,10 @@ mod tests {
                 round: 3,
                 model,
                 domain_weights: vec![1.5, 0.5],
-                hypergradient: Some(HypergradientSpec { directional: DirectionalMethod::FiniteDifference, probe: 64 }),
+                hypergradient: Some(HypergradientSpec {
+                    directional: DirectionalMethod::FiniteDifference,
+                    probe: 64,
+                }),
                 assignments: vec![Assignment {
                     index: 0,
                     shard: 1,

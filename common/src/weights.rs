@@ -30,7 +30,11 @@ pub fn hypergradient(lambda: &[f64], d: &[f64]) -> Vec<f64> {
     let w = normalized(lambda);
     let s_bar = lambda.iter().map(|&l| softplus(l)).sum::<f64>() / k;
     let avg = w.iter().zip(d).map(|(w, d)| w * d).sum::<f64>() / k;
-    lambda.iter().zip(d).map(|(&l, &dj)| -(sigmoid(l) / s_bar) * (dj - avg)).collect()
+    lambda
+        .iter()
+        .zip(d)
+        .map(|(&l, &dj)| -(sigmoid(l) / s_bar) * (dj - avg))
+        .collect()
 }
 
 /// AdamW (Loshchilov & Hutter) as PyTorch implements it: decoupled weight decay, bias-corrected
@@ -49,7 +53,16 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(n: usize, lr: f64, weight_decay: f64) -> Self {
-        Self { lr, weight_decay, beta1: 0.9, beta2: 0.999, eps: 1e-8, m: vec![0.0; n], v: vec![0.0; n], t: 0 }
+        Self {
+            lr,
+            weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            t: 0,
+        }
     }
 
     /// One step: x ← x·(1 − lr·wd) − lr · m̂ / (√v̂ + ε).
@@ -97,7 +110,10 @@ mod tests {
             let numeric = (l(&p) - l(&m)) / (2.0 * h) * k;
             assert!((numeric - g[j]).abs() < 1e-7, "λ_{j}: {numeric} vs {}", g[j]);
         }
-        assert!(g[0] < 0.0, "the domain most aligned with the meta gradient gains weight");
+        assert!(
+            g[0] < 0.0,
+            "the domain most aligned with the meta gradient gains weight"
+        );
     }
 
     #[test]

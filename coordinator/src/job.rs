@@ -6,6 +6,7 @@ use crate::outer::OuterOptimizer;
 use crate::rundir::{RoundRecord, RunDir, Summary};
 use crate::scheduler::{Dispatch, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
+use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
 use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
@@ -17,7 +18,6 @@ use metaloop_common::net::{self, TlsFiles};
 use metaloop_common::proto::{
     Assignment, AssignmentResult, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RoundPlan,
 };
-use crate::strategy::DomainWeights;
 use metaloop_common::rng::derive_seed;
 use metaloop_common::tensor::Bundle;
 use std::collections::{BTreeMap, HashMap};
@@ -190,10 +190,20 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec
     for (i, cfg) in d.domains.iter().enumerate() {
         let built = domains::build(cfg, i, d.classes, config.seed)?;
         if built.data.features != test.features {
-            bail!("domain `{}` has {} features but the test data has {}", cfg.name, built.data.features, test.features);
+            bail!(
+                "domain `{}` has {} features but the test data has {}",
+                cfg.name,
+                built.data.features,
+                test.features
+            );
         }
         if (built.data.len() as u32) < d.shards {
-            bail!("domain `{}` has {} samples, fewer than data.shards = {}", cfg.name, built.data.len(), d.shards);
+            bail!(
+                "domain `{}` has {} samples, fewer than data.shards = {}",
+                cfg.name,
+                built.data.len(),
+                d.shards
+            );
         }
         specs.push(domains::to_spec(cfg, domains::dataset_checksum(&built.data)));
         records.push(built.record);
@@ -202,9 +212,17 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec
         Some(path) => {
             let m = dataset::load(path, d.classes)?;
             if m.features != test.features {
-                bail!("the meta set {} has {} features but the test data has {}", path.display(), m.features, test.features);
+                bail!(
+                    "the meta set {} has {} features but the test data has {}",
+                    path.display(),
+                    m.features,
+                    test.features
+                );
             }
-            Some(DataRef { path: path.to_string_lossy().into_owned(), checksum: domains::dataset_checksum(&m) })
+            Some(DataRef {
+                path: path.to_string_lossy().into_owned(),
+                checksum: domains::dataset_checksum(&m),
+            })
         }
         None => None,
     };
@@ -212,7 +230,11 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec
     let ModelConfig::Mlp { hidden } = &config.model;
     let job = JobSpec {
         seed: config.seed,
-        model: ModelSpec::Mlp { inputs: test.features as u32, hidden: hidden.clone(), classes: d.classes },
+        model: ModelSpec::Mlp {
+            inputs: test.features as u32,
+            hidden: hidden.clone(),
+            classes: d.classes,
+        },
         domains: specs,
         meta,
         shards: d.shards,
@@ -496,7 +518,12 @@ impl LoopState {
     }
 
     fn domain_weights(&self) -> BTreeMap<String, f64> {
-        self.strategy.names().iter().cloned().zip(self.strategy.weights()).collect()
+        self.strategy
+            .names()
+            .iter()
+            .cloned()
+            .zip(self.strategy.weights())
+            .collect()
     }
 
     fn reject(&mut self, reason: &str) {

@@ -10,7 +10,9 @@ const LEFT: f64 = 60.0;
 const RIGHT: f64 = 170.0;
 const TOP: f64 = 30.0;
 const GAP: f64 = 60.0;
-const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const COLOURS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
 
 struct Series {
     name: String,
@@ -23,14 +25,23 @@ pub fn render(records: &[RoundRecord]) -> String {
     if let Some(first) = records.first() {
         if first.domain_weights.len() > 1 {
             for name in first.domain_weights.keys() {
-                let points = records.iter().filter_map(|r| r.domain_weights.get(name).map(|w| (r.round as f64, *w))).collect();
-                weights.push(Series { name: name.clone(), points });
+                let points = records
+                    .iter()
+                    .filter_map(|r| r.domain_weights.get(name).map(|w| (r.round as f64, *w)))
+                    .collect();
+                weights.push(Series {
+                    name: name.clone(),
+                    points,
+                });
             }
         }
     }
     let pick = |name: &str, f: &dyn Fn(&RoundRecord) -> Option<f64>| Series {
         name: name.into(),
-        points: records.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.round as f64, v))).collect(),
+        points: records
+            .iter()
+            .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.round as f64, v)))
+            .collect(),
     };
     let losses: Vec<Series> = vec![
         pick("train loss", &|r| Some(r.train_loss)),
@@ -41,11 +52,19 @@ pub fn render(records: &[RoundRecord]) -> String {
     .into_iter()
     .filter(|s| !s.points.is_empty())
     .collect();
-    let panels: Vec<(&str, &[Series])> =
-        [("domain weights", weights.as_slice()), ("losses and accuracy", losses.as_slice())].into_iter().filter(|(_, s)| !s.is_empty()).collect();
+    let panels: Vec<(&str, &[Series])> = [
+        ("domain weights", weights.as_slice()),
+        ("losses and accuracy", losses.as_slice()),
+    ]
+    .into_iter()
+    .filter(|(_, s)| !s.is_empty())
+    .collect();
     let height = TOP + panels.len() as f64 * (PANEL_H + GAP);
     let mut svg = String::new();
-    let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     for (i, (title, series)) in panels.iter().enumerate() {
         panel(&mut svg, title, series, TOP + i as f64 * (PANEL_H + GAP));
@@ -73,23 +92,62 @@ fn panel(svg: &mut String, title: &str, series: &[Series], top: f64) {
     let plot_w = W - LEFT - RIGHT;
     let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * plot_w;
     let sy = |y: f64| top + PANEL_H - (y - y0) / (y1 - y0) * PANEL_H;
-    let _ = writeln!(svg, r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{title}</text>"#, top - 8.0);
-    let _ = writeln!(svg, r##"<rect x="{LEFT}" y="{top}" width="{plot_w}" height="{PANEL_H}" fill="none" stroke="#999"/>"##);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">{title}</text>"#,
+        top - 8.0
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{LEFT}" y="{top}" width="{plot_w}" height="{PANEL_H}" fill="none" stroke="#999"/>"##
+    );
     for t in 0..=4 {
         let y = y0 + (y1 - y0) * f64::from(t) / 4.0;
         let py = sy(y);
-        let _ = writeln!(svg, r##"<line x1="{LEFT}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{y:.2}</text>"##, LEFT + plot_w, LEFT - 6.0, py + 4.0);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{y:.2}</text>"##,
+            LEFT + plot_w,
+            LEFT - 6.0,
+            py + 4.0
+        );
         let x = x0 + (x1 - x0) * f64::from(t) / 4.0;
-        let _ = writeln!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{x:.0}</text>"#, sx(x), top + PANEL_H + 16.0);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{x:.0}</text>"#,
+            sx(x),
+            top + PANEL_H + 16.0
+        );
     }
-    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">round</text>"#, LEFT + plot_w / 2.0, top + PANEL_H + 32.0);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">round</text>"#,
+        LEFT + plot_w / 2.0,
+        top + PANEL_H + 32.0
+    );
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let path: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
-        let _ = writeln!(svg, r#"<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{}"/>"#, path.join(" "));
+        let path: Vec<String> = s
+            .points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{}"/>"#,
+            path.join(" ")
+        );
         let ly = top + 14.0 + i as f64 * 18.0;
         let last = s.points.last().map_or(String::new(), |p| format!(" ({:.2})", p.1));
-        let _ = writeln!(svg, r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{colour}" stroke-width="3"/><text x="{}" y="{}">{}{last}</text>"#, W - RIGHT + 10.0, W - RIGHT + 30.0, W - RIGHT + 36.0, ly + 4.0, escape(&s.name));
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{colour}" stroke-width="3"/><text x="{}" y="{}">{}{last}</text>"#,
+            W - RIGHT + 10.0,
+            W - RIGHT + 30.0,
+            W - RIGHT + 36.0,
+            ly + 4.0,
+            escape(&s.name)
+        );
     }
 }
 
@@ -125,7 +183,10 @@ mod tests {
         let svg = render(&[record(0, 1.0), record(1, 1.5), record(2, 1.8)]);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2 + 4);
-        assert!(svg.contains("a&lt;b (1.80)"), "legend shows the escaped name and last value");
+        assert!(
+            svg.contains("a&lt;b (1.80)"),
+            "legend shows the escaped name and last value"
+        );
         assert!(render(&[]).contains("</svg>"));
     }
 }

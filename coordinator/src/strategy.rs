@@ -88,7 +88,7 @@ impl DomainWeights {
                 counts[i] += s.count;
             }
         }
-        if counts.iter().any(|&c| c == 0) {
+        if counts.contains(&0) {
             tracing::warn!("a domain had no probe samples this round; λ left unchanged");
             self.last_grad_norm = None;
             return;
@@ -101,7 +101,13 @@ impl DomainWeights {
 
     /// Adds λ and the optimizer's moments to a state checksum.
     pub fn hash_into(&self, h: &mut StateHasher) {
-        for v in self.lambda.iter().chain(&self.adam.m).chain(&self.adam.v).chain(&self.fixed) {
+        for v in self
+            .lambda
+            .iter()
+            .chain(&self.adam.m)
+            .chain(&self.adam.v)
+            .chain(&self.fixed)
+        {
             h.bytes(&v.to_le_bytes());
         }
         h.bytes(&self.adam.t.to_le_bytes());
@@ -122,12 +128,19 @@ mod tests {
             samples: 1,
             compute_seconds: 0.0,
             meta_loss: Some(1.0),
-            domains: stats.iter().map(|&(d_sum, count)| DomainStat { d_sum, count }).collect(),
+            domains: stats
+                .iter()
+                .map(|&(d_sum, count)| DomainStat { d_sum, count })
+                .collect(),
         }
     }
 
     fn config(method: WeightMethod) -> StrategyConfig {
-        StrategyConfig { method, weights: vec![3.0, 1.0], ..StrategyConfig::default() }
+        StrategyConfig {
+            method,
+            weights: vec![3.0, 1.0],
+            ..StrategyConfig::default()
+        }
     }
 
     #[test]

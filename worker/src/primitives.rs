@@ -47,7 +47,11 @@ pub fn directional_exact(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor]
 /// bit afterwards. Dropout, if any, must be off for the two passes.
 pub fn directional_fd(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor], radius: f64) -> Tensor {
     tch::no_grad(|| {
-        let norm = u.iter().map(|t| t.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+        let norm = u
+            .iter()
+            .map(|t| t.square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt();
         let n = y.size()[0];
         if norm == 0.0 {
             return Tensor::zeros([n], (Kind::Double, x.device()));
@@ -109,7 +113,10 @@ mod tests {
         let mut rng = SplitMix64::new(seed);
         let shapes: [&[i64]; 4] = [&[4, 3], &[4], &[3, 4], &[3]];
         Tiny {
-            params: shapes.iter().map(|s| randn(&mut rng, s).set_requires_grad(true)).collect(),
+            params: shapes
+                .iter()
+                .map(|s| randn(&mut rng, s).set_requires_grad(true))
+                .collect(),
             names: (0..4).map(|i| format!("p{i}")).collect(),
         }
     }
@@ -151,8 +158,18 @@ mod tests {
         for i in 0..6 {
             // Exact agrees to numerical-derivative precision; the finite difference carries
             // an O(ε²) truncation error with ε‖u‖ = 0.01.
-            assert!((exact[i] - brute[i]).abs() <= 1e-7 * scale.max(1.0), "exact {i}: {} vs {}", exact[i], brute[i]);
-            assert!((fd[i] - brute[i]).abs() <= 1e-3 * scale.max(1.0), "fd {i}: {} vs {}", fd[i], brute[i]);
+            assert!(
+                (exact[i] - brute[i]).abs() <= 1e-7 * scale.max(1.0),
+                "exact {i}: {} vs {}",
+                exact[i],
+                brute[i]
+            );
+            assert!(
+                (fd[i] - brute[i]).abs() <= 1e-3 * scale.max(1.0),
+                "fd {i}: {} vs {}",
+                fd[i],
+                brute[i]
+            );
         }
         let before: Vec<Vec<f64>> = m.params.iter().map(values).collect();
         let _ = directional_fd(&m, &x, &y, &u, FD_RADIUS);
@@ -183,7 +200,12 @@ mod tests {
                 .expect("domains");
             let g = gradient(&theta, &loss);
             Tiny {
-                params: theta.params.iter().zip(&g).map(|(p, g)| (p.detach() - g * alpha).set_requires_grad(true)).collect(),
+                params: theta
+                    .params
+                    .iter()
+                    .zip(&g)
+                    .map(|(p, g)| (p.detach() - g * alpha).set_requires_grad(true))
+                    .collect(),
                 names: theta.names.clone(),
             }
         };
@@ -198,7 +220,10 @@ mod tests {
                 c.iter().sum::<f64>() / c.len() as f64
             })
             .collect();
-        let closed: Vec<f64> = weights::hypergradient(&lambda, &d).iter().map(|g| g * alpha / k).collect();
+        let closed: Vec<f64> = weights::hypergradient(&lambda, &d)
+            .iter()
+            .map(|g| g * alpha / k)
+            .collect();
         for j in 0..3 {
             let h = 1e-5;
             let (mut p, mut m) = (lambda, lambda);
@@ -209,7 +234,11 @@ mod tests {
             let numeric = (lp - lm) / (2.0 * h);
             // One inner step makes θ' affine in w, so the identity-Hessian formula is exact
             // here up to finite-difference error.
-            assert!((numeric - closed[j]).abs() <= 1e-6 + 1e-4 * numeric.abs(), "λ_{j}: numeric {numeric} vs closed form {}", closed[j]);
+            assert!(
+                (numeric - closed[j]).abs() <= 1e-6 + 1e-4 * numeric.abs(),
+                "λ_{j}: numeric {numeric} vs closed form {}",
+                closed[j]
+            );
         }
         let _ = Device::Cpu;
     }

@@ -19,7 +19,12 @@ pub enum TrainError {
     #[error(transparent)]
     Domain(#[from] DomainError),
     #[error("{what} differs from the coordinator's (checksum {ours} here, {theirs} there): is {path} the same file on this machine?")]
-    DataMismatch { what: String, path: String, ours: String, theirs: String },
+    DataMismatch {
+        what: String,
+        path: String,
+        ours: String,
+        theirs: String,
+    },
     #[error("the plan has {got} domain weights for {want} domains")]
     Weights { got: usize, want: usize },
     #[error("the plan asks for a hypergradient but the job has no meta set")]
@@ -31,7 +36,12 @@ pub enum TrainError {
     #[error("model mismatch: {0}")]
     Mismatch(String),
     #[error("shard {shard} of {shards} of domain `{domain}` is empty ({samples} samples)")]
-    EmptyShard { domain: String, shard: u32, shards: u32, samples: usize },
+    EmptyShard {
+        domain: String,
+        shard: u32,
+        shards: u32,
+        samples: usize,
+    },
     #[error("training diverged: non-finite loss at inner step {step}")]
     Diverged { step: u32 },
 }
@@ -96,7 +106,15 @@ impl Trainer {
     }
 
     pub fn with_data(job: JobSpec, domains: Vec<Dataset>, meta: Option<Dataset>, device: Device) -> Self {
-        Self { job, domains, meta, device, params: None, version: None, model: None }
+        Self {
+            job,
+            domains,
+            meta,
+            device,
+            params: None,
+            version: None,
+            model: None,
+        }
     }
 
     /// The model version held, if any.
@@ -160,14 +178,22 @@ impl Trainer {
     ///
     /// # Errors
     /// `NoModel`, `EmptyShard`, `Diverged`, `Weights`, `NoMeta`, or a libtorch failure.
-    pub fn run(&mut self, a: &Assignment, weights: &[f64], hyper: Option<HypergradientSpec>) -> Result<AssignmentOutcome, TrainError> {
+    pub fn run(
+        &mut self,
+        a: &Assignment,
+        weights: &[f64],
+        hyper: Option<HypergradientSpec>,
+    ) -> Result<AssignmentOutcome, TrainError> {
         let start = Instant::now();
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
             return Err(TrainError::NoModel);
         };
         let k = self.domains.len();
         if weights.len() != k {
-            return Err(TrainError::Weights { got: weights.len(), want: k });
+            return Err(TrainError::Weights {
+                got: weights.len(),
+                want: k,
+            });
         }
         if hyper.is_some() && self.meta.is_none() {
             return Err(TrainError::NoMeta);
@@ -212,7 +238,13 @@ impl Trainer {
             }
             loss_sum += value;
             loss.backward();
-            sgd_step(model.parameters(), &mut momentum, inner.lr, inner.momentum, inner.weight_decay);
+            sgd_step(
+                model.parameters(),
+                &mut momentum,
+                inner.lr,
+                inner.momentum,
+                inner.weight_decay,
+            );
         }
         let mut delta = model::to_bundle(model.as_ref())?;
         for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
@@ -238,12 +270,16 @@ impl Trainer {
         a: &Assignment,
         hyper: Option<HypergradientSpec>,
     ) -> Result<(Option<f32>, Vec<DomainStat>), TrainError> {
-        let Some(meta) = &self.meta else { return Ok((None, Vec::new())) };
+        let Some(meta) = &self.meta else {
+            return Ok((None, Vec::new()));
+        };
         let (mx, my) = model::batch_tensors(&meta.x, &meta.y, meta.features, self.device);
         zero_grads(model.parameters());
         let meta_loss = primitives::per_sample_loss(model, &mx, &my).mean(tch::Kind::Float);
         let value = meta_loss.f_double_value(&[]).map_err(model::ModelError::from)? as f32;
-        let Some(h) = hyper else { return Ok((Some(value), Vec::new())) };
+        let Some(h) = hyper else {
+            return Ok((Some(value), Vec::new()));
+        };
         let v = primitives::gradient(model, &meta_loss);
         let mut stats = Vec::with_capacity(self.domains.len());
         for (i, d) in self.domains.iter().enumerate() {
@@ -255,10 +291,19 @@ impl Trainer {
             let (x, y) = model::batch_tensors(&xs, &ys, d.features, self.device);
             let c = match h.directional {
                 DirectionalMethod::Exact => primitives::directional_exact(model, &x, &y, &v),
-                DirectionalMethod::FiniteDifference => primitives::directional_fd(model, &x, &y, &v, primitives::FD_RADIUS),
+                DirectionalMethod::FiniteDifference => {
+                    primitives::directional_fd(model, &x, &y, &v, primitives::FD_RADIUS)
+                }
             };
-            let d_sum = c.to_kind(tch::Kind::Double).sum(tch::Kind::Double).f_double_value(&[]).map_err(model::ModelError::from)?;
-            stats.push(DomainStat { d_sum, count: rows.len() as u64 });
+            let d_sum = c
+                .to_kind(tch::Kind::Double)
+                .sum(tch::Kind::Double)
+                .f_double_value(&[])
+                .map_err(model::ModelError::from)?;
+            stats.push(DomainStat {
+                d_sum,
+                count: rows.len() as u64,
+            });
         }
         Ok((Some(value), stats))
     }
@@ -312,7 +357,12 @@ fn same_data(what: &str, path: &str, ds: &Dataset, theirs: [u8; 32]) -> Result<(
     if ours == theirs {
         Ok(())
     } else {
-        Err(TrainError::DataMismatch { what: what.into(), path: path.into(), ours: hex(&ours[..8]), theirs: hex(&theirs[..8]) })
+        Err(TrainError::DataMismatch {
+            what: what.into(),
+            path: path.into(),
+            ours: hex(&ours[..8]),
+            theirs: hex(&theirs[..8]),
+        })
     }
 }
 
@@ -425,15 +475,71 @@ mod tests {
     }
 
     #[test]
+    fn data_that_differs_from_the_coordinator_s_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("d.safetensors");
+        std::fs::write(&path, dataset::to_safetensors(&blobs(16)).expect("ser")).expect("write");
+        let mut spec = job(1);
+        spec.domains = vec![metaloop_common::proto::DomainSpec {
+            name: "d".into(),
+            source: path.to_string_lossy().into_owned(),
+            subset: None,
+            label_noise: 0.0,
+            permute_labels: false,
+            feature_noise: 0.0,
+            checksum: domains::dataset_checksum(&blobs(16)),
+        }];
+        Trainer::new(spec.clone(), Device::Cpu).expect("same data is accepted");
+        spec.domains[0].checksum[0] ^= 1;
+        let err = Trainer::new(spec, Device::Cpu).expect_err("different data").to_string();
+        assert!(
+            err.contains("domain `d` differs from the coordinator's") && err.contains("d.safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn domain_weights_scale_each_domain_s_loss() {
+        // Two copies of the same data, one with a weight of zero: the result must equal
+        // training on the other copy alone at the batch share it gets.
+        let mut two = Trainer::with_data(job(1), vec![blobs(32), blobs(32)], None, Device::Cpu);
+        let p = model::init_params(&job(1).model, 3);
+        two.set_model(0, bundle_checksum(&p), p.clone()).expect("set");
+        let a = Assignment {
+            index: 0,
+            shard: 0,
+            steps: 3,
+            seed: 2,
+        };
+        let zero = two.run(&a, &[2.0, 0.0], None).expect("run");
+        let even = two.run(&a, &[1.0, 1.0], None).expect("run");
+        assert_ne!(zero.delta, even.delta);
+        let mut spec = job(1);
+        spec.inner.batch_size = 4;
+        let mut one = Trainer::with_data(spec, vec![blobs(32)], None, Device::Cpu);
+        one.set_model(0, bundle_checksum(&p), p).expect("set");
+        let alone = one.run(&a, &[1.0], None).expect("run");
+        for (x, y) in zero.delta.tensors.iter().zip(&alone.delta.tensors) {
+            for (u, v) in x.data.iter().zip(&y.data) {
+                assert!((u - v).abs() < 1e-6, "{u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
     fn steps_must_chain_from_the_held_version() {
         let mut t = trainer();
         let out = t
-            .run(&Assignment {
-                index: 0,
-                shard: 0,
-                steps: 3,
-                seed: 1,
-            })
+            .run(
+                &Assignment {
+                    index: 0,
+                    shard: 0,
+                    steps: 3,
+                    seed: 1,
+                },
+                &[1.0],
+                None,
+            )
             .expect("run");
         let mut next = model::init_params(&job(2).model, 3);
         next.add_assign(&out.delta);
