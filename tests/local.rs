@@ -125,6 +125,13 @@ fn quickstart_learns_domain_weights_that_beat_uniform_weights() {
         last["meta_loss"].as_f64().is_some() && last["hypergradient_norm"].as_f64().is_some(),
         "{last}"
     );
+    let state = std::fs::read(dir.path().join("final.safetensors")).expect("final.safetensors");
+    let header_len = u64::from_le_bytes(state[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&state[8..8 + header_len]).expect("safetensors header");
+    for key in ["l0.weight", "l1.bias", "domain_weights.lambda", "domain_weights.adam_v"] {
+        assert!(header.get(key).is_some(), "the final state lacks {key}: {header}");
+    }
+    assert_eq!(header["domain_weights.lambda"]["shape"], serde_json::json!([4]));
     let plot = std::fs::read_to_string(dir.path().join("plot.svg")).expect("plot.svg");
     assert!(
         plot.contains("permuted") && plot.matches("<polyline").count() >= 4 + 3,

@@ -154,6 +154,18 @@ impl Coordinator {
         tracker.wait().await;
         run_dir.write_text("plot.svg", &crate::plot::render(&records))?;
         outcome?;
+        let metadata = HashMap::from([
+            ("version".to_string(), state.version.to_string()),
+            ("rounds".to_string(), state.rounds_done.to_string()),
+            ("seed".to_string(), config.seed.to_string()),
+        ]);
+        run_dir.write_state(
+            "final.safetensors",
+            &state.params,
+            state.outer.momentum(),
+            &state.strategy.state(),
+            metadata,
+        )?;
 
         let (test_loss, test_accuracy) = state.last_eval;
         let summary = Summary {

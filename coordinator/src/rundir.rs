@@ -2,8 +2,11 @@
 //! These files are the run's public record, read by people, scripts and tests.
 
 use anyhow::Context;
+use metaloop_common::tensor::Bundle;
+use safetensors::{tensor::TensorView, Dtype};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -117,10 +120,53 @@ impl RunDir {
     /// # Errors
     /// On a write failure, naming the file.
     pub fn write_text(&self, name: &str, body: &str) -> anyhow::Result<()> {
+        self.write_bytes(name, body.as_bytes())
+    }
+
+    /// Writes the final state as safetensors: the model's tensors (f32, under their own names),
+    /// the outer optimizer's momentum (`outer.momentum.<name>`), and the strategy's state (f64).
+    ///
+    /// # Errors
+    /// On a write failure, naming the file.
+    pub fn write_state(
+        &self,
+        name: &str,
+        model: &Bundle,
+        momentum: Option<&Bundle>,
+        outer: &[(String, Vec<f64>)],
+        metadata: HashMap<String, String>,
+    ) -> anyhow::Result<()> {
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut add_bundle = |prefix: &str, b: &Bundle| {
+            for t in &b.tensors {
+                let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                owned.push((format!("{prefix}{}", t.name), Dtype::F32, t.shape.clone(), bytes));
+            }
+        };
+        add_bundle("", model);
+        if let Some(m) = momentum {
+            add_bundle("outer.momentum.", m);
+        }
+        for (n, v) in outer {
+            owned.push((
+                n.clone(),
+                Dtype::F64,
+                vec![v.len()],
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
+        }
+        let views = owned
+            .iter()
+            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        self.write_bytes(name, &safetensors::serialize(views, Some(metadata))?)
+    }
+
+    fn write_bytes(&self, name: &str, body: &[u8]) -> anyhow::Result<()> {
         let p = self.path.join(name);
         let tmp = self.path.join(format!("{name}.tmp"));
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(body.as_bytes())
+        f.write_all(body)
             .and_then(|()| f.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &p).with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))

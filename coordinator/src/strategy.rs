@@ -99,18 +99,25 @@ impl DomainWeights {
         self.adam.step(&mut self.lambda, &grad);
     }
 
-    /// Adds λ and the optimizer's moments to a state checksum.
+    /// The whole outer state as named vectors: λ, AdamW's moments and step, the fixed weights.
+    pub fn state(&self) -> Vec<(String, Vec<f64>)> {
+        vec![
+            ("domain_weights.lambda".into(), self.lambda.clone()),
+            ("domain_weights.adam_m".into(), self.adam.m.clone()),
+            ("domain_weights.adam_v".into(), self.adam.v.clone()),
+            ("domain_weights.adam_step".into(), vec![self.adam.t as f64]),
+            ("domain_weights.fixed".into(), self.fixed.clone()),
+        ]
+    }
+
+    /// Adds the outer state to a state checksum.
     pub fn hash_into(&self, h: &mut StateHasher) {
-        for v in self
-            .lambda
-            .iter()
-            .chain(&self.adam.m)
-            .chain(&self.adam.v)
-            .chain(&self.fixed)
-        {
-            h.bytes(&v.to_le_bytes());
+        for (name, values) in self.state() {
+            h.bytes(name.as_bytes());
+            for v in values {
+                h.bytes(&v.to_le_bytes());
+            }
         }
-        h.bytes(&self.adam.t.to_le_bytes());
     }
 }
 
