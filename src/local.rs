@@ -31,12 +31,8 @@ pub struct LocalArgs {
     /// libtorch threads per worker.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Override the config's number of rounds.
-    #[arg(long)]
-    rounds: Option<u64>,
-    /// Override the config's seed.
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    overrides: crate::Overrides,
     /// Skip the uniform-weights baseline run.
     #[arg(long)]
     no_baseline: bool,
@@ -50,19 +46,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
     if args.config.is_none() && !config_path.is_file() {
         bail!("no --config given and {QUICKSTART} is not in the current directory; run from the repository root or pass --config");
     }
-    let mut config = match JobConfig::load(&config_path) {
+    let config = match crate::load_config(&config_path, &args.overrides) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(crate::EXIT_USAGE));
-        }
+        Err(code) => return Ok(code),
     };
-    if let Some(r) = args.rounds {
-        config.rounds = r;
-    }
-    if let Some(s) = args.seed {
-        config.seed = s;
-    }
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }

@@ -61,11 +61,44 @@ impl TlsArgs {
     }
 }
 
+/// Command-line overrides of a job config.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Overrides {
+    /// Override the config's number of rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Override the config's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// Loads and validates a config, applies the overrides; on a bad config prints every problem
+/// and returns the usage exit code.
+pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Result<JobConfig, ExitCode> {
+    let mut config = JobConfig::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_USAGE)
+    })?;
+    if let Some(r) = overrides.rounds {
+        if r == 0 {
+            eprintln!("--rounds must be at least 1");
+            return Err(ExitCode::from(EXIT_USAGE));
+        }
+        config.rounds = r;
+    }
+    if let Some(s) = overrides.seed {
+        config.seed = s;
+    }
+    Ok(config)
+}
+
 #[derive(Debug, clap::Args)]
 struct CoordinatorArgs {
     /// The job config (TOML).
     #[arg(long)]
     config: PathBuf,
+    #[command(flatten)]
+    overrides: Overrides,
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
@@ -133,12 +166,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Coordinator(args) => {
             init_stderr_logs();
-            let config = match JobConfig::load(&args.config) {
+            let config = match load_config(&args.config, &args.overrides) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return Ok(ExitCode::from(EXIT_USAGE));
-                }
+                Err(code) => return Ok(code),
             };
             let shutdown = signal_token();
             let coordinator = metaloop_coordinator::Coordinator::bind(metaloop_coordinator::CoordinatorOptions {
@@ -148,7 +178,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 min_workers: args.min_workers,
                 worker_wait: Duration::from_secs(args.worker_wait),
             })?;
-            tracing::info!(addr = %coordinator.local_addr()?, "coordinator listening");
+            // The first line on stdout is the bound address, for scripts that listen on port 0.
+            println!("listening on {}", coordinator.local_addr()?);
             let summary = coordinator
                 .run(
                     config,

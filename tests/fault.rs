@@ -1,0 +1,115 @@
+//! Fault tolerance with real processes and real signals: a worker SIGKILLed in the middle of a
+//! run costs time, never correctness.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_metaloop");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn summary(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary.json")).expect("JSON")
+}
+
+fn tls_args(certs: &Path, role: &str) -> Vec<String> {
+    ["ca.pem", &format!("{role}.pem"), &format!("{role}.key")]
+        .iter()
+        .zip(["--ca", "--cert", "--key"])
+        .flat_map(|(f, flag)| [flag.to_string(), certs.join(f).to_string_lossy().into_owned()])
+        .collect()
+}
+
+/// Starts a coordinator on a free loopback port and returns it with the address it printed.
+fn coordinator(dir: &Path, extra: &[&str]) -> (Child, String) {
+    let log = std::fs::File::create(dir.join("coordinator.stderr")).expect("log");
+    let mut child = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["coordinator", "--config", "configs/quickstart.toml", "--listen", "127.0.0.1:0", "--run-dir"])
+        .arg(dir.join("run"))
+        .args(tls_args(&dir.join("certs"), "coordinator"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start coordinator");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    (child, addr)
+}
+
+fn worker(dir: &Path, addr: &str, name: &str) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+    Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["worker", "--coordinator", addr, "--name", name])
+        .args(tls_args(&dir.join("certs"), "worker"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start worker")
+}
+
+fn rounds_done(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map(|m| m.lines().count()).unwrap_or(0)
+}
+
+fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_run_changes_time_not_the_result() {
+    let job = ["--rounds", "120", "--seed", "5"];
+    let reference = tempfile::tempdir().expect("tmp");
+    let out = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["local", "--quiet", "--no-baseline", "--workers", "2", "--run-dir"])
+        .arg(reference.path())
+        .args(job)
+        .output()
+        .expect("reference run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().expect("tmp");
+    metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--min-workers", "2"]].concat());
+    let mut survivor = worker(dir.path(), &addr, "survivor");
+    let mut victim = worker(dir.path(), &addr, "victim");
+    let run = dir.path().join("run");
+    let start = Instant::now();
+    while rounds_done(&run) < 10 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    victim.kill().expect("SIGKILL the victim"); // Child::kill sends SIGKILL on Unix
+    victim.wait().expect("reap");
+    let killed_at = rounds_done(&run);
+    let status = wait_for(&mut coord, Duration::from_secs(120));
+    assert!(status.success(), "coordinator failed: {}", std::fs::read_to_string(dir.path().join("coordinator.stderr")).unwrap_or_default());
+    wait_for(&mut survivor, Duration::from_secs(30));
+
+    let (got, want) = (summary(&run), summary(reference.path()));
+    assert!(killed_at < 120, "the victim must die mid-run (killed after {killed_at} rounds)");
+    assert_eq!(got["final_state_checksum"], want["final_state_checksum"], "a lost worker must not change the result");
+    assert!(got["reassigned"].as_u64().expect("reassigned") >= 1, "{got}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let slowest = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON")["seconds"].as_f64().expect("seconds"))
+        .fold(0.0, f64::max);
+    eprintln!("dead worker detected and its work redone within {slowest:.1}s (the slowest round)");
+}
