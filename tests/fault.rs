@@ -27,7 +27,14 @@ fn coordinator(dir: &Path, extra: &[&str]) -> (Child, String) {
     let log = std::fs::File::create(dir.join("coordinator.stderr")).expect("log");
     let mut child = Command::new(BIN)
         .current_dir(ROOT)
-        .args(["coordinator", "--config", "configs/quickstart.toml", "--listen", "127.0.0.1:0", "--run-dir"])
+        .args([
+            "coordinator",
+            "--config",
+            "configs/quickstart.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--run-dir",
+        ])
         .arg(dir.join("run"))
         .args(tls_args(&dir.join("certs"), "coordinator"))
         .args(extra)
@@ -36,8 +43,14 @@ fn coordinator(dir: &Path, extra: &[&str]) -> (Child, String) {
         .spawn()
         .expect("start coordinator");
     let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
     (child, addr)
 }
 
@@ -54,7 +67,9 @@ fn worker(dir: &Path, addr: &str, name: &str) -> Child {
 }
 
 fn rounds_done(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl")).map(|m| m.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
 }
 
 fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -99,17 +114,184 @@ fn a_worker_killed_mid_run_changes_time_not_the_result() {
     victim.wait().expect("reap");
     let killed_at = rounds_done(&run);
     let status = wait_for(&mut coord, Duration::from_secs(120));
-    assert!(status.success(), "coordinator failed: {}", std::fs::read_to_string(dir.path().join("coordinator.stderr")).unwrap_or_default());
+    assert!(
+        status.success(),
+        "coordinator failed: {}",
+        std::fs::read_to_string(dir.path().join("coordinator.stderr")).unwrap_or_default()
+    );
     wait_for(&mut survivor, Duration::from_secs(30));
 
     let (got, want) = (summary(&run), summary(reference.path()));
-    assert!(killed_at < 120, "the victim must die mid-run (killed after {killed_at} rounds)");
-    assert_eq!(got["final_state_checksum"], want["final_state_checksum"], "a lost worker must not change the result");
+    assert!(
+        killed_at < 120,
+        "the victim must die mid-run (killed after {killed_at} rounds)"
+    );
+    assert_eq!(
+        got["final_state_checksum"], want["final_state_checksum"],
+        "a lost worker must not change the result"
+    );
     assert!(got["reassigned"].as_u64().expect("reassigned") >= 1, "{got}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
     let slowest = metrics
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("JSON")["seconds"].as_f64().expect("seconds"))
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("JSON")["seconds"]
+                .as_f64()
+                .expect("seconds")
+        })
         .fold(0.0, f64::max);
     eprintln!("dead worker detected and its work redone within {slowest:.1}s (the slowest round)");
+}
+
+#[test]
+fn a_worker_joining_mid_run_is_admitted_and_changes_nothing() {
+    let job = ["--rounds", "150", "--seed", "9"];
+    let reference = tempfile::tempdir().expect("tmp");
+    let out = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["local", "--quiet", "--no-baseline", "--workers", "1", "--run-dir"])
+        .arg(reference.path())
+        .args(job)
+        .output()
+        .expect("reference run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().expect("tmp");
+    metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--min-workers", "1"]].concat());
+    let mut first = worker(dir.path(), &addr, "first");
+    let run = dir.path().join("run");
+    let start = Instant::now();
+    while rounds_done(&run) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut late = worker(dir.path(), &addr, "late");
+    assert!(wait_for(&mut coord, Duration::from_secs(120)).success());
+    wait_for(&mut first, Duration::from_secs(30));
+    wait_for(&mut late, Duration::from_secs(30));
+
+    let got = summary(&run);
+    assert_eq!(got["workers"], 2, "the late worker joined: {got}");
+    assert_eq!(
+        got["final_state_checksum"],
+        summary(reference.path())["final_state_checksum"]
+    );
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let workers: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("JSON")["workers"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect();
+    assert_eq!(workers[0], 1);
+    assert_eq!(
+        *workers.last().expect("rounds"),
+        2,
+        "the late worker serves the last rounds"
+    );
+    let late_log = std::fs::read_to_string(dir.path().join("late.log")).expect("late log");
+    assert!(late_log.contains("joined the job"), "{late_log}");
+}
+
+/// A worker that lies: it answers its first assignment with a result for a round that does not
+/// exist, then with a NaN delta. Both are rejected and counted, the liar is dropped, an honest
+/// worker redoes its work, and the result is the undisturbed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
+    use metaloop_common::net;
+    use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, WorkerMsg};
+
+    let job = ["--rounds", "20", "--seed", "3"];
+    let reference = tempfile::tempdir().expect("tmp");
+    let out = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["local", "--quiet", "--no-baseline", "--workers", "1", "--run-dir"])
+        .arg(reference.path())
+        .args(job)
+        .output()
+        .expect("reference run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_, worker_tls) = net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--min-workers", "2"]].concat());
+
+    let endpoint = net::client_endpoint(&worker_tls, "127.0.0.1:0".parse().expect("addr")).expect("client");
+    let conn = net::connect(&endpoint, addr.parse().expect("addr"))
+        .await
+        .expect("connect");
+    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+    let hello = WorkerMsg::Hello(Hello {
+        protocol_version: proto::PROTOCOL_VERSION,
+        name: "liar".into(),
+    });
+    net::write_frame(&mut send, &hello).await.expect("hello");
+    let Some(CoordinatorMsg::Welcome(welcome)) = net::read_frame(&mut recv, "welcome").await.expect("read") else {
+        panic!("expected a welcome")
+    };
+    let mut honest = worker(dir.path(), &addr, "honest");
+    let Some(CoordinatorMsg::Round(plan)) = net::read_frame(&mut recv, "plan").await.expect("read") else {
+        panic!("expected a round plan")
+    };
+    assert!(
+        matches!(plan.model, ModelSource::Full { .. }),
+        "a new worker gets the full model"
+    );
+    let a = plan.assignments[0].index;
+    let mut nan = metaloop_common::model::init_params(&welcome.job.model, 0);
+    nan.tensors[0].data[0] = f32::NAN;
+    let result = |round: u64, transfer: u64| {
+        WorkerMsg::Result(AssignmentResult {
+            round,
+            assignment: a,
+            delta_transfer: transfer,
+            train_loss: 0.1,
+            samples: 1,
+            compute_seconds: 0.0,
+            meta_loss: None,
+            domains: Vec::new(),
+        })
+    };
+    net::send_bundle(&conn, 1, &nan).await.expect("bundle");
+    net::write_frame(&mut send, &result(plan.round + 1000, 1))
+        .await
+        .expect("stale result");
+    net::send_bundle(&conn, 2, &nan).await.expect("bundle");
+    net::write_frame(&mut send, &result(plan.round, 2))
+        .await
+        .expect("NaN result");
+    // The coordinator drops us: the control stream ends or the connection closes.
+    let dropped = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match net::read_frame::<CoordinatorMsg>(&mut recv, "after lying").await {
+                Ok(Some(_)) => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(dropped.is_ok(), "the liar was not dropped");
+
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_for(&mut coord, Duration::from_secs(120));
+        wait_for(&mut honest, Duration::from_secs(30));
+        s
+    })
+    .await
+    .expect("join");
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(dir.path().join("coordinator.stderr")).unwrap_or_default()
+    );
+    let got = summary(&dir.path().join("run"));
+    assert_eq!(got["rejected"]["stale_round"], 1, "{got}");
+    assert_eq!(got["rejected"]["non_finite"], 1, "{got}");
+    assert_eq!(
+        got["final_state_checksum"],
+        summary(reference.path())["final_state_checksum"]
+    );
 }

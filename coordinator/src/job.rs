@@ -482,6 +482,10 @@ impl LoopState {
                     self.reject("stale_round");
                     return Ok(());
                 };
+                if let Err(r) = self.scheduler.check(worker, result.round, result.assignment) {
+                    self.reject(r.as_str());
+                    return Ok(());
+                }
                 let malformed = if !delta.same_layout(&self.params) {
                     Some("wrong_shape")
                 } else if !delta.is_finite() || !result.train_loss.is_finite() {
@@ -490,8 +494,12 @@ impl LoopState {
                     None
                 };
                 if let Some(reason) = malformed {
+                    // A worker that sends garbage is not trusted again: drop it, and its
+                    // assignments go to the others.
                     self.reject(reason);
-                    let d = self.scheduler.failed(worker, result.round, result.assignment);
+                    tracing::warn!(worker, reason, "dropping a worker that sent a malformed result");
+                    self.peers.remove(&worker); // dropping its outbox closes the connection
+                    let d = self.scheduler.worker_lost(worker);
                     self.dispatch(ctx.round, ctx.assignments, d);
                     return Ok(());
                 }

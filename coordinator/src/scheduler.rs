@@ -92,17 +92,28 @@ impl Scheduler {
         self.distribute()
     }
 
+    /// Whether a result would be accepted, without recording it.
+    ///
+    /// # Errors
+    /// The [`Rejection`] reason.
+    pub fn check(&self, worker: WorkerId, round: u64, assignment: u32) -> Result<(), Rejection> {
+        if self.round != Some(round) {
+            return Err(Rejection::StaleRound);
+        }
+        match self.workers.get(&worker) {
+            Some(held) if held.contains(&assignment) => Ok(()),
+            _ => Err(Rejection::NotAssigned),
+        }
+    }
+
     /// A result arrived. `Ok` means apply it (exactly once per assignment).
     ///
     /// # Errors
     /// The [`Rejection`] reason.
     pub fn result(&mut self, worker: WorkerId, round: u64, assignment: u32) -> Result<(), Rejection> {
-        if self.round != Some(round) {
-            return Err(Rejection::StaleRound);
-        }
-        let held = self.workers.get_mut(&worker).ok_or(Rejection::NotAssigned)?;
-        if !held.remove(&assignment) {
-            return Err(Rejection::NotAssigned);
+        self.check(worker, round, assignment)?;
+        if let Some(held) = self.workers.get_mut(&worker) {
+            held.remove(&assignment);
         }
         self.done.insert(assignment);
         Ok(())
