@@ -265,12 +265,7 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
         .expect("NaN result");
     // The coordinator drops us: the control stream ends or the connection closes.
     let dropped = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match net::read_frame::<CoordinatorMsg>(&mut recv, "after lying").await {
-                Ok(Some(_)) => continue,
-                _ => break,
-            }
-        }
+        while let Ok(Some(_)) = net::read_frame::<CoordinatorMsg>(&mut recv, "after lying").await {}
     })
     .await;
     assert!(dropped.is_ok(), "the liar was not dropped");
