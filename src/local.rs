@@ -117,6 +117,7 @@ async fn run_job(
         run_dir: run_dir.to_owned(),
         min_workers: args.workers,
         worker_wait: Duration::from_secs(60),
+        resume: false,
     })?;
     let addr = coordinator.local_addr()?;
     let exe = std::env::current_exe().context("locating the metaloop binary")?;
@@ -214,14 +215,18 @@ async fn run_job(
     pb.finish_and_clear();
     job_over.cancel();
     let _ = monitor.await;
-    match result {
-        Ok(s) => Ok(s),
-        Err(e) if workers_gone.is_cancelled() && !interrupted.is_cancelled() => Err(e.context(format!(
-            "all worker processes exited; see the worker-*.log files in {}",
-            run_dir.display()
-        ))),
-        Err(e) => Err(e),
+    let summary = result?;
+    if !summary.completed {
+        if workers_gone.is_cancelled() && !interrupted.is_cancelled() {
+            bail!(
+                "all worker processes exited after {} rounds; see the worker-*.log files in {}",
+                summary.rounds,
+                run_dir.display()
+            );
+        }
+        bail!("interrupted after {} rounds", summary.rounds);
     }
+    Ok(summary)
 }
 
 fn round_line(r: &RoundRecord) -> String {

@@ -113,6 +113,9 @@ struct CoordinatorArgs {
     /// Seconds to wait with no worker connected before giving up.
     #[arg(long, default_value_t = 300)]
     worker_wait: u64,
+    /// Continue from the newest valid checkpoint in the run directory.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,6 +131,9 @@ struct WorkerArgs {
     /// libtorch threads for this worker.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Seconds to keep trying to reach a coordinator that went away (it may be restarting).
+    #[arg(long, default_value_t = 60)]
+    reconnect_for: u64,
 }
 
 fn main() -> ExitCode {
@@ -177,6 +183,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 run_dir: args.run_dir.clone(),
                 min_workers: args.min_workers,
                 worker_wait: Duration::from_secs(args.worker_wait),
+                resume: args.resume,
             })?;
             // The first line on stdout is the bound address, for scripts that listen on port 0.
             println!("listening on {}", coordinator.local_addr()?);
@@ -195,6 +202,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     shutdown,
                 )
                 .await?;
+            if !summary.completed {
+                println!(
+                    "stopped after {} rounds; run again with --resume to continue",
+                    summary.rounds
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "test accuracy {:.2}% after {} rounds; summary in {}",
                 summary.test_accuracy * 100.0,
@@ -211,6 +225,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 tls: args.tls.files(),
                 name,
                 threads: args.threads,
+                reconnect_for: Duration::from_secs(args.reconnect_for),
             };
             metaloop_worker::run(opts, signal_token()).await.context("worker")?;
             Ok(ExitCode::SUCCESS)

@@ -24,7 +24,11 @@ fn tls_args(certs: &Path, role: &str) -> Vec<String> {
 
 /// Starts a coordinator on a free loopback port and returns it with the address it printed.
 fn coordinator(dir: &Path, extra: &[&str]) -> (Child, String) {
-    let log = std::fs::File::create(dir.join("coordinator.stderr")).expect("log");
+    coordinator_on(dir, "127.0.0.1:0", "coordinator.stderr", extra)
+}
+
+fn coordinator_on(dir: &Path, listen: &str, log: &str, extra: &[&str]) -> (Child, String) {
+    let log = std::fs::File::create(dir.join(log)).expect("log");
     let mut child = Command::new(BIN)
         .current_dir(ROOT)
         .args([
@@ -32,7 +36,7 @@ fn coordinator(dir: &Path, extra: &[&str]) -> (Child, String) {
             "--config",
             "configs/quickstart.toml",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--run-dir",
         ])
         .arg(dir.join("run"))
@@ -289,4 +293,61 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
         got["final_state_checksum"],
         summary(reference.path())["final_state_checksum"]
     );
+}
+
+#[test]
+fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
+    let job = ["--rounds", "100", "--seed", "11"];
+    let reference = tempfile::tempdir().expect("tmp");
+    let out = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["local", "--quiet", "--no-baseline", "--workers", "2", "--run-dir"])
+        .arg(reference.path())
+        .args(job)
+        .output()
+        .expect("reference run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().expect("tmp");
+    metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let args = [&job[..], &["--min-workers", "2"]].concat();
+    let (mut first, addr) = coordinator(dir.path(), &args);
+    let mut workers = [worker(dir.path(), &addr, "w0"), worker(dir.path(), &addr, "w1")];
+    let run = dir.path().join("run");
+    let start = Instant::now();
+    while rounds_done(&run) < 25 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.kill().expect("SIGKILL the coordinator");
+    first.wait().expect("reap");
+    let killed_at = rounds_done(&run);
+    assert!(killed_at < 100, "the coordinator must die mid-run");
+
+    let restarted = Instant::now();
+    let (mut second, _) = coordinator_on(
+        dir.path(),
+        &addr,
+        "coordinator2.stderr",
+        &[&args[..], &["--resume"]].concat(),
+    );
+    assert!(wait_for(&mut second, Duration::from_secs(120)).success());
+    let resume_seconds = restarted.elapsed().as_secs_f64();
+    for w in &mut workers {
+        assert!(
+            wait_for(w, Duration::from_secs(30)).success(),
+            "workers reconnect and finish cleanly"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("coordinator2.stderr")).expect("log");
+    assert!(log.contains("resuming from") && log.contains("round-000000"), "{log}");
+    let got = summary(&run);
+    assert_eq!(got["rounds"], 100);
+    assert_eq!(got["completed"], true);
+    assert_eq!(
+        got["final_state_checksum"],
+        summary(reference.path())["final_state_checksum"],
+        "resumed run must end bit for bit where the undisturbed one ends"
+    );
+    eprintln!("killed after {killed_at} rounds; the restarted coordinator finished the remaining rounds in {resume_seconds:.1}s");
 }

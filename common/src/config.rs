@@ -34,6 +34,23 @@ pub struct JobConfig {
     pub outer: OuterConfig,
     #[serde(default)]
     pub strategy: StrategyConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Durable state: the whole coordinator state is written every `every` rounds (0: never) and
+/// when the coordinator is stopped; the newest `keep` checkpoints are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    pub every: u64,
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: 10, keep: 3 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -430,6 +447,11 @@ impl JobConfig {
             i.weight_decay.is_finite() && i.weight_decay >= 0.0,
             "inner.weight_decay",
             format!("must be ≥ 0, got {}", i.weight_decay),
+        );
+        check(
+            self.checkpoint.keep >= 1,
+            "checkpoint.keep",
+            format!("must be at least 1, got {}", self.checkpoint.keep),
         );
         let o = &self.outer;
         check(

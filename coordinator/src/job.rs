@@ -2,6 +2,7 @@
 //! results in assignment order, take the outer step, evaluate, record. Network events arrive
 //! from `server`; compute (evaluation) runs on a dedicated thread.
 
+use crate::checkpoint;
 use crate::outer::OuterOptimizer;
 use crate::rundir::{RoundRecord, RunDir, Summary};
 use crate::scheduler::{Dispatch, Scheduler, WorkerId};
@@ -40,7 +41,14 @@ pub struct CoordinatorOptions {
     pub min_workers: usize,
     /// How long to wait with no worker connected before giving up.
     pub worker_wait: Duration,
+    /// Continue from the newest valid checkpoint in `run_dir/checkpoints` (if there is one).
+    pub resume: bool,
 }
+
+/// The coordinator was asked to stop (SIGINT/SIGTERM): not a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped on request")]
+pub struct Stopped;
 
 /// A failed assignment is retried this often in one round before the job stops.
 const MAX_FAILURES_PER_ASSIGNMENT: u32 = 3;
@@ -82,9 +90,22 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Summary> {
         let started = Instant::now();
-        let run_dir = RunDir::create(&self.options.run_dir)?;
+        let run_dir = RunDir::create(&self.options.run_dir, self.options.resume)?;
         let (job, test) = prepare_data(&config, &run_dir)?;
         let mut state = LoopState::new(&config, &job, test)?;
+        let checkpoints = self.options.run_dir.join("checkpoints");
+        if self.options.resume {
+            match checkpoint::newest_valid(&checkpoints, |c| state.restore(c, config.seed)) {
+                Some((path, ())) => {
+                    tracing::info!(path = %path.display(), round = state.rounds_done, "resumed from checkpoint");
+                    eprintln!("resuming from {} (round {})", path.display(), state.rounds_done);
+                }
+                None => eprintln!(
+                    "no valid checkpoint in {}; starting from round 0",
+                    checkpoints.display()
+                ),
+            }
+        }
 
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let traffic = Arc::new(Traffic::default());
@@ -109,7 +130,7 @@ impl Coordinator {
                     &shutdown,
                 )
                 .await?;
-            for round in 0..config.rounds {
+            for round in state.rounds_done..config.rounds {
                 let record = state
                     .round(
                         round,
@@ -123,8 +144,12 @@ impl Coordinator {
                 run_dir.append_metrics(&record)?;
                 observe(&record);
                 records.push(record);
+                let every = config.checkpoint.every;
+                if every > 0 && state.rounds_done % every == 0 && state.rounds_done < config.rounds {
+                    checkpoint::save(&checkpoints, &state.snapshot(config.seed), config.checkpoint.keep)?;
+                }
                 if shutdown.is_cancelled() {
-                    break;
+                    return Err(Stopped.into());
                 }
             }
             anyhow::Ok(())
@@ -153,19 +178,28 @@ impl Coordinator {
         self.endpoint.close(0u32.into(), b"job finished");
         tracker.wait().await;
         run_dir.write_text("plot.svg", &crate::plot::render(&records))?;
-        outcome?;
-        let metadata = HashMap::from([
-            ("version".to_string(), state.version.to_string()),
-            ("rounds".to_string(), state.rounds_done.to_string()),
-            ("seed".to_string(), config.seed.to_string()),
-        ]);
-        run_dir.write_state(
-            "final.safetensors",
-            &state.params,
-            state.outer.momentum(),
-            &state.strategy.state(),
-            metadata,
-        )?;
+        let stopped = match outcome {
+            Ok(()) => false,
+            Err(e) if e.is::<Stopped>() => true,
+            Err(e) => return Err(e),
+        };
+        // The state after the last completed round: a checkpoint to resume from when stopped,
+        // the final state otherwise.
+        let snapshot = state.snapshot(config.seed);
+        if stopped {
+            let path = checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep)?;
+            eprintln!(
+                "stopped after round {}; checkpoint {} (continue with --resume)",
+                state.rounds_done,
+                path.display()
+            );
+        } else {
+            checkpoint::write_atomic(
+                &self.options.run_dir,
+                "final.safetensors",
+                &checkpoint::encode(&snapshot)?,
+            )?;
+        }
 
         let (test_loss, test_accuracy) = state.last_eval;
         let summary = Summary {
@@ -185,6 +219,7 @@ impl Coordinator {
             domain_weights: state.domain_weights(),
             meta_loss: state.last_meta_loss,
             baseline_test_accuracy: None,
+            completed: !stopped && state.rounds_done == config.rounds,
         };
         run_dir.write_summary(&summary)?;
         Ok(summary)
@@ -337,6 +372,57 @@ impl LoopState {
         h.finish()
     }
 
+    /// The state after the last completed round, for a checkpoint.
+    fn snapshot(&self, seed: u64) -> checkpoint::State {
+        checkpoint::State {
+            params: self.params.clone(),
+            momentum: self.outer.momentum().cloned(),
+            outer: self.strategy.state(),
+            version: self.version,
+            rounds_done: self.rounds_done,
+            seed,
+            checksum: hex(&self.state_checksum()),
+        }
+    }
+
+    /// Takes over a checkpoint's state, checking it belongs to this job and is intact.
+    fn restore(&mut self, c: checkpoint::State, seed: u64) -> anyhow::Result<()> {
+        if c.seed != seed {
+            bail!("it is for seed {}, this job has seed {seed}", c.seed);
+        }
+        if !c.params.same_layout(&self.params) {
+            bail!("its model does not have this job's layout");
+        }
+        let (params, momentum, strategy) = (
+            self.params.clone(),
+            self.outer.momentum().cloned(),
+            self.strategy.clone(),
+        );
+        self.params = c.params;
+        self.outer.set_momentum(c.momentum);
+        self.version = c.version;
+        let restored = self.strategy.restore(&c.outer);
+        let checksum = hex(&self.state_checksum());
+        if let Err(e) = restored.and_then(|()| {
+            if checksum == c.checksum {
+                Ok(())
+            } else {
+                bail!("state checksum {checksum} differs from the recorded {}", c.checksum)
+            }
+        }) {
+            self.params = params;
+            self.outer.set_momentum(momentum);
+            self.strategy = strategy;
+            self.version = 0;
+            return Err(e);
+        }
+        self.checksum = bundle_checksum(&self.params);
+        self.rounds_done = c.rounds_done;
+        self.last_step = None;
+        self.full = None;
+        Ok(())
+    }
+
     async fn wait_for_workers(
         &mut self,
         events: &mut mpsc::UnboundedReceiver<Event>,
@@ -350,7 +436,7 @@ impl LoopState {
             let event = tokio::select! {
                 e = events.recv() => e.context("network task stopped")?,
                 () = tokio::time::sleep_until(deadline) => bail!("only {} of {min} workers joined within {wait:?}", self.peers.len()),
-                () = shutdown.cancelled() => bail!("stopped while waiting for workers"),
+                () = shutdown.cancelled() => return Err(Stopped.into()),
             };
             self.handle(event, None)?;
         }
@@ -397,7 +483,7 @@ impl LoopState {
             let event = tokio::select! {
                 e = events.recv() => e.context("network task stopped")?,
                 () = tokio::time::sleep(idle) => bail!("no workers connected for {wait:?} during round {round}"),
-                () = shutdown.cancelled() => bail!("stopped during round {round}"),
+                () = shutdown.cancelled() => return Err(Stopped.into()),
             };
             let ctx = RoundCtx {
                 round,

@@ -2,6 +2,7 @@
 //! what (pure state machine), `outer` makes the model update, `server` moves the bytes and
 //! `rundir` writes the run's record.
 
+mod checkpoint;
 mod job;
 mod outer;
 mod plot;
@@ -10,7 +11,7 @@ mod scheduler;
 mod server;
 mod strategy;
 
-pub use job::{Coordinator, CoordinatorOptions};
+pub use job::{Coordinator, CoordinatorOptions, Stopped};
 pub use outer::OuterOptimizer;
 pub use rundir::{RoundRecord, RunDir, Summary};
 pub use scheduler::{Dispatch, Rejection, Scheduler};

@@ -21,6 +21,11 @@ impl OuterOptimizer {
         self.momentum.as_ref()
     }
 
+    /// Restores the momentum buffer from a checkpoint.
+    pub fn set_momentum(&mut self, momentum: Option<Bundle>) {
+        self.momentum = momentum;
+    }
+
     /// Averages `deltas` (already in assignment order, same layout) and returns the update
     /// u to apply as θ ← θ + u:
     /// * `average`:  u = lr · Δ̄

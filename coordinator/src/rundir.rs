@@ -2,11 +2,8 @@
 //! These files are the run's public record, read by people, scripts and tests.
 
 use anyhow::Context;
-use metaloop_common::tensor::Bundle;
-use safetensors::{tensor::TensorView, Dtype};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -59,6 +56,8 @@ pub struct Summary {
     pub meta_loss: Option<f64>,
     /// Test accuracy of the uniform-weights baseline run (same seed, same budget), when run.
     pub baseline_test_accuracy: Option<f64>,
+    /// False when the run was stopped before its last round (a checkpoint was written).
+    pub completed: bool,
 }
 
 #[derive(Debug)]
@@ -72,14 +71,16 @@ impl RunDir {
         Self { path: path.to_owned() }
     }
 
-    /// Creates the directory (and parents); an existing `metrics.jsonl` is started afresh.
+    /// Creates the directory (and parents); `metrics.jsonl` is started afresh unless `resume`.
     ///
     /// # Errors
     /// When the directory cannot be created or written.
-    pub fn create(path: &Path) -> anyhow::Result<Self> {
+    pub fn create(path: &Path, resume: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(path).with_context(|| format!("creating run directory {}", path.display()))?;
         let metrics = path.join("metrics.jsonl");
-        std::fs::write(&metrics, b"").with_context(|| format!("writing {}", metrics.display()))?;
+        if !resume || !metrics.exists() {
+            std::fs::write(&metrics, b"").with_context(|| format!("writing {}", metrics.display()))?;
+        }
         Ok(Self { path: path.to_owned() })
     }
 
@@ -121,45 +122,6 @@ impl RunDir {
     /// On a write failure, naming the file.
     pub fn write_text(&self, name: &str, body: &str) -> anyhow::Result<()> {
         self.write_bytes(name, body.as_bytes())
-    }
-
-    /// Writes the final state as safetensors: the model's tensors (f32, under their own names),
-    /// the outer optimizer's momentum (`outer.momentum.<name>`), and the strategy's state (f64).
-    ///
-    /// # Errors
-    /// On a write failure, naming the file.
-    pub fn write_state(
-        &self,
-        name: &str,
-        model: &Bundle,
-        momentum: Option<&Bundle>,
-        outer: &[(String, Vec<f64>)],
-        metadata: HashMap<String, String>,
-    ) -> anyhow::Result<()> {
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut add_bundle = |prefix: &str, b: &Bundle| {
-            for t in &b.tensors {
-                let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                owned.push((format!("{prefix}{}", t.name), Dtype::F32, t.shape.clone(), bytes));
-            }
-        };
-        add_bundle("", model);
-        if let Some(m) = momentum {
-            add_bundle("outer.momentum.", m);
-        }
-        for (n, v) in outer {
-            owned.push((
-                n.clone(),
-                Dtype::F64,
-                vec![v.len()],
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ));
-        }
-        let views = owned
-            .iter()
-            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-        self.write_bytes(name, &safetensors::serialize(views, Some(metadata))?)
     }
 
     fn write_bytes(&self, name: &str, body: &[u8]) -> anyhow::Result<()> {

@@ -110,6 +110,39 @@ impl DomainWeights {
         ]
     }
 
+    /// Takes over a state written by [`DomainWeights::state`].
+    ///
+    /// # Errors
+    /// When names or lengths do not match this job's domains.
+    pub fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+        let get = |name: &str, len: usize| -> anyhow::Result<Vec<f64>> {
+            let (_, v) = state
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| anyhow::anyhow!("outer state lacks `{name}`"))?;
+            anyhow::ensure!(
+                v.len() == len,
+                "outer state `{name}` has {} values, expected {len}",
+                v.len()
+            );
+            Ok(v.clone())
+        };
+        let k = self.names.len();
+        let (lambda, m, v, fixed) = (
+            get("domain_weights.lambda", k)?,
+            get("domain_weights.adam_m", k)?,
+            get("domain_weights.adam_v", k)?,
+            get("domain_weights.fixed", k)?,
+        );
+        let t = get("domain_weights.adam_step", 1)?[0];
+        self.lambda = lambda;
+        self.adam.m = m;
+        self.adam.v = v;
+        self.adam.t = t as u64;
+        self.fixed = fixed;
+        Ok(())
+    }
+
     /// Adds the outer state to a state checksum.
     pub fn hash_into(&self, h: &mut StateHasher) {
         for (name, values) in self.state() {

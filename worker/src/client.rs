@@ -10,6 +10,7 @@ use quinn::{Connection, SendStream};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// How to reach the coordinator and how to compute.
@@ -22,6 +23,8 @@ pub struct WorkerOptions {
     /// libtorch intra-op threads (1 keeps several local workers from oversubscribing cores and
     /// keeps results bit-for-bit reproducible).
     pub threads: usize,
+    /// How long to keep trying to reach a coordinator that went away before giving up.
+    pub reconnect_for: Duration,
 }
 
 /// Runs a worker until the coordinator sends `Shutdown` or `shutdown` is cancelled.
@@ -37,14 +40,56 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Re
     .parse()
     .context("bind address")?;
     let endpoint = net::client_endpoint(&opts.tls, bind)?;
-    let conn = net::connect(&endpoint, opts.coordinator).await?;
-    let result = tokio::select! {
-        r = serve(&conn, &opts) => r,
-        () = shutdown.cancelled() => Ok(()),
+    let mut backoff = FIRST_BACKOFF;
+    let mut unreachable_since: Option<Instant> = None;
+    let result = loop {
+        let (session, connected) = match net::connect(&endpoint, opts.coordinator).await {
+            Ok(conn) => {
+                let r = tokio::select! {
+                    r = serve(&conn, &opts) => r,
+                    () = shutdown.cancelled() => Ok(()),
+                };
+                conn.close(0u32.into(), b"worker stopping");
+                (r, true)
+            }
+            Err(e) => (Err(e.into()), false),
+        };
+        let err = match session {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is::<Fatal>() => break Err(e),
+            Err(e) => e,
+        };
+        // The coordinator went away (restart, network blip): reconnect with exponential
+        // backoff, and rejoin as a new worker.
+        if connected {
+            unreachable_since = None;
+            backoff = FIRST_BACKOFF;
+        }
+        let since = *unreachable_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= opts.reconnect_for {
+            break Err(err.context(format!("gave up reconnecting after {:?}", opts.reconnect_for)));
+        }
+        tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "lost the coordinator; reconnecting");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => break Ok(()),
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     };
-    conn.close(0u32.into(), b"worker stopping");
     endpoint.wait_idle().await;
     result
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// An error that reconnecting cannot fix (refused, wrong version, bad data).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct Fatal(anyhow::Error);
+
+fn fatal(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(Fatal(e.into()))
 }
 
 async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
@@ -59,11 +104,17 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     .await?;
     let welcome = match net::read_frame::<CoordinatorMsg>(&mut recv, "welcome").await? {
         Some(CoordinatorMsg::Welcome(w)) => w,
-        Some(CoordinatorMsg::Reject { reason }) => bail!("coordinator refused us: {reason}"),
-        Some(other) => bail!("coordinator sent {other:?} instead of a welcome"),
+        Some(CoordinatorMsg::Reject { reason }) => {
+            return Err(fatal(anyhow::anyhow!("coordinator refused us: {reason}")))
+        }
+        Some(other) => {
+            return Err(fatal(anyhow::anyhow!(
+                "coordinator sent {other:?} instead of a welcome"
+            )))
+        }
         None => bail!("coordinator closed the control stream during the handshake"),
     };
-    proto::check_version(welcome.protocol_version).context("coordinator")?;
+    proto::check_version(welcome.protocol_version).map_err(|e| fatal(anyhow::Error::from(e).context("coordinator")))?;
     tracing::info!(worker_id = welcome.worker_id, "joined the job");
 
     let threads = opts.threads.max(1) as i32;
@@ -75,8 +126,7 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     engine
         .call(|t| t.as_ref().map(|_| ()).map_err(|e| e.to_string()))
         .await?
-        .map_err(anyhow::Error::msg)
-        .context("loading the job's training data")?;
+        .map_err(|e| fatal(anyhow::Error::msg(e).context("loading the job's training data")))?;
 
     let inbox = Arc::new(Inbox::default());
     let bytes_in = Arc::new(AtomicU64::new(0));
@@ -88,7 +138,7 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     let outcome = loop {
         let msg = match net::read_frame::<CoordinatorMsg>(&mut recv, "control frame").await {
             Ok(Some(m)) => m,
-            Ok(None) => break Ok(()),
+            Ok(None) => break Err(anyhow::anyhow!("the coordinator closed the control stream")),
             Err(e) => break Err(anyhow::Error::from(e).context("reading from the coordinator")),
         };
         match msg {

@@ -1,0 +1,294 @@
+//! Durable coordinator state: the model, the outer optimizer's momentum, the strategy's state,
+//! the model version and the round, as one safetensors file per checkpoint. Written atomically
+//! (temporary file, fsync, rename, fsync of the directory); the newest `keep` are kept; reading
+//! skips torn or corrupt files with a message saying why.
+
+use anyhow::{bail, Context};
+use metaloop_common::tensor::{Bundle, HostTensor};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Everything needed to continue a job exactly where it stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    pub params: Bundle,
+    pub momentum: Option<Bundle>,
+    /// The strategy's named vectors (λ, optimizer moments, ...).
+    pub outer: Vec<(String, Vec<f64>)>,
+    pub version: u64,
+    /// Rounds completed; the next round to run.
+    pub rounds_done: u64,
+    pub seed: u64,
+    /// Hex state checksum of the above, recomputed on load to catch corruption.
+    pub checksum: String,
+}
+
+const MOMENTUM: &str = "outer.momentum.";
+
+/// Serialises a state.
+///
+/// # Errors
+/// When safetensors refuses the layout.
+pub fn encode(state: &State) -> anyhow::Result<Vec<u8>> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut add = |prefix: &str, b: &Bundle| {
+        for t in &b.tensors {
+            owned.push((
+                format!("{prefix}{}", t.name),
+                Dtype::F32,
+                t.shape.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+        }
+    };
+    add("", &state.params);
+    if let Some(m) = &state.momentum {
+        add(MOMENTUM, m);
+    }
+    for (n, v) in &state.outer {
+        owned.push((
+            n.clone(),
+            Dtype::F64,
+            vec![v.len()],
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    let names = |b: &Bundle| b.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(",");
+    let metadata = HashMap::from([
+        ("model_tensors".to_string(), names(&state.params)),
+        (
+            "outer_state".to_string(),
+            state.outer.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>().join(","),
+        ),
+        ("version".to_string(), state.version.to_string()),
+        ("rounds_done".to_string(), state.rounds_done.to_string()),
+        ("seed".to_string(), state.seed.to_string()),
+        ("state_checksum".to_string(), state.checksum.clone()),
+    ]);
+    let views = owned
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, Some(metadata))?)
+}
+
+/// Parses a state written by [`encode`].
+///
+/// # Errors
+/// A message saying what is missing or malformed.
+pub fn decode(bytes: &[u8]) -> anyhow::Result<State> {
+    let (_, header) = SafeTensors::read_metadata(bytes).context("not a complete safetensors file")?;
+    let st = SafeTensors::deserialize(bytes).context("not a complete safetensors file")?;
+    let meta = header.metadata().clone().context("no metadata")?;
+    let field = |k: &str| meta.get(k).cloned().with_context(|| format!("metadata lacks `{k}`"));
+    let number = |k: &str| -> anyhow::Result<u64> {
+        field(k)?
+            .parse()
+            .with_context(|| format!("metadata `{k}` is not a number"))
+    };
+    let f32s = |name: &str| -> anyhow::Result<HostTensor> {
+        let v = st.tensor(name).with_context(|| format!("tensor `{name}` is missing"))?;
+        if v.dtype() != Dtype::F32 {
+            bail!("tensor `{name}` is {:?}, expected F32", v.dtype());
+        }
+        let data = v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(HostTensor {
+            name: name.to_string(),
+            shape: v.shape().to_vec(),
+            data,
+        })
+    };
+    let list = |s: String| -> Vec<String> { s.split(',').filter(|n| !n.is_empty()).map(str::to_string).collect() };
+    let model_names = list(field("model_tensors")?);
+    let params = Bundle {
+        tensors: model_names.iter().map(|n| f32s(n)).collect::<anyhow::Result<_>>()?,
+    };
+    let momentum = if st.names().iter().any(|n| n.starts_with(MOMENTUM)) {
+        let tensors = model_names
+            .iter()
+            .map(|n| f32s(&format!("{MOMENTUM}{n}")).map(|t| HostTensor { name: n.clone(), ..t }))
+            .collect::<anyhow::Result<_>>()?;
+        Some(Bundle { tensors })
+    } else {
+        None
+    };
+    let mut outer = Vec::new();
+    for name in list(field("outer_state")?) {
+        let v = st
+            .tensor(&name)
+            .with_context(|| format!("tensor `{name}` is missing"))?;
+        if v.dtype() != Dtype::F64 {
+            bail!("tensor `{name}` is {:?}, expected F64", v.dtype());
+        }
+        let data = v
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        outer.push((name, data));
+    }
+    Ok(State {
+        params,
+        momentum,
+        outer,
+        version: number("version")?,
+        rounds_done: number("rounds_done")?,
+        seed: number("seed")?,
+        checksum: field("state_checksum")?,
+    })
+}
+
+/// Writes `bytes` to `dir/name` atomically and durably: temporary file, fsync, rename, fsync of
+/// the directory, so a crash leaves either the old file or the new one.
+///
+/// # Errors
+/// On any I/O failure (a full disk, say), naming the file; the temporary file is removed.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(path)
+}
+
+fn file_name(rounds_done: u64) -> String {
+    format!("round-{rounds_done:08}.safetensors")
+}
+
+/// Checkpoints in `dir`, newest first (by round in the file name).
+fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let round = name
+                .strip_prefix("round-")?
+                .strip_suffix(".safetensors")?
+                .parse()
+                .ok()?;
+            Some((round, e.path()))
+        })
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found
+}
+
+/// Writes a checkpoint into `dir` and removes all but the newest `keep`.
+///
+/// # Errors
+/// On an I/O failure, naming the file.
+pub fn save(dir: &Path, state: &State, keep: usize) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = write_atomic(dir, &file_name(state.rounds_done), &encode(state)?)?;
+    for (_, old) in list(dir).into_iter().skip(keep.max(1)) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(path)
+}
+
+/// The newest checkpoint in `dir` that decodes and that `accept` takes (it recomputes the state
+/// checksum); every skipped file is reported with its reason.
+pub fn newest_valid<T>(dir: &Path, mut accept: impl FnMut(State) -> anyhow::Result<T>) -> Option<(PathBuf, T)> {
+    for (_, path) in list(dir) {
+        let outcome = std::fs::read(&path)
+            .context("cannot read it")
+            .and_then(|b| decode(&b))
+            .and_then(&mut accept);
+        match outcome {
+            Ok(t) => return Some((path, t)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "skipping a torn or corrupt checkpoint");
+                eprintln!("skipping checkpoint {}: {e:#}", path.display());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(round: u64) -> State {
+        let t = |name: &str, v: f32| HostTensor {
+            name: name.into(),
+            shape: vec![2],
+            data: vec![v, -v],
+        };
+        State {
+            params: Bundle {
+                tensors: vec![t("l0.weight", 1.5), t("l0.bias", 0.25)],
+            },
+            momentum: Some(Bundle {
+                tensors: vec![t("l0.weight", 0.5), t("l0.bias", 0.125)],
+            }),
+            outer: vec![
+                ("domain_weights.lambda".into(), vec![0.1, -0.2]),
+                ("domain_weights.adam_step".into(), vec![3.0]),
+            ],
+            version: round,
+            rounds_done: round,
+            seed: 7,
+            checksum: "abc".into(),
+        }
+    }
+
+    #[test]
+    fn roundtrip_keeps_order_and_bits() {
+        let s = state(4);
+        assert_eq!(decode(&encode(&s).expect("encode")).expect("decode"), s);
+        let no_momentum = State {
+            momentum: None,
+            ..state(1)
+        };
+        assert_eq!(
+            decode(&encode(&no_momentum).expect("encode")).expect("decode"),
+            no_momentum
+        );
+    }
+
+    #[test]
+    fn keeps_the_newest_and_skips_torn_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for r in [5, 10, 15, 20] {
+            save(dir.path(), &state(r), 3).expect("save");
+        }
+        let rounds: Vec<u64> = list(dir.path()).iter().map(|(r, _)| *r).collect();
+        assert_eq!(rounds, vec![20, 15, 10], "only the newest 3 are kept");
+        // Tear the newest: the one before it is used instead.
+        let newest = dir.path().join(file_name(20));
+        let bytes = std::fs::read(&newest).expect("read");
+        std::fs::write(&newest, &bytes[..bytes.len() / 2]).expect("tear");
+        let (path, s) = newest_valid(dir.path(), Ok).expect("an older one survives");
+        assert_eq!(s.rounds_done, 15);
+        assert!(path.ends_with(file_name(15)));
+        // A checkpoint the caller rejects (say, a checksum mismatch) is skipped too.
+        let (_, s) = newest_valid(dir.path(), |s| {
+            if s.rounds_done == 15 {
+                bail!("checksum mismatch")
+            } else {
+                Ok(s)
+            }
+        })
+        .expect("older");
+        assert_eq!(s.rounds_done, 10);
+        assert!(newest_valid(tempfile::tempdir().expect("tmp").path(), Ok).is_none());
+    }
+}
