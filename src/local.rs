@@ -118,6 +118,7 @@ async fn run_job(
         min_workers: args.workers,
         worker_wait: Duration::from_secs(60),
         resume: false,
+        assignment_timeout: Duration::from_secs(600),
     })?;
     let addr = coordinator.local_addr()?;
     let exe = std::env::current_exe().context("locating the metaloop binary")?;

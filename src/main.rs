@@ -116,6 +116,10 @@ struct CoordinatorArgs {
     /// Continue from the newest valid checkpoint in the run directory.
     #[arg(long)]
     resume: bool,
+    /// Seconds a worker may hold assignments without returning a result before it is dropped
+    /// and its work reassigned.
+    #[arg(long, default_value_t = 600)]
+    assignment_timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,6 +188,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 min_workers: args.min_workers,
                 worker_wait: Duration::from_secs(args.worker_wait),
                 resume: args.resume,
+                assignment_timeout: Duration::from_secs(args.assignment_timeout),
             })?;
             // The first line on stdout is the bound address, for scripts that listen on port 0.
             println!("listening on {}", coordinator.local_addr()?);

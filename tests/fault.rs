@@ -70,6 +70,20 @@ fn worker(dir: &Path, addr: &str, name: &str) -> Child {
         .expect("start worker")
 }
 
+/// The undisturbed run of `job` by `metaloop local`, for comparison: its summary.
+fn reference_run(job: &[&str], workers: &str) -> Value {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = Command::new(BIN)
+        .current_dir(ROOT)
+        .args(["local", "--quiet", "--no-baseline", "--workers", workers, "--run-dir"])
+        .arg(dir.path())
+        .args(job)
+        .output()
+        .expect("reference run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    summary(dir.path())
+}
+
 fn rounds_done(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .map(|m| m.lines().count())
@@ -93,15 +107,7 @@ fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 #[test]
 fn a_worker_killed_mid_run_changes_time_not_the_result() {
     let job = ["--rounds", "120", "--seed", "5"];
-    let reference = tempfile::tempdir().expect("tmp");
-    let out = Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["local", "--quiet", "--no-baseline", "--workers", "2", "--run-dir"])
-        .arg(reference.path())
-        .args(job)
-        .output()
-        .expect("reference run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = reference_run(&job, "2");
 
     let dir = tempfile::tempdir().expect("tmp");
     metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
@@ -125,7 +131,7 @@ fn a_worker_killed_mid_run_changes_time_not_the_result() {
     );
     wait_for(&mut survivor, Duration::from_secs(30));
 
-    let (got, want) = (summary(&run), summary(reference.path()));
+    let (got, want) = (summary(&run), reference);
     assert!(
         killed_at < 120,
         "the victim must die mid-run (killed after {killed_at} rounds)"
@@ -150,15 +156,7 @@ fn a_worker_killed_mid_run_changes_time_not_the_result() {
 #[test]
 fn a_worker_joining_mid_run_is_admitted_and_changes_nothing() {
     let job = ["--rounds", "150", "--seed", "9"];
-    let reference = tempfile::tempdir().expect("tmp");
-    let out = Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["local", "--quiet", "--no-baseline", "--workers", "1", "--run-dir"])
-        .arg(reference.path())
-        .args(job)
-        .output()
-        .expect("reference run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = reference_run(&job, "1");
 
     let dir = tempfile::tempdir().expect("tmp");
     metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
@@ -177,10 +175,7 @@ fn a_worker_joining_mid_run_is_admitted_and_changes_nothing() {
 
     let got = summary(&run);
     assert_eq!(got["workers"], 2, "the late worker joined: {got}");
-    assert_eq!(
-        got["final_state_checksum"],
-        summary(reference.path())["final_state_checksum"]
-    );
+    assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
     let workers: Vec<u64> = metrics
         .lines()
@@ -200,44 +195,62 @@ fn a_worker_joining_mid_run_is_admitted_and_changes_nothing() {
     assert!(late_log.contains("joined the job"), "{late_log}");
 }
 
+/// A worker process of our own making, speaking the protocol by hand over real QUIC.
+struct FakeWorker {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    welcome: metaloop_common::proto::Welcome,
+    _endpoint: quinn::Endpoint,
+}
+
+impl FakeWorker {
+    async fn join(tls: &metaloop_common::net::TlsFiles, addr: &str, name: &str) -> Self {
+        use metaloop_common::net;
+        use metaloop_common::proto::{self, CoordinatorMsg, Hello, WorkerMsg};
+        let endpoint = net::client_endpoint(tls, "127.0.0.1:0".parse().expect("addr")).expect("client");
+        let conn = net::connect(&endpoint, addr.parse().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+        let hello = WorkerMsg::Hello(Hello {
+            protocol_version: proto::PROTOCOL_VERSION,
+            name: name.into(),
+        });
+        net::write_frame(&mut send, &hello).await.expect("hello");
+        let Some(CoordinatorMsg::Welcome(welcome)) = net::read_frame(&mut recv, "welcome").await.expect("read") else {
+            panic!("expected a welcome")
+        };
+        Self {
+            conn,
+            send,
+            recv,
+            welcome,
+            _endpoint: endpoint,
+        }
+    }
+}
+
 /// A worker that lies: it answers its first assignment with a result for a round that does not
 /// exist, then with a NaN delta. Both are rejected and counted, the liar is dropped, an honest
 /// worker redoes its work, and the result is the undisturbed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
     use metaloop_common::net;
-    use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, WorkerMsg};
+    use metaloop_common::proto::{AssignmentResult, CoordinatorMsg, ModelSource, WorkerMsg};
 
     let job = ["--rounds", "20", "--seed", "3"];
-    let reference = tempfile::tempdir().expect("tmp");
-    let out = Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["local", "--quiet", "--no-baseline", "--workers", "1", "--run-dir"])
-        .arg(reference.path())
-        .args(job)
-        .output()
-        .expect("reference run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = reference_run(&job, "1");
 
     let dir = tempfile::tempdir().expect("tmp");
     let (_, worker_tls) = net::write_pki(&dir.path().join("certs")).expect("pki");
     let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--min-workers", "2"]].concat());
 
-    let endpoint = net::client_endpoint(&worker_tls, "127.0.0.1:0".parse().expect("addr")).expect("client");
-    let conn = net::connect(&endpoint, addr.parse().expect("addr"))
-        .await
-        .expect("connect");
-    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
-    let hello = WorkerMsg::Hello(Hello {
-        protocol_version: proto::PROTOCOL_VERSION,
-        name: "liar".into(),
-    });
-    net::write_frame(&mut send, &hello).await.expect("hello");
-    let Some(CoordinatorMsg::Welcome(welcome)) = net::read_frame(&mut recv, "welcome").await.expect("read") else {
-        panic!("expected a welcome")
-    };
+    let mut fake = FakeWorker::join(&worker_tls, &addr, "liar").await;
+    let (conn, welcome) = (&fake.conn, fake.welcome.clone());
+    let (send, recv) = (&mut fake.send, &mut fake.recv);
     let mut honest = worker(dir.path(), &addr, "honest");
-    let Some(CoordinatorMsg::Round(plan)) = net::read_frame(&mut recv, "plan").await.expect("read") else {
+    let Some(CoordinatorMsg::Round(plan)) = net::read_frame(recv, "plan").await.expect("read") else {
         panic!("expected a round plan")
     };
     assert!(
@@ -259,17 +272,17 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
             domains: Vec::new(),
         })
     };
-    net::send_bundle(&conn, 1, &nan).await.expect("bundle");
-    net::write_frame(&mut send, &result(plan.round + 1000, 1))
+    net::send_bundle(conn, 1, &nan).await.expect("bundle");
+    net::write_frame(send, &result(plan.round + 1000, 1))
         .await
         .expect("stale result");
-    net::send_bundle(&conn, 2, &nan).await.expect("bundle");
-    net::write_frame(&mut send, &result(plan.round, 2))
+    net::send_bundle(conn, 2, &nan).await.expect("bundle");
+    net::write_frame(send, &result(plan.round, 2))
         .await
         .expect("NaN result");
     // The coordinator drops us: the control stream ends or the connection closes.
     let dropped = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(_)) = net::read_frame::<CoordinatorMsg>(&mut recv, "after lying").await {}
+        while let Ok(Some(_)) = net::read_frame::<CoordinatorMsg>(recv, "after lying").await {}
     })
     .await;
     assert!(dropped.is_ok(), "the liar was not dropped");
@@ -289,24 +302,13 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
     let got = summary(&dir.path().join("run"));
     assert_eq!(got["rejected"]["stale_round"], 1, "{got}");
     assert_eq!(got["rejected"]["non_finite"], 1, "{got}");
-    assert_eq!(
-        got["final_state_checksum"],
-        summary(reference.path())["final_state_checksum"]
-    );
+    assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
 }
 
 #[test]
 fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     let job = ["--rounds", "100", "--seed", "11"];
-    let reference = tempfile::tempdir().expect("tmp");
-    let out = Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["local", "--quiet", "--no-baseline", "--workers", "2", "--run-dir"])
-        .arg(reference.path())
-        .args(job)
-        .output()
-        .expect("reference run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = reference_run(&job, "2");
 
     let dir = tempfile::tempdir().expect("tmp");
     metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
@@ -345,9 +347,52 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     assert_eq!(got["rounds"], 100);
     assert_eq!(got["completed"], true);
     assert_eq!(
-        got["final_state_checksum"],
-        summary(reference.path())["final_state_checksum"],
+        got["final_state_checksum"], reference["final_state_checksum"],
         "resumed run must end bit for bit where the undisturbed one ends"
     );
     eprintln!("killed after {killed_at} rounds; the restarted coordinator finished the remaining rounds in {resume_seconds:.1}s");
+}
+
+/// A worker that takes its assignments and then says nothing, while its connection stays alive
+/// (keep-alives flow): the assignment timeout drops it and an honest worker does its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_worker_is_dropped_at_the_assignment_timeout() {
+    use metaloop_common::proto::CoordinatorMsg;
+    let job = ["--rounds", "10", "--seed", "4"];
+    let reference = reference_run(&job, "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_, worker_tls) = metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (mut coord, addr) = coordinator(
+        dir.path(),
+        &[&job[..], &["--min-workers", "2", "--assignment-timeout", "2"]].concat(),
+    );
+    let mut silent = FakeWorker::join(&worker_tls, &addr, "silent").await;
+    let mut honest = worker(dir.path(), &addr, "honest");
+    let Some(CoordinatorMsg::Round(_)) = metaloop_common::net::read_frame(&mut silent.recv, "plan")
+        .await
+        .expect("read")
+    else {
+        panic!("expected a round plan")
+    };
+    let started = Instant::now();
+    // Say nothing; the coordinator must close the connection on us.
+    let closed = tokio::time::timeout(Duration::from_secs(30), silent.conn.closed()).await;
+    assert!(closed.is_ok(), "the stuck worker was never dropped");
+    let dropped_after = started.elapsed();
+    assert!(
+        dropped_after >= Duration::from_millis(1500),
+        "dropped too early: {dropped_after:?}"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = wait_for(&mut coord, Duration::from_secs(120));
+        wait_for(&mut honest, Duration::from_secs(30));
+        s
+    })
+    .await
+    .expect("join");
+    assert!(status.success());
+    let got = summary(&dir.path().join("run"));
+    assert!(got["reassigned"].as_u64().expect("reassigned") >= 1, "{got}");
+    assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
+    eprintln!("stuck worker dropped {dropped_after:?} after its plan arrived (timeout 2 s)");
 }

@@ -23,6 +23,7 @@ async fn coordinator_rejects_a_worker_of_another_version() {
         min_workers: 1,
         worker_wait: Duration::from_secs(30),
         resume: false,
+        assignment_timeout: Duration::from_secs(600),
     })
     .expect("bind");
     let addr = coordinator.local_addr().expect("addr");

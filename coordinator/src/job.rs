@@ -43,6 +43,9 @@ pub struct CoordinatorOptions {
     pub worker_wait: Duration,
     /// Continue from the newest valid checkpoint in `run_dir/checkpoints` (if there is one).
     pub resume: bool,
+    /// A worker holding assignments that returns no result for this long is dropped (it may
+    /// be alive on the network but stuck); its assignments go to others.
+    pub assignment_timeout: Duration,
 }
 
 /// The coordinator was asked to stop (SIGINT/SIGTERM): not a failure.
@@ -93,6 +96,7 @@ impl Coordinator {
         let run_dir = RunDir::create(&self.options.run_dir, self.options.resume)?;
         let (job, test) = prepare_data(&config, &run_dir)?;
         let mut state = LoopState::new(&config, &job, test)?;
+        state.assignment_timeout = self.options.assignment_timeout;
         let checkpoints = self.options.run_dir.join("checkpoints");
         if self.options.resume {
             match checkpoint::newest_valid(&checkpoints, |c| state.restore(c, config.seed)) {
@@ -317,6 +321,7 @@ struct LoopState {
     strategy: DomainWeights,
     /// What this round's plans carry for the strategy (fixed for the whole round).
     round_weights: (Vec<f64>, Option<HypergradientSpec>),
+    assignment_timeout: Duration,
     scheduler: Scheduler,
     peers: HashMap<WorkerId, Peer>,
     next_transfer: u64,
@@ -346,6 +351,7 @@ impl LoopState {
             outer: OuterOptimizer::new(config.outer.clone()),
             strategy: DomainWeights::new(&config.strategy, job.domains.iter().map(|d| d.name.clone()).collect()),
             round_weights: (Vec::new(), None),
+            assignment_timeout: Duration::MAX,
             scheduler: Scheduler::new(),
             peers: HashMap::new(),
             next_transfer: 0,
@@ -468,7 +474,7 @@ impl LoopState {
         self.round_weights = self.strategy.plan();
         let mut collected: Collected = vec![None; assignments.len()];
         let mut failures = vec![0u32; assignments.len()];
-        let dispatches = self.scheduler.start_round(round, config.data.shards);
+        let dispatches = self.scheduler.start_round(round, config.data.shards, Instant::now());
         self.dispatch(round, &assignments, dispatches);
         let mut alone_since: Option<Instant> = None;
         while !self.scheduler.round_complete() {
@@ -480,10 +486,32 @@ impl LoopState {
                 alone_since = None;
                 Duration::MAX
             };
+            let timeout = self.assignment_timeout;
+            let deadline = self
+                .scheduler
+                .next_deadline(timeout)
+                .map(tokio::time::Instant::from_std);
+            let overdue = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
                 e = events.recv() => e.context("network task stopped")?,
                 () = tokio::time::sleep(idle) => bail!("no workers connected for {wait:?} during round {round}"),
                 () = shutdown.cancelled() => return Err(Stopped.into()),
+                () = overdue => {
+                    // Stuck but still connected: drop it like a lost worker (its connection
+                    // closes when its outbox is dropped), and its work moves on.
+                    let stuck = self.scheduler.overdue(Instant::now(), timeout);
+                    for worker in stuck {
+                        let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, failures: &mut failures };
+                        let reason = format!("no result within the assignment timeout of {timeout:?}");
+                        self.handle(Event::Lost { worker, reason }, Some(ctx))?;
+                    }
+                    continue;
+                }
             };
             let ctx = RoundCtx {
                 round,
@@ -549,7 +577,7 @@ impl LoopState {
                 tracing::info!(worker, %name, "worker admitted");
                 self.peers.insert(worker, Peer { outbox, version: None });
                 self.workers_seen += 1;
-                let d = self.scheduler.worker_joined(worker);
+                let d = self.scheduler.worker_joined(worker, Instant::now());
                 if let Some(ctx) = ctx {
                     self.dispatch(ctx.round, ctx.assignments, d);
                 }
@@ -558,7 +586,7 @@ impl LoopState {
                 if self.peers.remove(&worker).is_some() {
                     tracing::warn!(worker, %reason, "worker lost");
                 }
-                let d = self.scheduler.worker_lost(worker);
+                let d = self.scheduler.worker_lost(worker, Instant::now());
                 if let Some(ctx) = ctx {
                     self.dispatch(ctx.round, ctx.assignments, d);
                 }
@@ -585,11 +613,14 @@ impl LoopState {
                     self.reject(reason);
                     tracing::warn!(worker, reason, "dropping a worker that sent a malformed result");
                     self.peers.remove(&worker); // dropping its outbox closes the connection
-                    let d = self.scheduler.worker_lost(worker);
+                    let d = self.scheduler.worker_lost(worker, Instant::now());
                     self.dispatch(ctx.round, ctx.assignments, d);
                     return Ok(());
                 }
-                match self.scheduler.result(worker, result.round, result.assignment) {
+                match self
+                    .scheduler
+                    .result(worker, result.round, result.assignment, Instant::now())
+                {
                     Ok(()) => {
                         let i = result.assignment as usize;
                         ctx.collected[i] = Some((result, delta));
@@ -616,7 +647,7 @@ impl LoopState {
                         }
                     }
                 }
-                let d = self.scheduler.failed(worker, round, assignment);
+                let d = self.scheduler.failed(worker, round, assignment, Instant::now());
                 self.dispatch(ctx.round, ctx.assignments, d);
             }
         }

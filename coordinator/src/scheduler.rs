@@ -3,9 +3,12 @@
 //! dispatches it returns.
 //!
 //! Invariants: an assignment is held by at most one worker at a time; a result is accepted only
-//! from the worker holding that assignment in the current round, and only once.
+//! from the worker holding that assignment in the current round, and only once. Time enters
+//! only as arguments: a worker that holds work and has shown no progress (no result) for longer
+//! than the assignment timeout is reported by [`Scheduler::overdue`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 pub type WorkerId = u64;
 
@@ -43,6 +46,8 @@ pub struct Scheduler {
     done: BTreeSet<u32>,
     total: u32,
     reassigned: u64,
+    /// Since when each busy worker has made no progress.
+    busy_since: BTreeMap<WorkerId, Instant>,
 }
 
 impl Scheduler {
@@ -66,30 +71,50 @@ impl Scheduler {
 
     /// Starts `round` with assignments `0..count`, spread evenly over the live workers in
     /// contiguous blocks. With no workers the assignments wait for the first join.
-    pub fn start_round(&mut self, round: u64, count: u32) -> Vec<Dispatch> {
+    pub fn start_round(&mut self, round: u64, count: u32, now: Instant) -> Vec<Dispatch> {
         self.round = Some(round);
+        self.busy_since.clear();
         self.total = count;
         self.done.clear();
         for held in self.workers.values_mut() {
             held.clear();
         }
         self.unassigned = (0..count).collect();
-        self.distribute()
+        self.distribute(now)
     }
 
     /// A worker connected. It takes any assignments nobody holds.
-    pub fn worker_joined(&mut self, worker: WorkerId) -> Vec<Dispatch> {
+    pub fn worker_joined(&mut self, worker: WorkerId, now: Instant) -> Vec<Dispatch> {
         self.workers.entry(worker).or_default();
-        self.distribute()
+        self.distribute(now)
     }
 
     /// A worker is gone; its unfinished assignments move to the others.
-    pub fn worker_lost(&mut self, worker: WorkerId) -> Vec<Dispatch> {
+    pub fn worker_lost(&mut self, worker: WorkerId, now: Instant) -> Vec<Dispatch> {
+        self.busy_since.remove(&worker);
         if let Some(held) = self.workers.remove(&worker) {
             self.reassigned += held.len() as u64;
             self.unassigned.extend(held);
         }
-        self.distribute()
+        self.distribute(now)
+    }
+
+    /// Workers that hold assignments and have returned nothing for `timeout`: alive on the
+    /// network (keep-alives still flow) but stuck. The caller drops them like lost workers.
+    pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<WorkerId> {
+        self.busy_since
+            .iter()
+            .filter(|(_, &since)| now.saturating_duration_since(since) >= timeout)
+            .map(|(w, _)| *w)
+            .collect()
+    }
+
+    /// When the next worker becomes overdue, if any is busy.
+    pub fn next_deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.busy_since
+            .values()
+            .min()
+            .and_then(|&since| since.checked_add(timeout))
     }
 
     /// Whether a result would be accepted, without recording it.
@@ -110,10 +135,15 @@ impl Scheduler {
     ///
     /// # Errors
     /// The [`Rejection`] reason.
-    pub fn result(&mut self, worker: WorkerId, round: u64, assignment: u32) -> Result<(), Rejection> {
+    pub fn result(&mut self, worker: WorkerId, round: u64, assignment: u32, now: Instant) -> Result<(), Rejection> {
         self.check(worker, round, assignment)?;
         if let Some(held) = self.workers.get_mut(&worker) {
             held.remove(&assignment);
+            if held.is_empty() {
+                self.busy_since.remove(&worker);
+            } else {
+                self.busy_since.insert(worker, now);
+            }
         }
         self.done.insert(assignment);
         Ok(())
@@ -121,7 +151,7 @@ impl Scheduler {
 
     /// The worker could not run an assignment; it goes back into the pool and to the least
     /// loaded worker (possibly the same one, which the server then resyncs in full).
-    pub fn failed(&mut self, worker: WorkerId, round: u64, assignment: u32) -> Vec<Dispatch> {
+    pub fn failed(&mut self, worker: WorkerId, round: u64, assignment: u32, now: Instant) -> Vec<Dispatch> {
         if self.round != Some(round) {
             return Vec::new();
         }
@@ -130,12 +160,15 @@ impl Scheduler {
                 self.reassigned += 1;
                 self.unassigned.insert(assignment);
             }
+            if held.is_empty() {
+                self.busy_since.remove(&worker);
+            }
         }
-        self.distribute()
+        self.distribute(now)
     }
 
     /// Hands every unassigned assignment out, least-loaded worker first, in contiguous blocks.
-    fn distribute(&mut self) -> Vec<Dispatch> {
+    fn distribute(&mut self, now: Instant) -> Vec<Dispatch> {
         if self.round.is_none() || self.workers.is_empty() || self.unassigned.is_empty() {
             return Vec::new();
         }
@@ -151,6 +184,7 @@ impl Scheduler {
             start += share;
             if !block.is_empty() {
                 self.workers.entry(*worker).or_default().extend(block);
+                self.busy_since.entry(*worker).or_insert(now);
                 out.entry(*worker).or_default().extend(block);
             }
         }
@@ -164,6 +198,10 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
     fn d(worker: WorkerId, a: &[u32]) -> Dispatch {
         Dispatch {
             worker,
@@ -174,39 +212,43 @@ mod tests {
     #[test]
     fn assignments_are_spread_in_blocks() {
         let mut s = Scheduler::new();
-        assert!(s.worker_joined(1).is_empty(), "no round yet");
-        s.worker_joined(2);
-        assert_eq!(s.start_round(0, 5), vec![d(1, &[0, 1, 2]), d(2, &[3, 4])]);
+        assert!(s.worker_joined(1, t0()).is_empty(), "no round yet");
+        s.worker_joined(2, t0());
+        assert_eq!(s.start_round(0, 5, t0()), vec![d(1, &[0, 1, 2]), d(2, &[3, 4])]);
     }
 
     #[test]
     fn results_count_once_and_only_from_the_holder() {
         let mut s = Scheduler::new();
-        s.worker_joined(1);
-        s.worker_joined(2);
-        s.start_round(3, 2);
-        assert_eq!(s.result(2, 3, 0), Err(Rejection::NotAssigned), "held by worker 1");
-        assert_eq!(s.result(1, 2, 0), Err(Rejection::StaleRound));
-        assert_eq!(s.result(1, 3, 0), Ok(()));
-        assert_eq!(s.result(1, 3, 0), Err(Rejection::NotAssigned), "duplicate");
-        assert_eq!(s.result(9, 3, 1), Err(Rejection::NotAssigned), "unknown worker");
+        s.worker_joined(1, t0());
+        s.worker_joined(2, t0());
+        s.start_round(3, 2, t0());
+        assert_eq!(s.result(2, 3, 0, t0()), Err(Rejection::NotAssigned), "held by worker 1");
+        assert_eq!(s.result(1, 2, 0, t0()), Err(Rejection::StaleRound));
+        assert_eq!(s.result(1, 3, 0, t0()), Ok(()));
+        assert_eq!(s.result(1, 3, 0, t0()), Err(Rejection::NotAssigned), "duplicate");
+        assert_eq!(s.result(9, 3, 1, t0()), Err(Rejection::NotAssigned), "unknown worker");
         assert!(!s.round_complete());
-        assert_eq!(s.result(2, 3, 1), Ok(()));
+        assert_eq!(s.result(2, 3, 1, t0()), Ok(()));
         assert!(s.round_complete());
-        assert_eq!(s.result(2, 3, 7), Err(Rejection::NotAssigned), "never given");
+        assert_eq!(s.result(2, 3, 7, t0()), Err(Rejection::NotAssigned), "never given");
     }
 
     #[test]
     fn a_lost_worker_s_assignments_move_and_its_late_results_are_refused() {
         let mut s = Scheduler::new();
-        s.worker_joined(1);
-        s.worker_joined(2);
-        s.start_round(0, 4);
-        assert_eq!(s.result(1, 0, 0), Ok(()));
-        assert_eq!(s.worker_lost(1), vec![d(2, &[1])], "only the unfinished one moves");
-        assert_eq!(s.result(1, 0, 1), Err(Rejection::NotAssigned));
+        s.worker_joined(1, t0());
+        s.worker_joined(2, t0());
+        s.start_round(0, 4, t0());
+        assert_eq!(s.result(1, 0, 0, t0()), Ok(()));
+        assert_eq!(
+            s.worker_lost(1, t0()),
+            vec![d(2, &[1])],
+            "only the unfinished one moves"
+        );
+        assert_eq!(s.result(1, 0, 1, t0()), Err(Rejection::NotAssigned));
         for a in 1..4 {
-            assert_eq!(s.result(2, 0, a), Ok(()));
+            assert_eq!(s.result(2, 0, a, t0()), Ok(()));
         }
         assert!(s.round_complete());
         assert_eq!(s.reassigned(), 1);
@@ -215,14 +257,47 @@ mod tests {
     #[test]
     fn work_waits_for_a_worker_and_failures_are_redispatched() {
         let mut s = Scheduler::new();
-        assert!(s.start_round(0, 2).is_empty());
-        assert_eq!(s.worker_joined(4), vec![d(4, &[0, 1])]);
-        assert_eq!(s.failed(4, 0, 1), vec![d(4, &[1])], "the only worker gets it back");
-        assert!(s.failed(4, 9, 0).is_empty(), "stale failure ignored");
-        assert_eq!(s.result(4, 0, 0), Ok(()));
-        assert_eq!(s.result(4, 0, 1), Ok(()));
+        assert!(s.start_round(0, 2, t0()).is_empty());
+        assert_eq!(s.worker_joined(4, t0()), vec![d(4, &[0, 1])]);
+        assert_eq!(
+            s.failed(4, 0, 1, t0()),
+            vec![d(4, &[1])],
+            "the only worker gets it back"
+        );
+        assert!(s.failed(4, 9, 0, t0()).is_empty(), "stale failure ignored");
+        assert_eq!(s.result(4, 0, 0, t0()), Ok(()));
+        assert_eq!(s.result(4, 0, 1, t0()), Ok(()));
         assert!(s.round_complete());
-        assert_eq!(s.start_round(1, 1), vec![d(4, &[0])]);
+        assert_eq!(s.start_round(1, 1, t0()), vec![d(4, &[0])]);
         assert!(!s.round_complete());
+    }
+
+    #[test]
+    fn a_busy_worker_without_progress_becomes_overdue() {
+        let mut s = Scheduler::new();
+        let start = Instant::now();
+        let limit = Duration::from_secs(60);
+        s.worker_joined(1, start);
+        s.worker_joined(2, start);
+        s.start_round(0, 4, start);
+        assert!(s.overdue(start + Duration::from_secs(59), limit).is_empty());
+        // Worker 1 makes progress at 30 s, which restarts its clock; worker 2 stays silent.
+        assert_eq!(s.result(1, 0, 0, start + Duration::from_secs(30)), Ok(()));
+        assert_eq!(s.overdue(start + Duration::from_secs(60), limit), vec![2]);
+        assert_eq!(s.next_deadline(limit), Some(start + limit));
+        assert_eq!(s.worker_lost(2, start + Duration::from_secs(60)), vec![d(1, &[2, 3])]);
+        assert!(
+            s.overdue(start + Duration::from_secs(80), limit).is_empty(),
+            "worker 1's clock restarted at 30 s"
+        );
+        assert_eq!(s.overdue(start + Duration::from_secs(90), limit), vec![1]);
+        for a in 1..4 {
+            assert_eq!(s.result(1, 0, a, start + Duration::from_secs(91)), Ok(()));
+        }
+        assert!(
+            s.overdue(start + Duration::from_secs(1000), limit).is_empty(),
+            "an idle worker is never overdue"
+        );
+        assert_eq!(s.next_deadline(limit), None);
     }
 }
