@@ -119,6 +119,7 @@ async fn run_job(
         worker_wait: Duration::from_secs(60),
         resume: false,
         assignment_timeout: Duration::from_secs(600),
+        checkpoint_pause: Duration::ZERO,
     })?;
     let addr = coordinator.local_addr()?;
     let exe = std::env::current_exe().context("locating the metaloop binary")?;

@@ -120,6 +120,9 @@ struct CoordinatorArgs {
     /// and its work reassigned.
     #[arg(long, default_value_t = 600)]
     assignment_timeout: u64,
+    /// Test hook: pause this long between writing a checkpoint and renaming it into place.
+    #[arg(long, default_value_t = 0, hide = true)]
+    checkpoint_pause_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,6 +192,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 worker_wait: Duration::from_secs(args.worker_wait),
                 resume: args.resume,
                 assignment_timeout: Duration::from_secs(args.assignment_timeout),
+                checkpoint_pause: Duration::from_millis(args.checkpoint_pause_ms),
             })?;
             // The first line on stdout is the bound address, for scripts that listen on port 0.
             println!("listening on {}", coordinator.local_addr()?);

@@ -396,3 +396,124 @@ async fn a_stuck_worker_is_dropped_at_the_assignment_timeout() {
     assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
     eprintln!("stuck worker dropped {dropped_after:?} after its plan arrived (timeout 2 s)");
 }
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// SIGTERM on the coordinator: it abandons the round, writes a checkpoint, tells the workers to
+/// stop and exits 0; `--resume` with fresh workers then ends exactly where an undisturbed run
+/// ends. SIGTERM on a worker: it leaves at once and cleanly, and its work moves on.
+#[test]
+fn sigterm_stops_cleanly_and_the_run_resumes_exactly() {
+    let job = ["--rounds", "80", "--seed", "21"];
+    let reference = reference_run(&job, "2");
+    let dir = tempfile::tempdir().expect("tmp");
+    metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let args = [&job[..], &["--min-workers", "2"]].concat();
+    let (mut first, addr) = coordinator(dir.path(), &args);
+    let mut w = [worker(dir.path(), &addr, "w0"), worker(dir.path(), &addr, "w1")];
+    let run = dir.path().join("run");
+    let start = Instant::now();
+    while rounds_done(&run) < 15 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A worker asked to stop leaves at once and cleanly; the other one carries on.
+    let left_at = Instant::now();
+    sigterm(&w[1]);
+    assert!(
+        wait_for(&mut w[1], Duration::from_secs(10)).success(),
+        "a worker exits 0 on SIGTERM"
+    );
+    let leave = left_at.elapsed();
+    let before = rounds_done(&run);
+    while rounds_done(&run) < before + 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the run stalled after a worker left"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sigterm(&first);
+    let stopped = wait_for(&mut first, Duration::from_secs(30));
+    assert!(stopped.success(), "the coordinator exits 0 on SIGTERM");
+    assert!(
+        wait_for(&mut w[0], Duration::from_secs(30)).success(),
+        "workers are told to stop"
+    );
+    let stopped_at = rounds_done(&run);
+    assert!(stopped_at < 80, "stopped mid-run");
+    let checkpoints: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .expect("checkpoints")
+        .flatten()
+        .collect();
+    assert!(!checkpoints.is_empty());
+
+    let (mut second, addr2) = coordinator(dir.path(), &[&args[..], &["--resume"]].concat());
+    let mut fresh = [worker(dir.path(), &addr2, "w2"), worker(dir.path(), &addr2, "w3")];
+    assert!(wait_for(&mut second, Duration::from_secs(120)).success());
+    for f in &mut fresh {
+        wait_for(f, Duration::from_secs(30));
+    }
+    let got = summary(&run);
+    assert_eq!(got["completed"], true);
+    assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
+    eprintln!(
+        "a worker left {leave:?} after SIGTERM; the coordinator stopped after {stopped_at} rounds and resumed exactly"
+    );
+}
+
+/// SIGKILL while a checkpoint is being written (the write is slowed by a test hook so the kill
+/// lands inside it): the previous checkpoint survives, the half-written one is never taken for
+/// a checkpoint, and the resumed run ends exactly where the undisturbed one ends.
+#[test]
+fn a_kill_during_a_checkpoint_write_loses_nothing() {
+    let job = ["--rounds", "40", "--seed", "13"];
+    let reference = reference_run(&job, "2");
+    let dir = tempfile::tempdir().expect("tmp");
+    metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let args = [&job[..], &["--min-workers", "2"]].concat();
+    // Every checkpoint write pauses 1.5 s before its rename: round 10's completes, round 20's
+    // is killed.
+    let (mut first, addr) = coordinator(dir.path(), &[&args[..], &["--checkpoint-pause-ms", "1500"]].concat());
+    let mut w = [worker(dir.path(), &addr, "w0"), worker(dir.path(), &addr, "w1")];
+    let ckpt = dir.path().join("run/checkpoints");
+    let start = Instant::now();
+    // The second checkpoint (round 20) is being written when its temporary file appears.
+    while !ckpt.join(".round-00000020.safetensors.tmp").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint write started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.kill().expect("SIGKILL mid-write");
+    first.wait().expect("reap");
+    assert!(
+        !ckpt.join("round-00000020.safetensors").exists(),
+        "the write never completed"
+    );
+    assert!(
+        ckpt.join("round-00000010.safetensors").exists(),
+        "the previous checkpoint survives"
+    );
+
+    let (mut second, _) = coordinator_on(
+        dir.path(),
+        &addr,
+        "coordinator2.stderr",
+        &[&args[..], &["--resume"]].concat(),
+    );
+    assert!(wait_for(&mut second, Duration::from_secs(120)).success());
+    for x in &mut w {
+        wait_for(x, Duration::from_secs(30));
+    }
+    let log = std::fs::read_to_string(dir.path().join("coordinator2.stderr")).expect("log");
+    assert!(log.contains("resuming from") && log.contains("round-00000010"), "{log}");
+    assert_eq!(
+        summary(&dir.path().join("run"))["final_state_checksum"],
+        reference["final_state_checksum"]
+    );
+}

@@ -24,6 +24,7 @@ async fn coordinator_rejects_a_worker_of_another_version() {
         worker_wait: Duration::from_secs(30),
         resume: false,
         assignment_timeout: Duration::from_secs(600),
+        checkpoint_pause: Duration::ZERO,
     })
     .expect("bind");
     let addr = coordinator.local_addr().expect("addr");

@@ -9,6 +9,7 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Everything needed to continue a job exactly where it stopped.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,12 +151,19 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<State> {
 /// # Errors
 /// On any I/O failure (a full disk, say), naming the file; the temporary file is removed.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    write_atomic_slowly(dir, name, bytes, Duration::ZERO)
+}
+
+/// [`write_atomic`] with a pause between writing the temporary file and renaming it, so tests
+/// can kill the process inside that window.
+fn write_atomic_slowly(dir: &Path, name: &str, bytes: &[u8], pause: Duration) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        std::thread::sleep(pause);
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(dir)?.sync_all()
     })();
@@ -190,13 +198,14 @@ fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-/// Writes a checkpoint into `dir` and removes all but the newest `keep`.
+/// Writes a checkpoint into `dir` and removes all but the newest `keep`. `pause` (zero outside
+/// tests) widens the window between writing and renaming.
 ///
 /// # Errors
 /// On an I/O failure, naming the file.
-pub fn save(dir: &Path, state: &State, keep: usize) -> anyhow::Result<PathBuf> {
+pub fn save(dir: &Path, state: &State, keep: usize, pause: Duration) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = write_atomic(dir, &file_name(state.rounds_done), &encode(state)?)?;
+    let path = write_atomic_slowly(dir, &file_name(state.rounds_done), &encode(state)?, pause)?;
     for (_, old) in list(dir).into_iter().skip(keep.max(1)) {
         let _ = std::fs::remove_file(old);
     }
@@ -268,7 +277,7 @@ mod tests {
     fn keeps_the_newest_and_skips_torn_files() {
         let dir = tempfile::tempdir().expect("tmp");
         for r in [5, 10, 15, 20] {
-            save(dir.path(), &state(r), 3).expect("save");
+            save(dir.path(), &state(r), 3, Duration::ZERO).expect("save");
         }
         let rounds: Vec<u64> = list(dir.path()).iter().map(|(r, _)| *r).collect();
         assert_eq!(rounds, vec![20, 15, 10], "only the newest 3 are kept");

@@ -46,6 +46,8 @@ pub struct CoordinatorOptions {
     /// A worker holding assignments that returns no result for this long is dropped (it may
     /// be alive on the network but stuck); its assignments go to others.
     pub assignment_timeout: Duration,
+    /// Test hook: a pause between writing a checkpoint and renaming it into place (zero).
+    pub checkpoint_pause: Duration,
 }
 
 /// The coordinator was asked to stop (SIGINT/SIGTERM): not a failure.
@@ -150,7 +152,11 @@ impl Coordinator {
                 records.push(record);
                 let every = config.checkpoint.every;
                 if every > 0 && state.rounds_done % every == 0 && state.rounds_done < config.rounds {
-                    checkpoint::save(&checkpoints, &state.snapshot(config.seed), config.checkpoint.keep)?;
+                    let snapshot = state.snapshot(config.seed);
+                    let pause = self.options.checkpoint_pause;
+                    tokio::task::block_in_place(|| {
+                        checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep, pause)
+                    })?;
                 }
                 if shutdown.is_cancelled() {
                     return Err(Stopped.into());
@@ -159,13 +165,16 @@ impl Coordinator {
             anyhow::Ok(())
         }
         .await;
+        let reason = if outcome.is_ok() {
+            "job finished"
+        } else {
+            "coordinator stopping"
+        };
         for peer in state.peers.values() {
-            let _ = peer.outbox.send(Outgoing::Shutdown {
-                reason: "job finished".into(),
-            });
+            let _ = peer.outbox.send(Outgoing::Shutdown { reason: reason.into() });
         }
         // Give workers a moment to read the shutdown before the endpoint goes away.
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tokio::time::timeout(Duration::from_secs(12), async {
             while !state.peers.is_empty() {
                 match events.recv().await {
                     Some(Event::Lost { worker, .. }) => {
@@ -191,7 +200,7 @@ impl Coordinator {
         // the final state otherwise.
         let snapshot = state.snapshot(config.seed);
         if stopped {
-            let path = checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep)?;
+            let path = checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO)?;
             eprintln!(
                 "stopped after round {}; checkpoint {} (continue with --resume)",
                 state.rounds_done,

@@ -16,6 +16,8 @@ use tokio_util::task::TaskTracker;
 
 /// A worker that has not said hello by then is dropped.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a worker gets to read a shutdown and close the connection itself.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A result whose delta has not arrived by then counts as a lost worker.
 const BUNDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -207,7 +209,11 @@ async fn write_loop(
             }
             Outgoing::Shutdown { reason } => {
                 net::write_frame(send, &CoordinatorMsg::Shutdown { reason }).await?;
-                net::finish_and_flush(send, Duration::from_secs(5)).await;
+                net::finish_and_flush(send, SHUTDOWN_GRACE).await;
+                // A transport ACK is not enough: a worker in the middle of an assignment reads
+                // the message only afterwards, and closing first would discard it. The worker
+                // closes the connection once it has read it.
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.closed()).await;
                 return Ok(());
             }
         }
