@@ -90,6 +90,18 @@ fn rounds_done(run: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits (bounded) until the run has recorded `n` rounds.
+fn wait_for_rounds(run: &Path, n: usize) {
+    let start = Instant::now();
+    while rounds_done(run) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the run did not reach {n} rounds"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
@@ -115,11 +127,7 @@ fn a_worker_killed_mid_run_changes_time_not_the_result() {
     let mut survivor = worker(dir.path(), &addr, "survivor");
     let mut victim = worker(dir.path(), &addr, "victim");
     let run = dir.path().join("run");
-    let start = Instant::now();
-    while rounds_done(&run) < 10 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_rounds(&run, 10);
     victim.kill().expect("SIGKILL the victim"); // Child::kill sends SIGKILL on Unix
     victim.wait().expect("reap");
     let killed_at = rounds_done(&run);
@@ -163,11 +171,7 @@ fn a_worker_joining_mid_run_is_admitted_and_changes_nothing() {
     let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--min-workers", "1"]].concat());
     let mut first = worker(dir.path(), &addr, "first");
     let run = dir.path().join("run");
-    let start = Instant::now();
-    while rounds_done(&run) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_rounds(&run, 3);
     let mut late = worker(dir.path(), &addr, "late");
     assert!(wait_for(&mut coord, Duration::from_secs(120)).success());
     wait_for(&mut first, Duration::from_secs(30));
@@ -316,11 +320,7 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     let (mut first, addr) = coordinator(dir.path(), &args);
     let mut workers = [worker(dir.path(), &addr, "w0"), worker(dir.path(), &addr, "w1")];
     let run = dir.path().join("run");
-    let start = Instant::now();
-    while rounds_done(&run) < 25 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the run did not progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_rounds(&run, 25);
     first.kill().expect("SIGKILL the coordinator");
     first.wait().expect("reap");
     let killed_at = rounds_done(&run);
@@ -418,11 +418,7 @@ fn sigterm_stops_cleanly_and_the_run_resumes_exactly() {
     let (mut first, addr) = coordinator(dir.path(), &args);
     let mut w = [worker(dir.path(), &addr, "w0"), worker(dir.path(), &addr, "w1")];
     let run = dir.path().join("run");
-    let start = Instant::now();
-    while rounds_done(&run) < 15 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the run did not progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_rounds(&run, 15);
     // A worker asked to stop leaves at once and cleanly; the other one carries on.
     let left_at = Instant::now();
     sigterm(&w[1]);
@@ -432,13 +428,7 @@ fn sigterm_stops_cleanly_and_the_run_resumes_exactly() {
     );
     let leave = left_at.elapsed();
     let before = rounds_done(&run);
-    while rounds_done(&run) < before + 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the run stalled after a worker left"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_rounds(&run, before + 3);
     sigterm(&first);
     let stopped = wait_for(&mut first, Duration::from_secs(30));
     assert!(stopped.success(), "the coordinator exits 0 on SIGTERM");
