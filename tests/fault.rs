@@ -274,6 +274,7 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
             compute_seconds: 0.0,
             meta_loss: None,
             domains: Vec::new(),
+            omega_grad: Vec::new(),
         })
     };
     net::send_bundle(conn, 1, &nan).await.expect("bundle");

@@ -222,3 +222,45 @@ fn a_corrupt_data_file_is_named_before_training() {
         "{err}"
     );
 }
+
+/// Meta loss rescaling end to end with 2 worker processes, in both modes: Ω must give the
+/// corrupted samples (recorded in domains.json) a lower weight than the clean ones.
+#[test]
+fn loss_rescaling_weights_corrupted_samples_down_in_both_modes() {
+    for mode in ["clean-meta", "self-taught"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = format!("configs/noise40-{mode}.toml");
+        let s = run_local(dir.path(), &["--workers", "2", "--config", &config, "--rounds", "150"]);
+        assert_eq!(s["strategy"], format!("loss-rescaling/{mode}"));
+        let r = &s["rescaler"];
+        let (clean, corrupted) = (
+            r["mean_weight_clean"].as_f64().expect("clean"),
+            r["mean_weight_corrupted"].as_f64().expect("corrupted"),
+        );
+        assert!(corrupted < clean, "{mode}: corrupted {corrupted} vs clean {clean}");
+        assert!(r["auc"].as_f64().expect("auc") > 0.9, "{mode}: {r}");
+        let flipped: usize =
+            serde_json::from_str::<Value>(&std::fs::read_to_string(dir.path().join("domains.json")).expect("domains"))
+                .expect("JSON")[0]["flipped"]
+                .as_array()
+                .expect("flipped")
+                .len();
+        assert_eq!(
+            r["corrupted"].as_u64(),
+            Some(flipped as u64),
+            "the corrupted group is exactly the recorded rows"
+        );
+        assert!(s["best_meta_round"].as_u64().is_some() && s["test_accuracy_at_best_meta"].as_f64().is_some());
+        let svg = std::fs::read_to_string(dir.path().join("weights.svg")).expect("weights.svg");
+        assert!(svg.contains("corrupted"), "histogram written");
+        let last: Value = serde_json::from_str(
+            std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+                .expect("metrics")
+                .lines()
+                .last()
+                .expect("a round"),
+        )
+        .expect("JSON");
+        assert!(last["omega_grad_norm"].as_f64().is_some(), "{last}");
+    }
+}

@@ -2,6 +2,7 @@
 //! problem collected (each with its key path) before anything starts.
 
 pub use crate::domains::DomainConfig;
+use crate::features::Feature;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -93,6 +94,39 @@ pub struct StrategyConfig {
     pub weight_decay: f64,
     /// Samples per domain (from the assignment's shard) on which d_k is measured.
     pub probe: u32,
+    /// `loss-rescaling`: none (plain training), clean-meta or self-taught.
+    pub mode: RescaleMode,
+    /// `loss-rescaling`: Ω's inputs.
+    pub features: Vec<Feature>,
+    /// `loss-rescaling`: normalise Ω's weights to mean 1 in every training batch. Self-taught
+    /// mode collapsed without it (DESIGN.md §6.3).
+    pub normalize: bool,
+    /// `loss-rescaling`: Adam on Ω; Meta-Weight-Net's defaults are lr 1e-3, weight decay 1e-4.
+    pub omega_lr: f64,
+    pub omega_weight_decay: f64,
+    /// `loss-rescaling`: Ω's hidden units.
+    pub omega_hidden: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RescaleMode {
+    /// Plain training: every sample weighs 1 (the baseline).
+    None,
+    /// Meta-Weight-Net: L_val on the trusted meta set.
+    CleanMeta,
+    /// L_val on a batch of the noisy training data, weighted by Ω.
+    SelfTaught,
+}
+
+impl RescaleMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RescaleMode::None => "none",
+            RescaleMode::CleanMeta => "clean-meta",
+            RescaleMode::SelfTaught => "self-taught",
+        }
+    }
 }
 
 impl Default for StrategyConfig {
@@ -105,6 +139,12 @@ impl Default for StrategyConfig {
             lr: 0.01,
             weight_decay: 1e-3,
             probe: 64,
+            mode: RescaleMode::None,
+            features: crate::features::default_features(),
+            normalize: true,
+            omega_lr: 1e-3,
+            omega_weight_decay: 1e-4,
+            omega_hidden: 100,
         }
     }
 }
@@ -114,6 +154,8 @@ impl Default for StrategyConfig {
 pub enum StrategyKind {
     /// One learned weight per training domain.
     DomainWeights,
+    /// A network Ω that weights every sample's loss.
+    LossRescaling,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -416,6 +458,44 @@ impl JobConfig {
             }
             WeightMethod::Uniform => {}
         }
+        if s.kind == StrategyKind::LossRescaling {
+            check(
+                s.method == WeightMethod::Uniform,
+                "strategy.method",
+                "loss-rescaling keeps domain weights uniform; leave `method` out".into(),
+            );
+            check(
+                !(s.mode == RescaleMode::CleanMeta && d.meta.is_none()),
+                "data.meta",
+                "mode `clean-meta` needs a meta set".into(),
+            );
+            check(
+                !s.features.is_empty(),
+                "strategy.features",
+                "Ω needs at least one feature".into(),
+            );
+            check(
+                s.omega_lr.is_finite() && s.omega_lr > 0.0,
+                "strategy.omega_lr",
+                format!("must be positive, got {}", s.omega_lr),
+            );
+            check(
+                s.omega_weight_decay.is_finite() && s.omega_weight_decay >= 0.0,
+                "strategy.omega_weight_decay",
+                format!("must be ≥ 0, got {}", s.omega_weight_decay),
+            );
+            check(
+                s.omega_hidden >= 1,
+                "strategy.omega_hidden",
+                format!("must be at least 1, got {}", s.omega_hidden),
+            );
+        } else {
+            check(
+                s.mode == RescaleMode::None,
+                "strategy.mode",
+                "only for kind = \"loss-rescaling\"".into(),
+            );
+        }
         let ModelConfig::Mlp { hidden } = &self.model;
         check(
             hidden.iter().all(|&h| h >= 1),
@@ -558,5 +638,32 @@ mod tests {
             problems.iter().any(|p| p.starts_with("strategy.weights:")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn loss_rescaling_settings_are_checked() {
+        let dir = base_with_data();
+        let head = "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n";
+        let bad = format!(
+            "{head}[strategy]\nkind = \"loss-rescaling\"\nmode = \"clean-meta\"\nfeatures = []\nomega_lr = 0.0\n"
+        );
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&bad, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        let joined = problems.join("\n");
+        for key in ["data.meta:", "strategy.features:", "strategy.omega_lr:"] {
+            assert!(joined.contains(key), "missing {key} in {joined}");
+        }
+        let stray = format!("{head}[strategy]\nmode = \"self-taught\"\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&stray, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert!(problems.iter().any(|p| p.starts_with("strategy.mode:")), "{problems:?}");
+        let ok = format!(
+            "{head}[strategy]\nkind = \"loss-rescaling\"\nmode = \"self-taught\"\nfeatures = [\"loss\", \"margin\"]\n"
+        );
+        let cfg = JobConfig::parse(&ok, dir.path()).expect("self-taught needs no meta set");
+        assert_eq!(cfg.strategy.features, vec![Feature::Loss, Feature::Margin]);
+        assert!(cfg.strategy.normalize && cfg.strategy.omega_lr == 1e-3, "defaults");
     }
 }

@@ -7,6 +7,7 @@ pub mod compute;
 pub mod config;
 pub mod dataset;
 pub mod domains;
+pub mod features;
 pub mod model;
 pub mod net;
 pub mod proto;

@@ -143,7 +143,40 @@ pub struct RoundPlan {
     pub domain_weights: Vec<f64>,
     /// When set, also measure d_k = ⟨∇ℓ_k, ∇L_meta⟩ per domain after the inner steps.
     pub hypergradient: Option<HypergradientSpec>,
+    /// When set, weight every sample's loss by Ω and return Ω's meta-gradient.
+    pub rescaler: Option<RescalerPlan>,
     pub assignments: Vec<Assignment>,
+}
+
+/// A tensor small enough to travel inside a control frame (the rescaler network, its gradient).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmallTensor {
+    pub name: String,
+    pub shape: Vec<u32>,
+    pub data: Vec<f32>,
+}
+
+/// Meta loss rescaling for one round (DESIGN.md §6.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RescalerPlan {
+    pub mode: RescaleMode,
+    /// Ω's parameters (an MLP from features to one logit; weight = sigmoid).
+    pub omega: Vec<SmallTensor>,
+    /// Feature codes (`features::Feature::code`), in Ω's input order.
+    pub features: Vec<u8>,
+    /// Normalise Ω's weights to mean 1 within each training batch (the collapse guard).
+    pub normalize: bool,
+    pub directional: DirectionalMethod,
+    /// Fraction of the run done, for the `progress` feature.
+    pub progress: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RescaleMode {
+    /// L_val on the trusted meta set (Meta-Weight-Net).
+    CleanMeta,
+    /// L_val on a batch of the noisy training data, weighted by Ω and normalised.
+    SelfTaught,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -201,6 +234,8 @@ pub struct AssignmentResult {
     pub meta_loss: Option<f32>,
     /// Per domain, in job order (empty unless the plan asked for the hypergradient).
     pub domains: Vec<DomainStat>,
+    /// Ω's meta-gradient (empty unless the plan carried a rescaler).
+    pub omega_grad: Vec<SmallTensor>,
 }
 
 /// One domain's contribution to the hypergradient: Σ c_i over `count` probe samples.
@@ -515,6 +550,11 @@ mod tests {
             compute_seconds: 1.5,
             meta_loss: Some(0.5),
             domains: vec![DomainStat { d_sum: -1.5, count: 64 }],
+            omega_grad: vec![SmallTensor {
+                name: "l0.bias".into(),
+                shape: vec![2],
+                data: vec![0.5, -1.0],
+            }],
         }));
         roundtrip(WorkerMsg::Failed {
             round: 2,
@@ -555,6 +595,18 @@ mod tests {
                 hypergradient: Some(HypergradientSpec {
                     directional: DirectionalMethod::FiniteDifference,
                     probe: 64,
+                }),
+                rescaler: Some(RescalerPlan {
+                    mode: RescaleMode::SelfTaught,
+                    omega: vec![SmallTensor {
+                        name: "l0.weight".into(),
+                        shape: vec![1, 2],
+                        data: vec![0.1, 0.2],
+                    }],
+                    features: vec![0, 1, 2],
+                    normalize: true,
+                    directional: DirectionalMethod::Exact,
+                    progress: 0.25,
                 }),
                 assignments: vec![Assignment {
                     index: 0,

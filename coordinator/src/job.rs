@@ -4,6 +4,7 @@
 
 use crate::checkpoint;
 use crate::outer::OuterOptimizer;
+use crate::rescaler::LossRescaler;
 use crate::rundir::{RoundRecord, RunDir, Summary};
 use crate::scheduler::{Dispatch, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
@@ -11,13 +12,15 @@ use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
 use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
-use metaloop_common::config::{JobConfig, ModelConfig};
+use metaloop_common::config::{JobConfig, ModelConfig, StrategyKind};
 use metaloop_common::dataset::{self, Dataset};
 use metaloop_common::domains;
-use metaloop_common::model;
+use metaloop_common::features::{self, Feature};
+use metaloop_common::model::{self, Model};
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_common::proto::{
-    Assignment, AssignmentResult, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RoundPlan,
+    Assignment, AssignmentResult, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RescalerPlan,
+    RoundPlan,
 };
 use metaloop_common::rng::derive_seed;
 use metaloop_common::tensor::Bundle;
@@ -96,8 +99,10 @@ impl Coordinator {
     ) -> anyhow::Result<Summary> {
         let started = Instant::now();
         let run_dir = RunDir::create(&self.options.run_dir, self.options.resume)?;
-        let (job, test) = prepare_data(&config, &run_dir)?;
-        let mut state = LoopState::new(&config, &job, test)?;
+        let rescaler = LossRescaler::new(&config.strategy, config.seed);
+        let data = prepare_data(&config, &run_dir, rescaler.is_some())?;
+        let job = data.job.clone();
+        let mut state = LoopState::new(&config, &job, data, rescaler)?;
         state.assignment_timeout = self.options.assignment_timeout;
         let checkpoints = self.options.run_dir.join("checkpoints");
         if self.options.resume {
@@ -214,6 +219,18 @@ impl Coordinator {
             )?;
         }
 
+        let separation = match &state.rescaler {
+            Some(r) => {
+                let (params, omega, features) = (state.params.clone(), r.omega(), r.features().to_vec());
+                let (clean, corrupted) = state
+                    .eval
+                    .call(move |e| e.omega_weights(&params, &omega, &features, 1.0))
+                    .await??;
+                run_dir.write_text("weights.svg", &crate::plot::histogram(&clean, &corrupted))?;
+                crate::rescaler::separation(&clean, &corrupted)
+            }
+            None => None,
+        };
         let (test_loss, test_accuracy) = state.last_eval;
         let summary = Summary {
             test_accuracy,
@@ -228,10 +245,16 @@ impl Coordinator {
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
             final_state_checksum: hex(&state.state_checksum()),
-            strategy: state.strategy.method().as_str().to_string(),
+            strategy: match config.strategy.kind {
+                StrategyKind::DomainWeights => state.strategy.method().as_str().to_string(),
+                StrategyKind::LossRescaling => format!("loss-rescaling/{}", config.strategy.mode.as_str()),
+            },
             domain_weights: state.domain_weights(),
             meta_loss: state.last_meta_loss,
             baseline_test_accuracy: None,
+            best_meta_round: state.best_meta.map(|b| b.0),
+            test_accuracy_at_best_meta: state.best_meta.map(|b| b.3),
+            rescaler: separation,
             completed: !stopped && state.rounds_done == config.rounds,
         };
         run_dir.write_summary(&summary)?;
@@ -239,14 +262,25 @@ impl Coordinator {
     }
 }
 
+/// The data the coordinator itself needs, beside the spec workers rebuild theirs from.
+struct Prepared {
+    job: JobSpec,
+    test: Dataset,
+    meta: Option<Dataset>,
+    /// Training domains with their corrupted rows, kept only when Ω's separation of clean from
+    /// corrupted samples is to be measured.
+    train: Vec<(Dataset, Vec<usize>)>,
+}
+
 /// Builds every domain and the meta set once, checks they fit together, records what was done
-/// to them in `domains.json`, and returns the job spec workers rebuild the same data from,
-/// with the test set.
-fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec, Dataset)> {
+/// to them in `domains.json`, and returns the job spec workers rebuild the same data from.
+fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyhow::Result<Prepared> {
     let d = &config.data;
     let test = dataset::load(&d.test, d.classes)?;
     let mut specs = Vec::new();
     let mut records = Vec::new();
+    let mut train = Vec::new();
+    let mut meta_data = None;
     for (i, cfg) in d.domains.iter().enumerate() {
         let built = domains::build(cfg, i, d.classes, config.seed)?;
         if built.data.features != test.features {
@@ -266,6 +300,9 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec
             );
         }
         specs.push(domains::to_spec(cfg, domains::dataset_checksum(&built.data)));
+        if keep_train {
+            train.push((built.data, built.record.flipped.clone()));
+        }
         records.push(built.record);
     }
     let meta = match &d.meta {
@@ -279,10 +316,12 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec
                     test.features
                 );
             }
-            Some(DataRef {
+            let r = DataRef {
                 path: path.to_string_lossy().into_owned(),
                 checksum: domains::dataset_checksum(&m),
-            })
+            };
+            meta_data = Some(m);
+            Some(r)
         }
         None => None,
     };
@@ -305,7 +344,12 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir) -> anyhow::Result<(JobSpec
             weight_decay: config.inner.weight_decay,
         },
     };
-    Ok((job, test))
+    Ok(Prepared {
+        job,
+        test,
+        meta: meta_data,
+        train,
+    })
 }
 
 struct Peer {
@@ -317,6 +361,58 @@ struct Peer {
 struct Evaluator {
     spec: ModelSpec,
     test: Dataset,
+    meta: Option<Dataset>,
+    train: Vec<(Dataset, Vec<usize>)>,
+}
+
+/// The global model's quality after a round.
+struct Evaluation {
+    test: (f64, f64),
+    /// Loss and accuracy on the meta set, when the job has one.
+    meta: Option<(f64, f64)>,
+}
+
+impl Evaluator {
+    fn evaluate(&self, params: &Bundle) -> Result<Evaluation, model::ModelError> {
+        let m = model::build(&self.spec, params, tch::Device::Cpu)?;
+        let test = model::evaluate(m.as_ref(), &self.test, tch::Device::Cpu)?;
+        let meta = self
+            .meta
+            .as_ref()
+            .map(|d| model::evaluate(m.as_ref(), d, tch::Device::Cpu))
+            .transpose()?;
+        Ok(Evaluation { test, meta })
+    }
+
+    /// Ω's raw weight for every training sample, split into (clean, corrupted).
+    fn omega_weights(
+        &self,
+        params: &Bundle,
+        omega: &Bundle,
+        features: &[Feature],
+        progress: f64,
+    ) -> Result<(Vec<f64>, Vec<f64>), model::ModelError> {
+        let m = model::build(&self.spec, params, tch::Device::Cpu)?;
+        let o = model::Mlp::from_bundle(omega, tch::Device::Cpu)?;
+        let (mut clean, mut corrupted) = (Vec::new(), Vec::new());
+        for (d, flipped) in &self.train {
+            let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
+            let w = tch::no_grad(|| {
+                let f = features::compute(&m.forward(&x), &y, features, progress);
+                o.forward(&f).sigmoid().squeeze_dim(1).to_kind(tch::Kind::Double)
+            });
+            let w = Vec::<f64>::try_from(&w)?;
+            let bad: std::collections::HashSet<usize> = flipped.iter().copied().collect();
+            for (i, v) in w.into_iter().enumerate() {
+                if bad.contains(&i) {
+                    corrupted.push(v)
+                } else {
+                    clean.push(v)
+                }
+            }
+        }
+        Ok((clean, corrupted))
+    }
 }
 
 struct LoopState {
@@ -330,6 +426,10 @@ struct LoopState {
     strategy: DomainWeights,
     /// What this round's plans carry for the strategy (fixed for the whole round).
     round_weights: (Vec<f64>, Option<HypergradientSpec>),
+    rescaler: Option<LossRescaler>,
+    round_rescaler: Option<RescalerPlan>,
+    /// (round, meta accuracy, meta loss, test accuracy) of the best round on the meta set.
+    best_meta: Option<(u64, f64, f64, f64)>,
     assignment_timeout: Duration,
     scheduler: Scheduler,
     peers: HashMap<WorkerId, Peer>,
@@ -347,10 +447,16 @@ struct LoopState {
 type Collected = Vec<Option<(AssignmentResult, Bundle)>>;
 
 impl LoopState {
-    fn new(config: &JobConfig, job: &JobSpec, test: Dataset) -> anyhow::Result<Self> {
+    fn new(config: &JobConfig, job: &JobSpec, data: Prepared, rescaler: Option<LossRescaler>) -> anyhow::Result<Self> {
         let params = model::init_params(&job.model, config.seed);
         let spec = job.model.clone();
-        let eval = ComputeThread::spawn("metaloop-eval", move || Evaluator { spec, test })?;
+        let Prepared { test, meta, train, .. } = data;
+        let eval = ComputeThread::spawn("metaloop-eval", move || Evaluator {
+            spec,
+            test,
+            meta,
+            train,
+        })?;
         Ok(Self {
             checksum: bundle_checksum(&params),
             params,
@@ -360,6 +466,9 @@ impl LoopState {
             outer: OuterOptimizer::new(config.outer.clone()),
             strategy: DomainWeights::new(&config.strategy, job.domains.iter().map(|d| d.name.clone()).collect()),
             round_weights: (Vec::new(), None),
+            rescaler,
+            round_rescaler: None,
+            best_meta: None,
             assignment_timeout: Duration::MAX,
             scheduler: Scheduler::new(),
             peers: HashMap::new(),
@@ -383,6 +492,9 @@ impl LoopState {
             h.bundle("outer.momentum", m);
         }
         self.strategy.hash_into(&mut h);
+        if let Some(r) = &self.rescaler {
+            r.hash_into(&mut h);
+        }
         h.bytes(&self.version.to_le_bytes());
         h.finish()
     }
@@ -392,7 +504,12 @@ impl LoopState {
         checkpoint::State {
             params: self.params.clone(),
             momentum: self.outer.momentum().cloned(),
-            outer: self.strategy.state(),
+            outer: self
+                .strategy
+                .state()
+                .into_iter()
+                .chain(self.rescaler.iter().flat_map(LossRescaler::state))
+                .collect(),
             version: self.version,
             rounds_done: self.rounds_done,
             seed,
@@ -408,15 +525,19 @@ impl LoopState {
         if !c.params.same_layout(&self.params) {
             bail!("its model does not have this job's layout");
         }
-        let (params, momentum, strategy) = (
+        let (params, momentum, strategy, rescaler) = (
             self.params.clone(),
             self.outer.momentum().cloned(),
             self.strategy.clone(),
+            self.rescaler.clone(),
         );
         self.params = c.params;
         self.outer.set_momentum(c.momentum);
         self.version = c.version;
-        let restored = self.strategy.restore(&c.outer);
+        let restored = self.strategy.restore(&c.outer).and_then(|()| match &mut self.rescaler {
+            Some(r) => r.restore(&c.outer),
+            None => Ok(()),
+        });
         let checksum = hex(&self.state_checksum());
         if let Err(e) = restored.and_then(|()| {
             if checksum == c.checksum {
@@ -428,6 +549,7 @@ impl LoopState {
             self.params = params;
             self.outer.set_momentum(momentum);
             self.strategy = strategy;
+            self.rescaler = rescaler;
             self.version = 0;
             return Err(e);
         }
@@ -481,6 +603,10 @@ impl LoopState {
             })
             .collect();
         self.round_weights = self.strategy.plan();
+        self.round_rescaler = self
+            .rescaler
+            .as_ref()
+            .map(|r| r.plan(round as f64 / config.rounds as f64));
         let mut collected: Collected = vec![None; assignments.len()];
         let mut failures = vec![0u32; assignments.len()];
         let dispatches = self.scheduler.start_round(round, config.data.shards, Instant::now());
@@ -545,6 +671,9 @@ impl LoopState {
         let meta_loss = (!meta.is_empty()).then(|| meta.iter().sum::<f64>() / meta.len() as f64);
         self.last_meta_loss = meta_loss;
         self.strategy.update(&results);
+        if let Some(r) = &mut self.rescaler {
+            r.update(&results);
+        }
         let update = self.outer.step(&deltas);
         self.params.add_assign(&update);
         self.version += 1;
@@ -554,14 +683,18 @@ impl LoopState {
         self.rounds_done = round + 1;
 
         let params = self.params.clone();
-        let (test_loss, test_accuracy) = self
-            .eval
-            .call(move |e| -> Result<(f64, f64), model::ModelError> {
-                let m = model::build(&e.spec, &params, tch::Device::Cpu)?;
-                model::evaluate(m.as_ref(), &e.test, tch::Device::Cpu)
-            })
-            .await??;
+        let evaluation = self.eval.call(move |e| e.evaluate(&params)).await??;
+        let (test_loss, test_accuracy) = evaluation.test;
         self.last_eval = (test_loss, test_accuracy);
+        if let Some((meta_loss, meta_acc)) = evaluation.meta {
+            let better = match self.best_meta {
+                None => true,
+                Some((_, acc, loss, _)) => meta_acc > acc || (meta_acc == acc && meta_loss < loss),
+            };
+            if better {
+                self.best_meta = Some((round, meta_acc, meta_loss, test_accuracy));
+            }
+        }
         let seconds = started.elapsed().as_secs_f64();
         Ok(RoundRecord {
             round,
@@ -569,6 +702,8 @@ impl LoopState {
             meta_loss,
             domain_weights: self.domain_weights(),
             hypergradient_norm: self.strategy.last_grad_norm(),
+            omega_grad_norm: self.rescaler.as_ref().and_then(LossRescaler::last_grad_norm),
+            meta_accuracy: evaluation.meta.map(|m| m.1),
             test_loss,
             test_accuracy,
             seconds,
@@ -613,6 +748,12 @@ impl LoopState {
                     Some("wrong_shape")
                 } else if !delta.is_finite() || !result.train_loss.is_finite() {
                     Some("non_finite")
+                } else if self
+                    .rescaler
+                    .as_ref()
+                    .is_some_and(|r| !r.valid_gradient(&result.omega_grad))
+                {
+                    Some("bad_rescaler_gradient")
                 } else {
                     None
                 };
@@ -726,6 +867,7 @@ impl LoopState {
                 model,
                 domain_weights: self.round_weights.0.clone(),
                 hypergradient: self.round_weights.1,
+                rescaler: self.round_rescaler.clone(),
                 assignments: d.assignments.iter().map(|&i| assignments[i as usize].clone()).collect(),
             };
             if peer.outbox.send(Outgoing::Plan { plan, bundle }).is_err() {

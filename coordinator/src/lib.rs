@@ -6,6 +6,7 @@ mod checkpoint;
 mod job;
 mod outer;
 mod plot;
+mod rescaler;
 mod rundir;
 mod scheduler;
 mod server;

@@ -151,6 +151,91 @@ fn panel(svg: &mut String, title: &str, series: &[Series], top: f64) {
     }
 }
 
+/// `weights.svg`: histograms of Ω's weights (20 bins over 0..1) for clean and for corrupted
+/// training samples, as fractions of each group, so a user sees at a glance whether Ω tells
+/// them apart.
+pub fn histogram(clean: &[f64], corrupted: &[f64]) -> String {
+    const BINS: usize = 20;
+    let hist = |v: &[f64]| {
+        let mut h = [0.0f64; BINS];
+        for &w in v {
+            h[((w.clamp(0.0, 1.0) * BINS as f64) as usize).min(BINS - 1)] += 1.0;
+        }
+        let n = v.len().max(1) as f64;
+        h.map(|c| c / n)
+    };
+    let groups = [
+        ("clean", hist(clean), COLOURS[0], clean.len()),
+        ("corrupted", hist(corrupted), COLOURS[1], corrupted.len()),
+    ];
+    let top = groups.iter().flat_map(|g| g.1).fold(0.0f64, f64::max).max(1e-9) * 1.05;
+    let plot_w = W - LEFT - RIGHT;
+    let sx = |x: f64| LEFT + x * plot_w;
+    let sy = |y: f64| TOP + PANEL_H - y / top * PANEL_H;
+    let mut svg = String::new();
+    let height = TOP + PANEL_H + GAP;
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{LEFT}" y="{}" font-size="14" font-weight="bold">loss weights given by the rescaler</text>"#,
+        TOP - 8.0
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{PANEL_H}" fill="none" stroke="#999"/>"##
+    );
+    for t in 0..=4 {
+        let x = f64::from(t) / 4.0;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{x:.2}</text>"#,
+            sx(x),
+            TOP + PANEL_H + 16.0
+        );
+        let y = top * f64::from(t) / 4.0;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{y:.2}</text>"#,
+            LEFT - 6.0,
+            sy(y) + 4.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">weight (fraction of each group per bin)</text>"#,
+        LEFT + plot_w / 2.0,
+        TOP + PANEL_H + 32.0
+    );
+    let bar = plot_w / BINS as f64 / 2.0;
+    for (g, (name, h, colour, n)) in groups.iter().enumerate() {
+        for (i, &f) in h.iter().enumerate() {
+            let x = sx(i as f64 / BINS as f64) + g as f64 * bar;
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}" fill-opacity="0.8"/>"#,
+                sy(f),
+                bar - 1.0,
+                TOP + PANEL_H - sy(f)
+            );
+        }
+        let ly = TOP + 14.0 + g as f64 * 18.0;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{}" y="{}" width="20" height="10" fill="{colour}"/><text x="{}" y="{}">{name} ({n})</text>"#,
+            W - RIGHT + 10.0,
+            ly - 8.0,
+            W - RIGHT + 36.0,
+            ly + 2.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -167,6 +252,8 @@ mod tests {
             meta_loss: Some(0.5),
             domain_weights: BTreeMap::from([("a<b".to_string(), w), ("c".to_string(), 2.0 - w)]),
             hypergradient_norm: None,
+            omega_grad_norm: None,
+            meta_accuracy: None,
             test_loss: 0.7,
             test_accuracy: 0.9,
             seconds: 0.1,
@@ -176,6 +263,13 @@ mod tests {
             bytes_out: 0,
             reassigned: 0,
         }
+    }
+
+    #[test]
+    fn histogram_has_a_bar_per_bin_and_group() {
+        let svg = histogram(&[0.9, 0.95, 1.0], &[0.0, 0.1]);
+        assert_eq!(svg.matches("fill-opacity").count(), 40);
+        assert!(svg.contains("clean (3)") && svg.contains("corrupted (2)"));
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub struct RoundRecord {
     pub domain_weights: BTreeMap<String, f64>,
     /// ‖dL_meta/dλ‖ of this round's update (method `hypergradient`).
     pub hypergradient_norm: Option<f64>,
+    /// ‖∇Ω‖ of this round's update (`loss-rescaling`).
+    pub omega_grad_norm: Option<f64>,
+    /// The global model's accuracy on the meta set after this round.
+    pub meta_accuracy: Option<f64>,
     pub test_loss: f64,
     pub test_accuracy: f64,
     pub seconds: f64,
@@ -58,6 +62,12 @@ pub struct Summary {
     pub baseline_test_accuracy: Option<f64>,
     /// False when the run was stopped before its last round (a checkpoint was written).
     pub completed: bool,
+    /// The round whose model did best on the meta set (accuracy, then loss), and its test
+    /// accuracy: the fair number for plain training, which may overfit noisy labels late.
+    pub best_meta_round: Option<u64>,
+    pub test_accuracy_at_best_meta: Option<f64>,
+    /// How Ω's final weights separate clean from corrupted training samples (`loss-rescaling`).
+    pub rescaler: Option<crate::rescaler::Separation>,
 }
 
 #[derive(Debug)]

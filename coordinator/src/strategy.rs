@@ -172,6 +172,7 @@ mod tests {
                 .iter()
                 .map(|&(d_sum, count)| DomainStat { d_sum, count })
                 .collect(),
+            omega_grad: Vec::new(),
         }
     }
 

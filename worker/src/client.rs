@@ -196,11 +196,16 @@ async fn round(
         }
     };
     let (weights, hyper) = (Arc::new(plan.domain_weights), plan.hypergradient);
+    let rescaler = Arc::new(plan.rescaler);
     for a in plan.assignments {
         let index = a.index;
-        let weights = weights.clone();
+        let (weights, rescaler) = (weights.clone(), rescaler.clone());
         let outcome = match &synced {
-            Ok(()) => engine.call(move |t| trainer(t)?.run(&a, &weights, hyper)).await?,
+            Ok(()) => {
+                engine
+                    .call(move |t| trainer(t)?.run(&a, &weights, hyper, rescaler.as_ref().as_ref()))
+                    .await?
+            }
             Err(e) => Err(crate::TrainError::Mismatch(e.to_string())),
         };
         match outcome {
@@ -216,6 +221,7 @@ async fn round(
                     compute_seconds: out.seconds,
                     meta_loss: out.meta_loss,
                     domains: out.domains,
+                    omega_grad: out.omega_grad,
                 };
                 net::write_frame(send, &WorkerMsg::Result(result)).await?;
             }

@@ -3,6 +3,7 @@
 
 mod client;
 pub mod primitives;
+pub mod rescaler;
 mod train;
 
 pub use client::{run, WorkerOptions};

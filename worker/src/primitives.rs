@@ -8,15 +8,13 @@ use tch::{Kind, Tensor};
 /// Finite-difference radius: ε = R / ‖u‖ (Betty's "darts" rule).
 pub const FD_RADIUS: f64 = 0.01;
 
-/// Per-sample cross-entropy `[n]` of `model` on `(x, y)`.
+/// Per-sample cross-entropy `[n]` of `model` on `(x, y)`, in the model's own precision.
 pub fn per_sample_loss(model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
-    let logp = model.forward(x).log_softmax(-1, Kind::Float);
-    -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1)
+    cross_entropy(&model.forward(x), y)
 }
 
-/// Per-sample loss in the model's own precision (the f64 test model keeps f64).
-fn per_sample_loss_native(model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
-    let logits = model.forward(x);
+/// Per-sample cross-entropy `[n]` of logits `[n, C]` against labels `[n]`.
+pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Tensor {
     let logp = logits.log_softmax(-1, logits.kind());
     -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1)
 }
@@ -29,7 +27,7 @@ pub fn gradient(model: &dyn Model, loss: &Tensor) -> Vec<Tensor> {
 /// Exact c_i = ⟨∇θ ℓ_i(θ), u⟩ for every sample, by one double backward: with weights w = 1,
 /// g = ∇θ Σ_i w_i ℓ_i (graph kept), c = ∂⟨g, u⟩/∂w.
 pub fn directional_exact(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor]) -> Tensor {
-    let losses = per_sample_loss_native(model, x, y);
+    let losses = per_sample_loss(model, x, y);
     let w = Tensor::ones_like(&losses).set_requires_grad(true);
     let total = (&w * &losses).sum(losses.kind());
     let g = Tensor::run_backward(&[&total], model.parameters(), true, true);
@@ -65,9 +63,9 @@ pub fn directional_fd(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor], r
             }
         };
         shift(1.0);
-        let plus = per_sample_loss_native(model, x, y).to_kind(Kind::Double);
+        let plus = per_sample_loss(model, x, y).to_kind(Kind::Double);
         shift(-1.0);
-        let minus = per_sample_loss_native(model, x, y).to_kind(Kind::Double);
+        let minus = per_sample_loss(model, x, y).to_kind(Kind::Double);
         for (p, s) in model.parameters().iter().zip(&saved) {
             let mut p = p.shallow_clone();
             p.copy_(s);
@@ -140,7 +138,7 @@ mod tests {
                 params: m.params.iter().zip(u).map(|(p, u)| p.detach() + u * t).collect(),
                 names: m.names.clone(),
             };
-            values(&per_sample_loss_native(&shifted, x, y))
+            values(&per_sample_loss(&shifted, x, y))
         };
         at(h).iter().zip(at(-h)).map(|(p, m)| (p - m) / (2.0 * h)).collect()
     }
@@ -195,7 +193,7 @@ mod tests {
             let loss = domains
                 .iter()
                 .zip(&w)
-                .map(|((x, y), w)| per_sample_loss_native(&theta, x, y).mean(Kind::Double) * (*w / k))
+                .map(|((x, y), w)| per_sample_loss(&theta, x, y).mean(Kind::Double) * (*w / k))
                 .reduce(|a, b| a + b)
                 .expect("domains");
             let g = gradient(&theta, &loss);
@@ -209,7 +207,7 @@ mod tests {
                 names: theta.names.clone(),
             }
         };
-        let meta_loss = |m: &Tiny| per_sample_loss_native(m, &mx, &my).mean(Kind::Double);
+        let meta_loss = |m: &Tiny| per_sample_loss(m, &mx, &my).mean(Kind::Double);
 
         let after = stepped(&lambda);
         let v = gradient(&after, &meta_loss(&after));

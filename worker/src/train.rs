@@ -2,13 +2,20 @@
 //! Synchronous and socket-free; the client drives it from a compute thread.
 
 use crate::primitives;
+use crate::rescaler::{self, Batch, Validation, VirtualStep};
 use metaloop_common::checksum::{bundle_checksum, hex};
 use metaloop_common::dataset::{self, Dataset};
 use metaloop_common::domains::{self, DomainError};
+use metaloop_common::features::{self, Feature};
+use metaloop_common::model::Mlp;
 use metaloop_common::model::{self, Model};
-use metaloop_common::proto::{Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec};
+use metaloop_common::proto::{
+    Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
+    SmallTensor,
+};
 use metaloop_common::rng::{derive_seed, SplitMix64};
 use metaloop_common::tensor::Bundle;
+use metaloop_common::tensor::HostTensor;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
@@ -57,6 +64,59 @@ pub struct AssignmentOutcome {
     pub meta_loss: Option<f32>,
     /// Per-domain hypergradient contributions (empty unless asked for).
     pub domains: Vec<DomainStat>,
+    /// Ω's meta-gradient (empty unless the plan carried a rescaler).
+    pub omega_grad: Vec<SmallTensor>,
+}
+
+/// The rescaler network of a round, built from its plan.
+struct Omega {
+    model: Box<dyn Model>,
+    mode: RescaleMode,
+    features: Vec<Feature>,
+    normalize: bool,
+    directional: DirectionalMethod,
+    progress: f64,
+}
+
+impl Omega {
+    fn from_plan(plan: &RescalerPlan) -> Result<Self, TrainError> {
+        let tensors = plan
+            .omega
+            .iter()
+            .map(|t| HostTensor {
+                name: t.name.clone(),
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+                data: t.data.clone(),
+            })
+            .collect();
+        let features = plan
+            .features
+            .iter()
+            .map(|&c| Feature::from_code(c).ok_or_else(|| TrainError::Mismatch(format!("unknown feature code {c}"))))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            model: Box::new(Mlp::from_bundle(&Bundle { tensors }, tch::Device::Cpu)?),
+            mode: plan.mode,
+            features,
+            normalize: plan.normalize,
+            directional: plan.directional,
+            progress: f64::from(plan.progress),
+        })
+    }
+
+    /// Features of `(x, y)` under the model as it is now.
+    fn features(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
+        let logits = tch::no_grad(|| model.forward(x));
+        features::compute(&logits, y, &self.features, self.progress)
+    }
+
+    /// Inner-loop weights for a batch with these logits: Ω's output, normalised if asked;
+    /// constants for the model's gradient.
+    fn weights(&self, logits: &Tensor, y: &Tensor) -> Tensor {
+        let f = features::compute(logits, y, &self.features, self.progress);
+        tch::no_grad(|| rescaler::batch_weights(&rescaler::omega_weights(self.model.as_ref(), &f), self.normalize))
+            .detach()
+    }
 }
 
 /// The worker's model state and data.
@@ -183,6 +243,7 @@ impl Trainer {
         a: &Assignment,
         weights: &[f64],
         hyper: Option<HypergradientSpec>,
+        rescaler: Option<&RescalerPlan>,
     ) -> Result<AssignmentOutcome, TrainError> {
         let start = Instant::now();
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
@@ -198,6 +259,10 @@ impl Trainer {
         if hyper.is_some() && self.meta.is_none() {
             return Err(TrainError::NoMeta);
         }
+        if rescaler.is_some_and(|r| r.mode == RescaleMode::CleanMeta) && self.meta.is_none() {
+            return Err(TrainError::NoMeta);
+        }
+        let omega = rescaler.map(Omega::from_plan).transpose()?;
         model::load_bundle(model.as_ref(), base)?;
         let inner = &self.job.inner;
         let per_domain = (inner.batch_size as usize / k).max(1);
@@ -229,9 +294,13 @@ impl Trainer {
             samples += ys.len() as u64;
             let f = self.domains[0].features;
             let (x, y) = model::batch_tensors(&xs, &ys, f, self.device);
-            let w = Tensor::from_slice(&ws).to_device(self.device);
+            let mut w = Tensor::from_slice(&ws).to_device(self.device);
             zero_grads(model.parameters());
-            let loss = (primitives::per_sample_loss(model.as_ref(), &x, &y) * w).sum(tch::Kind::Float);
+            let logits = model.forward(&x);
+            if let Some(o) = &omega {
+                w *= o.weights(&logits, &y);
+            }
+            let loss = (primitives::cross_entropy(&logits, &y) * w).sum(tch::Kind::Float);
             let value = loss.f_double_value(&[]).map_err(model::ModelError::from)?;
             if !value.is_finite() {
                 return Err(TrainError::Diverged { step });
@@ -253,6 +322,10 @@ impl Trainer {
             }
         }
         let (meta_loss, domain_stats) = self.meta_signals(model.as_ref(), a, hyper)?;
+        let omega_grad = match &omega {
+            Some(o) => self.omega_gradient(model.as_ref(), o, a)?,
+            None => Vec::new(),
+        };
         Ok(AssignmentOutcome {
             delta,
             mean_loss: (loss_sum / f64::from(a.steps.max(1))) as f32,
@@ -260,7 +333,70 @@ impl Trainer {
             seconds: start.elapsed().as_secs_f32(),
             meta_loss,
             domains: domain_stats,
+            omega_grad,
         })
+    }
+
+    /// A batch drawn like an inner-loop batch (its share from every domain's shard), from the
+    /// assignment's stream `tag`.
+    fn draw(&self, a: &Assignment, tag: u64) -> (Tensor, Tensor) {
+        let k = self.domains.len();
+        let per_domain = (self.job.inner.batch_size as usize / k).max(1);
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for (i, d) in self.domains.iter().enumerate() {
+            let rows: Vec<usize> = d.shard_range(a.shard, self.job.shards).collect();
+            let mut sampler = Sampler::new(rows, derive_seed(a.seed, &[tag, i as u64]));
+            gather(d, &sampler.next(per_domain), &mut xs, &mut ys);
+        }
+        model::batch_tensors(&xs, &ys, self.domains[0].features, self.device)
+    }
+
+    /// Ω's meta-gradient through one virtual step at the current θ, on a fresh training batch.
+    fn omega_gradient(&self, model: &dyn Model, omega: &Omega, a: &Assignment) -> Result<Vec<SmallTensor>, TrainError> {
+        let (x, y) = self.draw(a, 3 << 32);
+        let f = omega.features(model, &x, &y);
+        let meta;
+        let (vx, vy, vf);
+        let val = match omega.mode {
+            RescaleMode::CleanMeta => {
+                let m = self.meta.as_ref().ok_or(TrainError::NoMeta)?;
+                meta = model::batch_tensors(&m.x, &m.y, m.features, self.device);
+                Validation::Clean { x: &meta.0, y: &meta.1 }
+            }
+            RescaleMode::SelfTaught => {
+                (vx, vy) = self.draw(a, 4 << 32);
+                vf = omega.features(model, &vx, &vy);
+                Validation::SelfTaught {
+                    x: &vx,
+                    y: &vy,
+                    features: &vf,
+                }
+            }
+        };
+        let batch = Batch {
+            x: &x,
+            y: &y,
+            features: &f,
+        };
+        let step = VirtualStep {
+            alpha: self.job.inner.lr,
+            normalize: omega.normalize,
+            directional: omega.directional,
+        };
+        let (grads, _) = rescaler::meta_gradient(model, omega.model.as_ref(), &batch, &val, step);
+        grads
+            .iter()
+            .zip(omega.model.names())
+            .map(|(g, name)| {
+                let data = Vec::<f32>::try_from(g.to_kind(tch::Kind::Float).contiguous().view(-1))
+                    .map_err(model::ModelError::from)?;
+                Ok(SmallTensor {
+                    name: name.clone(),
+                    shape: g.size().iter().map(|&d| d as u32).collect(),
+                    data,
+                })
+            })
+            .collect()
     }
 
     /// The meta loss at the current θ and, when asked, every domain's Σ c_i on its probe.
@@ -458,13 +594,15 @@ mod tests {
             steps: 30,
             seed: 5,
         };
-        let first = t.run(&a, &[1.0], None).expect("run");
-        let again = t.run(&a, &[1.0], None).expect("run");
+        let first = t.run(&a, &[1.0], None, None).expect("run");
+        let again = t.run(&a, &[1.0], None, None).expect("run");
         assert_eq!(
             first.delta, again.delta,
             "same version + same assignment must give the same delta"
         );
-        let short = t.run(&Assignment { steps: 1, ..a.clone() }, &[1.0], None).expect("run");
+        let short = t
+            .run(&Assignment { steps: 1, ..a.clone() }, &[1.0], None, None)
+            .expect("run");
         assert!(
             first.mean_loss < short.mean_loss,
             "{} !< {}",
@@ -511,14 +649,14 @@ mod tests {
             steps: 3,
             seed: 2,
         };
-        let zero = two.run(&a, &[2.0, 0.0], None).expect("run");
-        let even = two.run(&a, &[1.0, 1.0], None).expect("run");
+        let zero = two.run(&a, &[2.0, 0.0], None, None).expect("run");
+        let even = two.run(&a, &[1.0, 1.0], None, None).expect("run");
         assert_ne!(zero.delta, even.delta);
         let mut spec = job(1);
         spec.inner.batch_size = 4;
         let mut one = Trainer::with_data(spec, vec![blobs(32)], None, Device::Cpu);
         one.set_model(0, bundle_checksum(&p), p).expect("set");
-        let alone = one.run(&a, &[1.0], None).expect("run");
+        let alone = one.run(&a, &[1.0], None, None).expect("run");
         for (x, y) in zero.delta.tensors.iter().zip(&alone.delta.tensors) {
             for (u, v) in x.data.iter().zip(&y.data) {
                 assert!((u - v).abs() < 1e-6, "{u} vs {v}");
@@ -538,6 +676,7 @@ mod tests {
                     seed: 1,
                 },
                 &[1.0],
+                None,
                 None,
             )
             .expect("run");
