@@ -69,6 +69,7 @@ async fn worker_refuses_a_coordinator_of_another_version() {
                 inputs: 64,
                 hidden: vec![8],
                 classes: 10,
+                dropout: 0.0,
             },
             domains: Vec::new(),
             meta: None,

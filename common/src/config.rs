@@ -106,6 +106,9 @@ pub struct StrategyConfig {
     pub omega_weight_decay: f64,
     /// `loss-rescaling`: Ω's hidden units.
     pub omega_hidden: u32,
+    /// `loss-rescaling`: stochastic (dropout) forward passes G for the `label-prob-mean` and
+    /// `label-prob-spread` features; they need `model.dropout` > 0 to differ.
+    pub passes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -145,6 +148,7 @@ impl Default for StrategyConfig {
             omega_lr: 1e-3,
             omega_weight_decay: 1e-4,
             omega_hidden: 100,
+            passes: 4,
         }
     }
 }
@@ -195,6 +199,10 @@ pub enum ModelConfig {
     Mlp {
         #[serde(default = "defaults::hidden")]
         hidden: Vec<u32>,
+        /// Drop probability after every hidden layer while training (0: none). Also what the
+        /// `label-prob-mean`/`label-prob-spread` features sample from.
+        #[serde(default)]
+        dropout: f64,
     },
 }
 
@@ -202,6 +210,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig::Mlp {
             hidden: defaults::hidden(),
+            dropout: 0.0,
         }
     }
 }
@@ -489,6 +498,11 @@ impl JobConfig {
                 "strategy.omega_hidden",
                 format!("must be at least 1, got {}", s.omega_hidden),
             );
+            check(
+                s.passes >= 1,
+                "strategy.passes",
+                format!("must be at least 1, got {}", s.passes),
+            );
         } else {
             check(
                 s.mode == RescaleMode::None,
@@ -496,7 +510,12 @@ impl JobConfig {
                 "only for kind = \"loss-rescaling\"".into(),
             );
         }
-        let ModelConfig::Mlp { hidden } = &self.model;
+        let ModelConfig::Mlp { hidden, dropout } = &self.model;
+        check(
+            (0.0..1.0).contains(dropout),
+            "model.dropout",
+            format!("must be in [0, 1), got {dropout}"),
+        );
         check(
             hidden.iter().all(|&h| h >= 1),
             "model.hidden",

@@ -15,6 +15,8 @@ pub trait Model: Send {
     fn parameters(&self) -> &[Tensor];
     /// Parameter names, in the order of [`Model::parameters`].
     fn names(&self) -> &[String];
+    /// Switches stochastic layers (dropout) on or off; models without any ignore it.
+    fn set_train(&self, _train: bool) {}
 }
 
 /// Multi-layer perceptron with ReLU between layers; parameters `l{i}.weight` `[out, in]` and
@@ -23,6 +25,9 @@ pub trait Model: Send {
 pub struct Mlp {
     params: Vec<Tensor>,
     names: Vec<String>,
+    dropout: f64,
+    /// Train mode (dropout active); off by default.
+    train: std::sync::atomic::AtomicBool,
 }
 
 impl Mlp {
@@ -43,7 +48,18 @@ impl Mlp {
             params.push(host_to_tensor(t, device).set_requires_grad(true));
             names.push(t.name.clone());
         }
-        Ok(Mlp { params, names })
+        Ok(Mlp {
+            params,
+            names,
+            dropout: 0.0,
+            train: false.into(),
+        })
+    }
+
+    /// The same MLP with dropout probability `p` after every hidden layer in train mode.
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.dropout = p;
+        self
     }
 }
 
@@ -55,6 +71,9 @@ impl Model for Mlp {
             h = h.matmul(&pair[0].tr()) + &pair[1];
             if i + 1 < layers {
                 h = h.relu();
+                if self.dropout > 0.0 && self.train.load(std::sync::atomic::Ordering::Relaxed) {
+                    h = h.dropout(self.dropout, true);
+                }
             }
         }
         h
@@ -66,6 +85,10 @@ impl Model for Mlp {
 
     fn names(&self) -> &[String] {
         &self.names
+    }
+
+    fn set_train(&self, train: bool) {
+        self.train.store(train, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -84,6 +107,7 @@ pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
         inputs,
         hidden,
         classes,
+        ..
     } = spec;
     let mut rng = SplitMix64::new(seed);
     let mut sizes = vec![*inputs as usize];
@@ -126,7 +150,10 @@ pub fn build(spec: &ModelSpec, params: &Bundle, device: Device) -> Result<Box<dy
             layout(params)
         )));
     }
-    Ok(Box::new(Mlp::from_bundle(params, device)?))
+    let ModelSpec::Mlp { dropout, .. } = spec;
+    Ok(Box::new(
+        Mlp::from_bundle(params, device)?.with_dropout(f64::from(*dropout)),
+    ))
 }
 
 fn layout(b: &Bundle) -> Vec<(String, Vec<usize>)> {
@@ -228,6 +255,7 @@ mod tests {
             inputs: 3,
             hidden: vec![4],
             classes: 2,
+            dropout: 0.0,
         }
     }
 
@@ -273,6 +301,7 @@ mod tests {
                 inputs: 3,
                 hidden: vec![5],
                 classes: 2,
+                dropout: 0.0,
             },
             1,
         );

@@ -119,10 +119,12 @@ pub struct DataRef {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ModelSpec {
+    /// `dropout` is the drop probability after every hidden layer, in train mode only.
     Mlp {
         inputs: u32,
         hidden: Vec<u32>,
         classes: u32,
+        dropout: f32,
     },
 }
 
@@ -169,6 +171,8 @@ pub struct RescalerPlan {
     pub directional: DirectionalMethod,
     /// Fraction of the run done, for the `progress` feature.
     pub progress: f32,
+    /// Stochastic forward passes G for the `label-prob-mean`/`-spread` features.
+    pub passes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -511,6 +515,7 @@ mod tests {
                 inputs: 64,
                 hidden: vec![128, 64],
                 classes: 10,
+                dropout: 0.0,
             },
             domains: vec![DomainSpec {
                 name: "clean".into(),
@@ -607,6 +612,7 @@ mod tests {
                     normalize: true,
                     directional: DirectionalMethod::Exact,
                     progress: 0.25,
+                    passes: 4,
                 }),
                 assignments: vec![Assignment {
                     index: 0,

@@ -221,10 +221,11 @@ impl Coordinator {
 
         let separation = match &state.rescaler {
             Some(r) => {
-                let (params, omega, features) = (state.params.clone(), r.omega(), r.features().to_vec());
+                let (params, omega, features, passes) =
+                    (state.params.clone(), r.omega(), r.features().to_vec(), r.passes());
                 let (clean, corrupted) = state
                     .eval
-                    .call(move |e| e.omega_weights(&params, &omega, &features, 1.0))
+                    .call(move |e| e.omega_weights(&params, &omega, &features, passes))
                     .await??;
                 run_dir.write_text("weights.svg", &crate::plot::histogram(&clean, &corrupted))?;
                 crate::rescaler::separation(&clean, &corrupted)
@@ -326,13 +327,14 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyho
         None => None,
     };
     run_dir.write_json("domains.json", &records)?;
-    let ModelConfig::Mlp { hidden } = &config.model;
+    let ModelConfig::Mlp { hidden, dropout } = &config.model;
     let job = JobSpec {
         seed: config.seed,
         model: ModelSpec::Mlp {
             inputs: test.features as u32,
             hidden: hidden.clone(),
             classes: d.classes,
+            dropout: *dropout as f32,
         },
         domains: specs,
         meta,
@@ -390,15 +392,16 @@ impl Evaluator {
         params: &Bundle,
         omega: &Bundle,
         features: &[Feature],
-        progress: f64,
+        passes: u32,
     ) -> Result<(Vec<f64>, Vec<f64>), model::ModelError> {
+        tch::manual_seed(0);
         let m = model::build(&self.spec, params, tch::Device::Cpu)?;
         let o = model::Mlp::from_bundle(omega, tch::Device::Cpu)?;
         let (mut clean, mut corrupted) = (Vec::new(), Vec::new());
         for (d, flipped) in &self.train {
             let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
             let w = tch::no_grad(|| {
-                let f = features::compute(&m.forward(&x), &y, features, progress);
+                let f = features::of_model(m.as_ref(), &x, &y, features, 1.0, passes);
                 o.forward(&f).sigmoid().squeeze_dim(1).to_kind(tch::Kind::Double)
             });
             let w = Vec::<f64>::try_from(&w)?;

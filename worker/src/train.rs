@@ -76,6 +76,8 @@ struct Omega {
     normalize: bool,
     directional: DirectionalMethod,
     progress: f64,
+    /// Stochastic forward passes for the spread features.
+    passes: u32,
 }
 
 impl Omega {
@@ -101,19 +103,20 @@ impl Omega {
             normalize: plan.normalize,
             directional: plan.directional,
             progress: f64::from(plan.progress),
+            passes: plan.passes,
         })
     }
 
-    /// Features of `(x, y)` under the model as it is now.
+    /// Features of `(x, y)` under the model as it is now (leaves it in eval mode).
     fn features(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
-        let logits = tch::no_grad(|| model.forward(x));
-        features::compute(&logits, y, &self.features, self.progress)
+        features::of_model(model, x, y, &self.features, self.progress, self.passes)
     }
 
-    /// Inner-loop weights for a batch with these logits: Ω's output, normalised if asked;
-    /// constants for the model's gradient.
-    fn weights(&self, logits: &Tensor, y: &Tensor) -> Tensor {
-        let f = features::compute(logits, y, &self.features, self.progress);
+    /// Inner-loop weights for a batch: Ω's output on the batch's features, normalised if
+    /// asked; constants for the model's gradient. Leaves the model in train mode.
+    fn weights(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
+        let f = self.features(model, x, y);
+        model.set_train(true);
         tch::no_grad(|| rescaler::batch_weights(&rescaler::omega_weights(self.model.as_ref(), &f), self.normalize))
             .detach()
     }
@@ -264,6 +267,9 @@ impl Trainer {
         }
         let omega = rescaler.map(Omega::from_plan).transpose()?;
         model::load_bundle(model.as_ref(), base)?;
+        // Dropout draws from libtorch's generator: seeded by the assignment, like all else.
+        tch::manual_seed(derive_seed(a.seed, &[5 << 32]) as i64);
+        model.set_train(true);
         let inner = &self.job.inner;
         let per_domain = (inner.batch_size as usize / k).max(1);
         let mut samplers = Vec::with_capacity(k);
@@ -296,10 +302,10 @@ impl Trainer {
             let (x, y) = model::batch_tensors(&xs, &ys, f, self.device);
             let mut w = Tensor::from_slice(&ws).to_device(self.device);
             zero_grads(model.parameters());
-            let logits = model.forward(&x);
             if let Some(o) = &omega {
-                w *= o.weights(&logits, &y);
+                w *= o.weights(model.as_ref(), &x, &y);
             }
+            let logits = model.forward(&x);
             let loss = (primitives::cross_entropy(&logits, &y) * w).sum(tch::Kind::Float);
             let value = loss.f_double_value(&[]).map_err(model::ModelError::from)?;
             if !value.is_finite() {
@@ -315,6 +321,7 @@ impl Trainer {
                 inner.weight_decay,
             );
         }
+        model.set_train(false);
         let mut delta = model::to_bundle(model.as_ref())?;
         for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
             for (x, y) in d.data.iter_mut().zip(&b.data) {
@@ -549,6 +556,7 @@ mod tests {
                 inputs: 2,
                 hidden: vec![8],
                 classes: 2,
+                dropout: 0.0,
             },
             domains: Vec::new(),
             meta: None,
