@@ -28,6 +28,33 @@ pub struct State {
 
 const MOMENTUM: &str = "outer.momentum.";
 
+/// Entry `name` of a saved outer state (named vectors: λ, optimizer moments, Ω, ...), which must hold `len` values.
+///
+/// # Errors
+/// When it is missing or has another length.
+pub fn named(state: &[(String, Vec<f64>)], name: &str, len: usize) -> anyhow::Result<Vec<f64>> {
+    let (_, v) = state
+        .iter()
+        .find(|(n, _)| n == name)
+        .with_context(|| format!("outer state lacks `{name}`"))?;
+    anyhow::ensure!(
+        v.len() == len,
+        "outer state `{name}` has {} values, expected {len}",
+        v.len()
+    );
+    Ok(v.clone())
+}
+
+/// Adds named vectors to a state checksum.
+pub fn hash_named(h: &mut metaloop_common::checksum::StateHasher, state: &[(String, Vec<f64>)]) {
+    for (name, values) in state {
+        h.bytes(name.as_bytes());
+        for v in values {
+            h.bytes(&v.to_le_bytes());
+        }
+    }
+}
+
 /// Serialises a state.
 ///
 /// # Errors

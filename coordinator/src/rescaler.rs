@@ -2,6 +2,7 @@
 //! sample's features to one logit; weight = sigmoid), ships it with every round plan, averages
 //! the workers' meta-gradients in assignment order and steps Adam(W) on it. Pure.
 
+use crate::checkpoint;
 use metaloop_common::checksum::StateHasher;
 use metaloop_common::config::{Directional, RescaleMode, StrategyConfig, StrategyKind};
 use metaloop_common::features::Feature;
@@ -171,18 +172,7 @@ impl LossRescaler {
     /// # Errors
     /// When an entry is missing or has the wrong length.
     pub fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
-        let get = |name: &str, len: usize| -> anyhow::Result<Vec<f64>> {
-            let (_, v) = state
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| anyhow::anyhow!("outer state lacks `{name}`"))?;
-            anyhow::ensure!(
-                v.len() == len,
-                "outer state `{name}` has {} values, expected {len}",
-                v.len()
-            );
-            Ok(v.clone())
-        };
+        let get = |name: &str, len: usize| checkpoint::named(state, name, len);
         let n = self.params.len();
         let (params, m, v, t) = (
             get("rescaler.omega", n)?,
@@ -198,12 +188,7 @@ impl LossRescaler {
     }
 
     pub fn hash_into(&self, h: &mut StateHasher) {
-        for (name, values) in self.state() {
-            h.bytes(name.as_bytes());
-            for v in values {
-                h.bytes(&v.to_le_bytes());
-            }
-        }
+        checkpoint::hash_named(h, &self.state());
     }
 }
 

@@ -2,6 +2,7 @@
 //! fixed, or learned by the closed-form hypergradient with AdamW on raw λ. Pure: it plans what
 //! the workers need and updates from their results.
 
+use crate::checkpoint;
 use metaloop_common::checksum::StateHasher;
 use metaloop_common::config::{Directional, StrategyConfig, WeightMethod};
 use metaloop_common::proto::{AssignmentResult, DirectionalMethod, HypergradientSpec};
@@ -115,18 +116,7 @@ impl DomainWeights {
     /// # Errors
     /// When names or lengths do not match this job's domains.
     pub fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
-        let get = |name: &str, len: usize| -> anyhow::Result<Vec<f64>> {
-            let (_, v) = state
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| anyhow::anyhow!("outer state lacks `{name}`"))?;
-            anyhow::ensure!(
-                v.len() == len,
-                "outer state `{name}` has {} values, expected {len}",
-                v.len()
-            );
-            Ok(v.clone())
-        };
+        let get = |name: &str, len: usize| checkpoint::named(state, name, len);
         let k = self.names.len();
         let (lambda, m, v, fixed) = (
             get("domain_weights.lambda", k)?,
@@ -145,12 +135,7 @@ impl DomainWeights {
 
     /// Adds the outer state to a state checksum.
     pub fn hash_into(&self, h: &mut StateHasher) {
-        for (name, values) in self.state() {
-            h.bytes(name.as_bytes());
-            for v in values {
-                h.bytes(&v.to_le_bytes());
-            }
-        }
+        checkpoint::hash_named(h, &self.state());
     }
 }
 

@@ -4,6 +4,8 @@
 mod client;
 pub mod primitives;
 pub mod rescaler;
+#[cfg(test)]
+mod testing;
 mod train;
 
 pub use client::{run, WorkerOptions};

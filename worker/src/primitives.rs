@@ -77,46 +77,13 @@ pub fn directional_fd(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor], r
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{net, randn, Net};
     use metaloop_common::rng::SplitMix64;
     use metaloop_common::weights;
     use tch::Device;
 
-    /// A tiny double-precision MLP (3 → 4 → 3), so numerical derivatives are precise enough to
-    /// judge the primitives by.
-    struct Tiny {
-        params: Vec<Tensor>,
-        names: Vec<String>,
-    }
-
-    impl Model for Tiny {
-        fn forward(&self, x: &Tensor) -> Tensor {
-            let h = (x.matmul(&self.params[0].tr()) + &self.params[1]).tanh();
-            h.matmul(&self.params[2].tr()) + &self.params[3]
-        }
-        fn parameters(&self) -> &[Tensor] {
-            &self.params
-        }
-        fn names(&self) -> &[String] {
-            &self.names
-        }
-    }
-
-    fn randn(rng: &mut SplitMix64, shape: &[i64]) -> Tensor {
-        let n: i64 = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| (rng.below(2001) as f64 - 1000.0) / 1000.0).collect();
-        Tensor::from_slice(&v).reshape(shape)
-    }
-
-    fn tiny(seed: u64) -> Tiny {
-        let mut rng = SplitMix64::new(seed);
-        let shapes: [&[i64]; 4] = [&[4, 3], &[4], &[3, 4], &[3]];
-        Tiny {
-            params: shapes
-                .iter()
-                .map(|s| randn(&mut rng, s).set_requires_grad(true))
-                .collect(),
-            names: (0..4).map(|i| format!("p{i}")).collect(),
-        }
+    fn tiny(seed: u64) -> Net {
+        net(seed, [3, 4, 3])
     }
 
     fn batch(seed: u64, n: i64) -> (Tensor, Tensor) {
@@ -131,10 +98,10 @@ mod tests {
     }
 
     /// Brute force: d/dt ℓ_i(θ + t·u) at t = 0 by a central difference with h = 1e-6 in f64.
-    fn numerical_directional(m: &Tiny, x: &Tensor, y: &Tensor, u: &[Tensor]) -> Vec<f64> {
+    fn numerical_directional(m: &Net, x: &Tensor, y: &Tensor, u: &[Tensor]) -> Vec<f64> {
         let h = 1e-6;
         let at = |t: f64| {
-            let shifted = Tiny {
+            let shifted = Net {
                 params: m.params.iter().zip(u).map(|(p, u)| p.detach() + u * t).collect(),
                 names: m.names.clone(),
             };
@@ -188,7 +155,7 @@ mod tests {
         let k = domains.len() as f64;
         let lambda = [0.4, -0.3, 0.1];
 
-        let stepped = |lam: &[f64]| -> Tiny {
+        let stepped = |lam: &[f64]| -> Net {
             let w = weights::normalized(lam);
             let loss = domains
                 .iter()
@@ -197,7 +164,7 @@ mod tests {
                 .reduce(|a, b| a + b)
                 .expect("domains");
             let g = gradient(&theta, &loss);
-            Tiny {
+            Net {
                 params: theta
                     .params
                     .iter()
@@ -207,7 +174,7 @@ mod tests {
                 names: theta.names.clone(),
             }
         };
-        let meta_loss = |m: &Tiny| per_sample_loss(m, &mx, &my).mean(Kind::Double);
+        let meta_loss = |m: &Net| per_sample_loss(m, &mx, &my).mean(Kind::Double);
 
         let after = stepped(&lambda);
         let v = gradient(&after, &meta_loss(&after));

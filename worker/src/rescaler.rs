@@ -121,50 +121,9 @@ pub fn meta_gradient(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{net, randn, Net};
     use metaloop_common::rng::SplitMix64;
     use tch::Kind;
-
-    /// A double-precision MLP with tanh, for θ (3 → 4 → 3) and for Ω (2 → 3 → 1).
-    struct Net {
-        params: Vec<Tensor>,
-        names: Vec<String>,
-    }
-
-    impl Model for Net {
-        fn forward(&self, x: &Tensor) -> Tensor {
-            let h = (x.matmul(&self.params[0].tr()) + &self.params[1]).tanh();
-            h.matmul(&self.params[2].tr()) + &self.params[3]
-        }
-        fn parameters(&self) -> &[Tensor] {
-            &self.params
-        }
-        fn names(&self) -> &[String] {
-            &self.names
-        }
-    }
-
-    fn randn(rng: &mut SplitMix64, shape: &[i64]) -> Tensor {
-        let n: i64 = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| (rng.below(2001) as f64 - 1000.0) / 1000.0).collect();
-        Tensor::from_slice(&v).reshape(shape)
-    }
-
-    fn net(seed: u64, sizes: [i64; 3]) -> Net {
-        let mut rng = SplitMix64::new(seed);
-        let shapes = [
-            vec![sizes[1], sizes[0]],
-            vec![sizes[1]],
-            vec![sizes[2], sizes[1]],
-            vec![sizes[2]],
-        ];
-        Net {
-            params: shapes
-                .iter()
-                .map(|s| randn(&mut rng, s).set_requires_grad(true))
-                .collect(),
-            names: (0..4).map(|i| format!("p{i}")).collect(),
-        }
-    }
 
     fn shifted(omega: &Net, dir: &[Tensor], h: f64) -> Net {
         Net {
