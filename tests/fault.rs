@@ -149,6 +149,7 @@ fn a_worker_killed_mid_run_changes_time_not_the_result() {
         "a lost worker must not change the result"
     );
     assert!(got["reassigned"].as_u64().expect("reassigned") >= 1, "{got}");
+    assert_eq!(got["workers_lost"]["disconnected"], 1, "{got}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
     let slowest = metrics
         .lines()
@@ -307,6 +308,7 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
     let got = summary(&dir.path().join("run"));
     assert_eq!(got["rejected"]["stale_round"], 1, "{got}");
     assert_eq!(got["rejected"]["non_finite"], 1, "{got}");
+    assert_eq!(got["workers_lost"]["malformed_result"], 1, "{got}");
     assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
 }
 
@@ -393,6 +395,7 @@ async fn a_stuck_worker_is_dropped_at_the_assignment_timeout() {
     .expect("join");
     assert!(status.success());
     let got = summary(&dir.path().join("run"));
+    assert_eq!(got["workers_lost"]["assignment_timeout"], 1, "{got}");
     assert!(got["reassigned"].as_u64().expect("reassigned") >= 1, "{got}");
     assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
     eprintln!("stuck worker dropped {dropped_after:?} after its plan arrived (timeout 2 s)");

@@ -243,6 +243,7 @@ impl Coordinator {
             samples: state.samples,
             reassigned: state.scheduler.reassigned(),
             rejected: state.rejected.clone(),
+            workers_lost: state.lost.clone(),
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
             final_state_checksum: hex(&state.state_checksum()),
@@ -444,6 +445,8 @@ struct LoopState {
     workers_seen: usize,
     samples: u64,
     rejected: BTreeMap<String, u64>,
+    /// Workers dropped during the run, by why.
+    lost: BTreeMap<String, u64>,
 }
 
 /// Results of the round in progress, by assignment index.
@@ -483,6 +486,7 @@ impl LoopState {
             workers_seen: 0,
             samples: 0,
             rejected: BTreeMap::new(),
+            lost: BTreeMap::new(),
         })
     }
 
@@ -645,8 +649,11 @@ impl LoopState {
                     let stuck = self.scheduler.overdue(Instant::now(), timeout);
                     for worker in stuck {
                         let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, failures: &mut failures };
-                        let reason = format!("no result within the assignment timeout of {timeout:?}");
-                        self.handle(Event::Lost { worker, reason }, Some(ctx))?;
+                        tracing::warn!(worker, ?timeout, "dropping a worker that returned nothing within the assignment timeout");
+                        self.peers.remove(&worker); // dropping its outbox closes the connection
+                        *self.lost.entry("assignment_timeout".into()).or_default() += 1;
+                        let d = self.scheduler.worker_lost(worker, Instant::now());
+                        self.dispatch(ctx.round, ctx.assignments, d);
                     }
                     continue;
                 }
@@ -732,6 +739,7 @@ impl LoopState {
             Event::Lost { worker, reason } => {
                 if self.peers.remove(&worker).is_some() {
                     tracing::warn!(worker, %reason, "worker lost");
+                    *self.lost.entry("disconnected".into()).or_default() += 1;
                 }
                 let d = self.scheduler.worker_lost(worker, Instant::now());
                 if let Some(ctx) = ctx {
@@ -766,6 +774,7 @@ impl LoopState {
                     self.reject(reason);
                     tracing::warn!(worker, reason, "dropping a worker that sent a malformed result");
                     self.peers.remove(&worker); // dropping its outbox closes the connection
+                    *self.lost.entry("malformed_result".into()).or_default() += 1;
                     let d = self.scheduler.worker_lost(worker, Instant::now());
                     self.dispatch(ctx.round, ctx.assignments, d);
                     return Ok(());

@@ -49,6 +49,9 @@ pub struct Summary {
     pub reassigned: u64,
     /// Results not applied, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// Workers dropped during the run, by reason: disconnected (dead, or left), assignment
+    /// timeout (stuck), malformed result.
+    pub workers_lost: BTreeMap<String, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// SHA-256 of the model parameters and all outer state: equal only for bit-identical runs.
