@@ -63,7 +63,12 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         .with_ansi(false)
         .with_writer(std::sync::Mutex::new(log))
         .try_init();
-    let (coord_tls, worker_tls) = net::write_pki(&run_dir.join("certs"))?;
+    // A throwaway CA per run: replace whatever an earlier run in this directory left.
+    let certs = run_dir.join("certs");
+    if certs.exists() {
+        std::fs::remove_dir_all(&certs).with_context(|| format!("removing old {}", certs.display()))?;
+    }
+    let (coord_tls, worker_tls) = net::write_pki(&certs)?;
     let tls = Tls {
         coordinator: coord_tls,
         worker: worker_tls,

@@ -36,6 +36,19 @@ enum Command {
         /// The job config (TOML).
         config: PathBuf,
     },
+    /// Certificates for a cluster.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a new CA and a coordinator and a worker certificate (PEM) into DIR; existing
+    /// files are never overwritten.
+    Init {
+        /// Output directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +180,25 @@ pub(crate) const EXIT_USAGE: u8 = 64;
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Local(args) => local::run(args).await,
+        Command::Certs(CertsCommand::Init { dir }) => {
+            let (coordinator, worker) = metaloop_common::net::write_pki(&dir)?;
+            println!("CA certificate:          {}", coordinator.ca.display());
+            println!(
+                "coordinator certificate: {} (key {})",
+                coordinator.cert.display(),
+                coordinator.key.display()
+            );
+            println!(
+                "worker certificate:      {} (key {})",
+                worker.cert.display(),
+                worker.key.display()
+            );
+            println!(
+                "the coordinator certificate names `{}`; workers verify that name",
+                metaloop_common::net::SERVER_NAME
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { config } => match JobConfig::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

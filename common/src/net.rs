@@ -85,13 +85,24 @@ pub fn write_pki(dir: &Path) -> Result<(TlsFiles, TlsFiles), NetError> {
     ca_params.distinguished_name.push(DnType::CommonName, "metaloop CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    // Never overwrite: an existing key may be in use by a running cluster. Private keys are
+    // readable by their owner only.
     let write = |name: &str, contents: &str| -> Result<PathBuf, NetError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join(name);
-        std::fs::write(&path, contents).map_err(|source| NetError::File {
-            what: "writing",
-            path: path.clone(),
-            source,
-        })?;
+        let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(contents.as_bytes()))
+            .map_err(|source| NetError::File {
+                what: "writing",
+                path: path.clone(),
+                source,
+            })?;
         Ok(path)
     };
     let ca_path = write("ca.pem", &ca.pem())?;
