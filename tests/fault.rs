@@ -511,3 +511,48 @@ fn a_kill_during_a_checkpoint_write_loses_nothing() {
         reference["final_state_checksum"]
     );
 }
+
+/// With no workers left the coordinator waits (bounded by `--worker-wait`), says so, and goes
+/// on when a worker comes back; if none does, it gives up with a clear error.
+#[test]
+fn with_no_workers_left_the_coordinator_waits_then_continues_or_gives_up() {
+    let job = ["--rounds", "120", "--seed", "17"];
+    let reference = reference_run(&job, "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--worker-wait", "30"]].concat());
+    let mut first = worker(dir.path(), &addr, "first");
+    let run = dir.path().join("run");
+    wait_for_rounds(&run, 10);
+    sigterm(&first);
+    assert!(wait_for(&mut first, Duration::from_secs(10)).success());
+    let log = dir.path().join("coordinator.stderr");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("no workers connected")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the coordinator never said it waits"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = worker(dir.path(), &addr, "second");
+    assert!(wait_for(&mut coord, Duration::from_secs(120)).success());
+    wait_for(&mut second, Duration::from_secs(30));
+    assert_eq!(summary(&run)["final_state_checksum"], reference["final_state_checksum"]);
+
+    // Nobody comes back: a clear error after the wait.
+    let dir = tempfile::tempdir().expect("tmp");
+    metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--worker-wait", "2"]].concat());
+    let mut only = worker(dir.path(), &addr, "only");
+    wait_for_rounds(&dir.path().join("run"), 5);
+    sigterm(&only);
+    assert!(wait_for(&mut only, Duration::from_secs(10)).success());
+    assert!(!wait_for(&mut coord, Duration::from_secs(60)).success(), "gives up");
+    let log = std::fs::read_to_string(dir.path().join("coordinator.stderr")).expect("log");
+    assert!(log.contains("no workers connected for 2s"), "{log}");
+    assert!(log.contains("continue with --resume"), "the state is kept: {log}");
+}

@@ -199,7 +199,22 @@ impl Coordinator {
         let stopped = match outcome {
             Ok(()) => false,
             Err(e) if e.is::<Stopped>() => true,
-            Err(e) => return Err(e),
+            Err(e) => {
+                // Lose nothing: the state after the last completed round is consistent, so
+                // keep it for --resume before reporting the failure.
+                if state.rounds_done > 0 {
+                    let snapshot = state.snapshot(config.seed);
+                    if let Ok(path) = checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO)
+                    {
+                        eprintln!(
+                            "checkpoint after round {}: {} (continue with --resume)",
+                            state.rounds_done,
+                            path.display()
+                        );
+                    }
+                }
+                return Err(e);
+            }
         };
         // The state after the last completed round: a checkpoint to resume from when stopped,
         // the final state otherwise.
