@@ -55,10 +55,6 @@ impl Scheduler {
         Self::default()
     }
 
-    pub fn workers(&self) -> usize {
-        self.workers.len()
-    }
-
     /// Assignments handed to a new worker because their holder was lost or failed them.
     pub fn reassigned(&self) -> u64 {
         self.reassigned
