@@ -93,14 +93,23 @@ pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Resu
         ExitCode::from(EXIT_USAGE)
     })?;
     if let Some(r) = overrides.rounds {
-        if r == 0 {
-            eprintln!("--rounds must be at least 1");
-            return Err(ExitCode::from(EXIT_USAGE));
-        }
         config.rounds = r;
     }
     if let Some(s) = overrides.seed {
         config.seed = s;
+    }
+    // The overrides may make the config inconsistent (e.g. fewer rounds than a phase needs).
+    let problems = config.problems();
+    if !problems.is_empty() {
+        eprintln!(
+            "{} with the command-line overrides has {} problem(s):",
+            path.display(),
+            problems.len()
+        );
+        for p in problems {
+            eprintln!("  - {p}");
+        }
+        return Err(ExitCode::from(EXIT_USAGE));
     }
     Ok(config)
 }

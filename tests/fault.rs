@@ -276,6 +276,7 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
             meta_loss: None,
             domains: Vec::new(),
             omega_grad: Vec::new(),
+            probes: Vec::new(),
         })
     };
     net::send_bundle(conn, 1, &nan).await.expect("bundle");

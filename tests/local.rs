@@ -297,3 +297,56 @@ fn loss_rescaling_weights_corrupted_samples_down_in_both_modes() {
         assert!(last["omega_grad_norm"].as_f64().is_some(), "{last}");
     }
 }
+
+/// DoReMi end to end with 2 worker processes: a reference phase on uniform weights, then a
+/// proxy phase whose per-round excess losses move the weights; the summary reports them.
+#[test]
+fn doremi_runs_both_phases_and_reports_its_weights() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = run_local(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--config",
+            "configs/domain-weights-doremi.toml",
+            "--rounds",
+            "60",
+            "--no-baseline",
+        ],
+    );
+    assert_eq!(s["strategy"], "doremi");
+    let weights: Vec<f64> = s["domain_weights"]
+        .as_object()
+        .expect("weights")
+        .values()
+        .map(|w| w.as_f64().expect("f64"))
+        .collect();
+    assert_eq!(weights.len(), 4);
+    assert!(
+        (weights.iter().sum::<f64>() / 4.0 - 1.0).abs() < 1e-9,
+        "mean 1: {weights:?}"
+    );
+    assert!(
+        weights.iter().any(|w| (w - 1.0).abs() > 1e-6),
+        "the proxy phase moved them: {weights:?}"
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
+    let rounds: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    // rounds = 60 → the reference phase is rounds 0..30 (half), the proxy phase 30..60.
+    assert!(
+        rounds[..30].iter().all(|r| r["excess_loss"].is_null()),
+        "no excess loss in the reference phase"
+    );
+    assert!(
+        rounds[30..].iter().all(|r| r["excess_loss"].is_object()),
+        "excess loss every proxy round"
+    );
+    assert!(
+        rounds[29]["domain_weights"]["clean"] == 1.0,
+        "uniform until the proxy phase"
+    );
+}

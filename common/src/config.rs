@@ -106,6 +106,13 @@ pub struct StrategyConfig {
     pub omega_weight_decay: f64,
     /// `loss-rescaling`: Ω's hidden units.
     pub omega_hidden: u32,
+    /// `doremi`: rounds of the first phase (the reference model on uniform weights); the proxy
+    /// phase takes the rest. Default: half of `rounds`.
+    pub reference_rounds: Option<u64>,
+    /// `doremi`: step size η of the exponentiated gradient (the paper's 1).
+    pub eta: f64,
+    /// `doremi`: smoothing c toward uniform (the paper's 1e-3).
+    pub smoothing: f64,
     /// `loss-rescaling`: stochastic (dropout) forward passes G for the `label-prob-mean` and
     /// `label-prob-spread` features; they need `model.dropout` > 0 to differ.
     pub passes: u32,
@@ -149,6 +156,9 @@ impl Default for StrategyConfig {
             omega_weight_decay: 1e-4,
             omega_hidden: 100,
             passes: 4,
+            reference_rounds: None,
+            eta: 1.0,
+            smoothing: 1e-3,
         }
     }
 }
@@ -171,6 +181,8 @@ pub enum WeightMethod {
     Fixed,
     /// Learned by the DreamPRM-style hypergradient on the meta set.
     Hypergradient,
+    /// DoReMi: a reference model first, then exponentiated gradient on per-domain excess loss.
+    Doremi,
 }
 
 impl WeightMethod {
@@ -179,6 +191,7 @@ impl WeightMethod {
             WeightMethod::Uniform => "uniform",
             WeightMethod::Fixed => "fixed",
             WeightMethod::Hypergradient => "hypergradient",
+            WeightMethod::Doremi => "doremi",
         }
     }
 }
@@ -341,6 +354,11 @@ impl JobConfig {
         }
     }
 
+    /// DoReMi's reference phase length (half the rounds unless set).
+    pub fn reference_rounds(&self) -> u64 {
+        self.strategy.reference_rounds.unwrap_or(self.rounds / 2)
+    }
+
     /// Every semantic problem, each prefixed with its key path.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -463,6 +481,29 @@ impl JobConfig {
                     s.weights.iter().all(|w| w.is_finite() && *w > 0.0),
                     "strategy.weights",
                     "every weight must be positive".into(),
+                );
+            }
+            WeightMethod::Doremi => {
+                let r = self.reference_rounds();
+                check(
+                    r >= 1 && r < self.rounds,
+                    "strategy.reference_rounds",
+                    format!("must be in 1..{} (rounds), got {r}", self.rounds),
+                );
+                check(
+                    s.eta.is_finite() && s.eta > 0.0,
+                    "strategy.eta",
+                    format!("must be positive, got {}", s.eta),
+                );
+                check(
+                    (0.0..1.0).contains(&s.smoothing),
+                    "strategy.smoothing",
+                    format!("must be in [0, 1), got {}", s.smoothing),
+                );
+                check(
+                    s.probe >= 1,
+                    "strategy.probe",
+                    format!("must be at least 1, got {}", s.probe),
                 );
             }
             WeightMethod::Uniform => {}

@@ -147,6 +147,9 @@ pub struct RoundPlan {
     pub hypergradient: Option<HypergradientSpec>,
     /// When set, weight every sample's loss by Ω and return Ω's meta-gradient.
     pub rescaler: Option<RescalerPlan>,
+    /// When set, return every domain's per-sample losses after the inner steps on a probe of
+    /// this many rows of its shard (DoReMi's excess loss is computed from them).
+    pub probe_losses: Option<u32>,
     pub assignments: Vec<Assignment>,
 }
 
@@ -240,6 +243,15 @@ pub struct AssignmentResult {
     pub domains: Vec<DomainStat>,
     /// Ω's meta-gradient (empty unless the plan carried a rescaler).
     pub omega_grad: Vec<SmallTensor>,
+    /// Per domain, in job order: probe rows and their losses (empty unless asked for).
+    pub probes: Vec<DomainProbe>,
+}
+
+/// Losses of the current model on some rows of one domain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainProbe {
+    pub rows: Vec<u32>,
+    pub losses: Vec<f32>,
 }
 
 /// One domain's contribution to the hypergradient: Σ c_i over `count` probe samples.
@@ -560,6 +572,10 @@ mod tests {
                 shape: vec![2],
                 data: vec![0.5, -1.0],
             }],
+            probes: vec![DomainProbe {
+                rows: vec![3, 1],
+                losses: vec![0.5, 2.0],
+            }],
         }));
         roundtrip(WorkerMsg::Failed {
             round: 2,
@@ -614,6 +630,7 @@ mod tests {
                     progress: 0.25,
                     passes: 4,
                 }),
+                probe_losses: Some(64),
                 assignments: vec![Assignment {
                     index: 0,
                     shard: 1,

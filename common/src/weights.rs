@@ -81,6 +81,21 @@ impl AdamW {
     }
 }
 
+/// One DoReMi update (Xie et al. 2023): exponentiated gradient on the per-domain excess loss λ,
+/// α' = softmax(log α + η λ), then smoothing toward uniform, α = (1 − c) α' + c/K.
+pub fn doremi_step(alpha: &[f64], lambda: &[f64], eta: f64, c: f64) -> Vec<f64> {
+    let k = alpha.len() as f64;
+    let logits: Vec<f64> = alpha
+        .iter()
+        .zip(lambda)
+        .map(|(a, l)| a.max(1e-300).ln() + eta * l)
+        .collect();
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = logits.iter().map(|v| (v - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.iter().map(|e| (1.0 - c) * e / sum + c / k).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +139,19 @@ mod tests {
         // First step: m̂ = g, v̂ = g², so the Adam part is lr·sign(g) (up to ε).
         assert!((x[0] - (1.0 * (1.0 - 1e-5) - 0.01)).abs() < 1e-9);
         assert!((x[1] - (-2.0 * (1.0 - 1e-5) + 0.01)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn doremi_step_matches_hand_computation() {
+        // α = (0.5, 0.5), λ = (ln 3, 0), η = 1: softmax(ln 0.5 + ln 3, ln 0.5) = (0.75, 0.25);
+        // smoothing c = 0.1: (0.9·0.75 + 0.05, 0.9·0.25 + 0.05) = (0.725, 0.275).
+        let a = doremi_step(&[0.5, 0.5], &[3f64.ln(), 0.0], 1.0, 0.1);
+        assert!((a[0] - 0.725).abs() < 1e-12 && (a[1] - 0.275).abs() < 1e-12, "{a:?}");
+        // Zero excess loss everywhere leaves α unchanged up to the smoothing.
+        let b = doremi_step(&[0.7, 0.2, 0.1], &[0.0; 3], 1.0, 0.0);
+        assert!(
+            b.iter().zip([0.7, 0.2, 0.1]).all(|(x, y)| (x - y).abs() < 1e-12),
+            "{b:?}"
+        );
     }
 }

@@ -12,7 +12,7 @@ use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
 use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
-use metaloop_common::config::{JobConfig, ModelConfig, StrategyKind};
+use metaloop_common::config::{JobConfig, ModelConfig, StrategyKind, WeightMethod};
 use metaloop_common::dataset::{self, Dataset};
 use metaloop_common::domains;
 use metaloop_common::features::{self, Feature};
@@ -100,7 +100,8 @@ impl Coordinator {
         let started = Instant::now();
         let run_dir = RunDir::create(&self.options.run_dir, self.options.resume)?;
         let rescaler = LossRescaler::new(&config.strategy, config.seed);
-        let data = prepare_data(&config, &run_dir, rescaler.is_some())?;
+        let keep_train = rescaler.is_some() || config.strategy.method == WeightMethod::Doremi;
+        let data = prepare_data(&config, &run_dir, keep_train)?;
         let job = data.job.clone();
         let mut state = LoopState::new(&config, &job, data, rescaler)?;
         state.assignment_timeout = self.options.assignment_timeout;
@@ -402,6 +403,21 @@ impl Evaluator {
         Ok(Evaluation { test, meta })
     }
 
+    /// The model's loss on every sample of every training domain (DoReMi's reference losses).
+    fn per_sample_losses(&self, params: &Bundle) -> Result<Vec<Vec<f64>>, model::ModelError> {
+        let m = model::build(&self.spec, params, tch::Device::Cpu)?;
+        self.train
+            .iter()
+            .map(|(d, _)| {
+                let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
+                let logits = tch::no_grad(|| m.forward(&x));
+                let logp = logits.log_softmax(-1, tch::Kind::Double);
+                let l = -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
+                Ok(Vec::<f64>::try_from(&l)?)
+            })
+            .collect()
+    }
+
     /// Ω's raw weight for every training sample, split into (clean, corrupted).
     fn omega_weights(
         &self,
@@ -447,6 +463,9 @@ struct LoopState {
     round_weights: (Vec<f64>, Option<HypergradientSpec>),
     rescaler: Option<LossRescaler>,
     round_rescaler: Option<RescalerPlan>,
+    /// Rows per domain whose losses the workers return this round (DoReMi's proxy phase).
+    round_probe: Option<u32>,
+    model_spec: ModelSpec,
     /// (round, meta accuracy, meta loss, test accuracy) of the best round on the meta set.
     best_meta: Option<(u64, f64, f64, f64)>,
     assignment_timeout: Duration,
@@ -489,6 +508,8 @@ impl LoopState {
             round_weights: (Vec::new(), None),
             rescaler,
             round_rescaler: None,
+            round_probe: None,
+            model_spec: job.model.clone(),
             best_meta: None,
             assignment_timeout: Duration::MAX,
             scheduler: Scheduler::new(),
@@ -519,6 +540,25 @@ impl LoopState {
         }
         h.bytes(&self.version.to_le_bytes());
         h.finish()
+    }
+
+    /// DoReMi: the model trained so far becomes the reference (its loss on every training
+    /// sample is kept), and a fresh proxy model starts from the job's initial parameters.
+    async fn start_proxy_phase(&mut self, round: u64, seed: u64) -> anyhow::Result<()> {
+        let params = self.params.clone();
+        let losses = self.eval.call(move |e| e.per_sample_losses(&params)).await??;
+        self.strategy.set_reference(losses);
+        self.params = model::init_params(&self.model_spec, seed);
+        self.outer.set_momentum(None);
+        self.version += 1;
+        self.checksum = bundle_checksum(&self.params);
+        self.last_step = None;
+        self.full = None;
+        tracing::info!(
+            round,
+            "DoReMi: reference model done; training the proxy with learned weights"
+        );
+        Ok(())
     }
 
     /// The state after the last completed round, for a checkpoint.
@@ -624,7 +664,11 @@ impl LoopState {
                 seed: derive_seed(config.seed, &[round, u64::from(i)]),
             })
             .collect();
+        if self.strategy.needs_reference() && round >= config.reference_rounds() {
+            self.start_proxy_phase(round, config.seed).await?;
+        }
         self.round_weights = self.strategy.plan();
+        self.round_probe = self.strategy.probe_request();
         self.round_rescaler = self
             .rescaler
             .as_ref()
@@ -727,6 +771,11 @@ impl LoopState {
             meta_loss,
             domain_weights: self.domain_weights(),
             hypergradient_norm: self.strategy.last_grad_norm(),
+            excess_loss: self
+                .strategy
+                .probe_request()
+                .and(self.strategy.excess())
+                .map(|e| self.strategy.names().iter().cloned().zip(e.iter().copied()).collect()),
             omega_grad_norm: self.rescaler.as_ref().and_then(LossRescaler::last_grad_norm),
             meta_accuracy: evaluation.meta.map(|m| m.1),
             test_loss,
@@ -780,6 +829,14 @@ impl LoopState {
                     .is_some_and(|r| !r.valid_gradient(&result.omega_grad))
                 {
                     Some("bad_rescaler_gradient")
+                } else if self.round_probe.is_some()
+                    && (result.probes.len() != self.strategy.names().len()
+                        || result
+                            .probes
+                            .iter()
+                            .any(|p| p.rows.len() != p.losses.len() || p.losses.iter().any(|l| !l.is_finite())))
+                {
+                    Some("bad_probe")
                 } else {
                     None
                 };
@@ -895,6 +952,7 @@ impl LoopState {
                 domain_weights: self.round_weights.0.clone(),
                 hypergradient: self.round_weights.1,
                 rescaler: self.round_rescaler.clone(),
+                probe_losses: self.round_probe,
                 assignments: d.assignments.iter().map(|&i| assignments[i as usize].clone()).collect(),
             };
             if peer.outbox.send(Outgoing::Plan { plan, bundle }).is_err() {

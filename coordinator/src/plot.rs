@@ -252,6 +252,7 @@ mod tests {
             meta_loss: Some(0.5),
             domain_weights: BTreeMap::from([("a<b".to_string(), w), ("c".to_string(), 2.0 - w)]),
             hypergradient_norm: None,
+            excess_loss: None,
             omega_grad_norm: None,
             meta_accuracy: None,
             test_loss: 0.7,

@@ -299,6 +299,7 @@ mod tests {
             meta_loss: None,
             domains: Vec::new(),
             omega_grad: g,
+            probes: Vec::new(),
         };
         let before = r.omega();
         r.update(&[&result(grad(1.0)), &result(grad(3.0))]);

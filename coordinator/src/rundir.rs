@@ -19,6 +19,8 @@ pub struct RoundRecord {
     pub domain_weights: BTreeMap<String, f64>,
     /// ‖dL_meta/dλ‖ of this round's update (method `hypergradient`).
     pub hypergradient_norm: Option<f64>,
+    /// DoReMi's clipped excess loss per domain in this round (proxy phase).
+    pub excess_loss: Option<BTreeMap<String, f64>>,
     /// ‖∇Ω‖ of this round's update (`loss-rescaling`).
     pub omega_grad_norm: Option<f64>,
     /// The global model's accuracy on the meta set after this round.

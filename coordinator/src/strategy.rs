@@ -1,6 +1,7 @@
-//! Outer strategy `domain-weights` (DESIGN.md §6.1): one weight per training domain, uniform,
-//! fixed, or learned by the closed-form hypergradient with AdamW on raw λ. Pure: it plans what
-//! the workers need and updates from their results.
+//! Outer strategy `domain-weights` (DESIGN.md §6.1, §6.2): one weight per training domain,
+//! uniform, fixed, learned by the closed-form hypergradient with AdamW on raw λ, or by DoReMi's
+//! exponentiated gradient on excess loss over a reference model. Pure: it plans what the
+//! workers need and updates from their results.
 
 use crate::checkpoint;
 use metaloop_common::checksum::StateHasher;
@@ -19,6 +20,43 @@ pub struct DomainWeights {
     hyper: HypergradientSpec,
     /// ‖dL_meta/dλ‖ of the last update.
     last_grad_norm: Option<f64>,
+    doremi: Option<Doremi>,
+}
+
+/// DoReMi's state: the mixture α, its running average (what is reported), the last excess
+/// loss per domain, and the reference model's loss on every training sample (empty during the
+/// reference phase).
+#[derive(Debug, Clone)]
+struct Doremi {
+    eta: f64,
+    smoothing: f64,
+    probe: u32,
+    alpha: Vec<f64>,
+    avg_sum: Vec<f64>,
+    avg_n: u64,
+    excess: Vec<f64>,
+    reference_loss: Vec<Vec<f64>>,
+}
+
+impl Doremi {
+    /// Clipped excess loss per domain from the probes (a domain with no probe keeps its last).
+    fn excess(&self, results: &[&AssignmentResult]) -> Vec<f64> {
+        let k = self.alpha.len();
+        let (mut sum, mut n) = (vec![0.0f64; k], vec![0u64; k]);
+        for r in results {
+            for (i, p) in r.probes.iter().enumerate().take(k) {
+                for (&row, &loss) in p.rows.iter().zip(&p.losses) {
+                    if let Some(reference) = self.reference_loss[i].get(row as usize) {
+                        sum[i] += (f64::from(loss) - reference).max(0.0);
+                        n[i] += 1;
+                    }
+                }
+            }
+        }
+        (0..k)
+            .map(|i| if n[i] > 0 { sum[i] / n[i] as f64 } else { self.excess[i] })
+            .collect()
+    }
 }
 
 impl DomainWeights {
@@ -44,7 +82,43 @@ impl DomainWeights {
                 probe: config.probe,
             },
             last_grad_norm: None,
+            doremi: (config.method == WeightMethod::Doremi).then(|| Doremi {
+                eta: config.eta,
+                smoothing: config.smoothing,
+                probe: config.probe,
+                alpha: vec![1.0 / k as f64; k],
+                avg_sum: vec![0.0; k],
+                avg_n: 0,
+                excess: vec![0.0; k],
+                reference_loss: Vec::new(),
+            }),
         }
+    }
+
+    /// True while DoReMi still needs its reference model's losses (the reference phase).
+    pub fn needs_reference(&self) -> bool {
+        self.doremi.as_ref().is_some_and(|d| d.reference_loss.is_empty())
+    }
+
+    /// Ends DoReMi's reference phase: the reference model's loss on every sample of every
+    /// domain (in job order).
+    pub fn set_reference(&mut self, losses: Vec<Vec<f64>>) {
+        if let Some(d) = &mut self.doremi {
+            d.reference_loss = losses;
+        }
+    }
+
+    /// Rows per domain whose losses the workers should return this round (DoReMi's proxy phase).
+    pub fn probe_request(&self) -> Option<u32> {
+        self.doremi
+            .as_ref()
+            .filter(|d| !d.reference_loss.is_empty())
+            .map(|d| d.probe)
+    }
+
+    /// The last excess loss per domain (DoReMi).
+    pub fn excess(&self) -> Option<&[f64]> {
+        self.doremi.as_ref().map(|d| d.excess.as_slice())
     }
 
     pub fn method(&self) -> WeightMethod {
@@ -61,13 +135,31 @@ impl DomainWeights {
             WeightMethod::Uniform => vec![1.0; self.names.len()],
             WeightMethod::Fixed => self.fixed.clone(),
             WeightMethod::Hypergradient => weights::normalized(&self.lambda),
+            WeightMethod::Doremi => match &self.doremi {
+                Some(d) if d.avg_n > 0 => d
+                    .avg_sum
+                    .iter()
+                    .map(|s| s / d.avg_n as f64 * d.alpha.len() as f64)
+                    .collect(),
+                _ => vec![1.0; self.names.len()],
+            },
+        }
+    }
+
+    /// The weights the workers train with: for DoReMi the current α (scaled to mean 1) in the
+    /// proxy phase and uniform in the reference phase; otherwise the reported weights.
+    fn training_weights(&self) -> Vec<f64> {
+        match &self.doremi {
+            Some(d) if !d.reference_loss.is_empty() => d.alpha.iter().map(|a| a * d.alpha.len() as f64).collect(),
+            Some(_) => vec![1.0; self.names.len()],
+            None => self.weights(),
         }
     }
 
     /// What the workers need this round: the weights and whether to measure d_k.
     pub fn plan(&self) -> (Vec<f64>, Option<HypergradientSpec>) {
         let hyper = (self.method == WeightMethod::Hypergradient).then_some(self.hyper);
-        (self.weights(), hyper)
+        (self.training_weights(), hyper)
     }
 
     /// ‖dL_meta/dλ‖ of the last update, if any.
@@ -78,6 +170,17 @@ impl DomainWeights {
     /// One outer step from a round's results (in assignment order): d_k is the
     /// sample-weighted mean of the workers' Σ c_i, then the closed-form gradient and AdamW.
     pub fn update(&mut self, results: &[&AssignmentResult]) {
+        if let Some(d) = &mut self.doremi {
+            if !d.reference_loss.is_empty() {
+                d.excess = d.excess(results);
+                d.alpha = weights::doremi_step(&d.alpha, &d.excess, d.eta, d.smoothing);
+                for (s, a) in d.avg_sum.iter_mut().zip(&d.alpha) {
+                    *s += a;
+                }
+                d.avg_n += 1;
+            }
+            return;
+        }
         if self.method != WeightMethod::Hypergradient {
             return;
         }
@@ -102,13 +205,23 @@ impl DomainWeights {
 
     /// The whole outer state as named vectors: λ, AdamW's moments and step, the fixed weights.
     pub fn state(&self) -> Vec<(String, Vec<f64>)> {
-        vec![
+        let mut state = vec![
             ("domain_weights.lambda".into(), self.lambda.clone()),
             ("domain_weights.adam_m".into(), self.adam.m.clone()),
             ("domain_weights.adam_v".into(), self.adam.v.clone()),
             ("domain_weights.adam_step".into(), vec![self.adam.t as f64]),
             ("domain_weights.fixed".into(), self.fixed.clone()),
-        ]
+        ];
+        if let Some(d) = &self.doremi {
+            state.push(("doremi.alpha".into(), d.alpha.clone()));
+            state.push(("doremi.avg_sum".into(), d.avg_sum.clone()));
+            state.push(("doremi.avg_n".into(), vec![d.avg_n as f64]));
+            state.push(("doremi.excess".into(), d.excess.clone()));
+            for (i, l) in d.reference_loss.iter().enumerate() {
+                state.push((format!("doremi.reference_loss.{i}"), l.clone()));
+            }
+        }
+        state
     }
 
     /// Takes over a state written by [`DomainWeights::state`].
@@ -130,6 +243,25 @@ impl DomainWeights {
         self.adam.v = v;
         self.adam.t = t as u64;
         self.fixed = fixed;
+        if let Some(d) = &mut self.doremi {
+            d.alpha = get("doremi.alpha", k)?;
+            d.avg_sum = get("doremi.avg_sum", k)?;
+            d.avg_n = get("doremi.avg_n", 1)?[0] as u64;
+            d.excess = get("doremi.excess", k)?;
+            // The reference losses exist only once the reference phase is over.
+            d.reference_loss = (0..k)
+                .map_while(|i| {
+                    state
+                        .iter()
+                        .find(|(n, _)| *n == format!("doremi.reference_loss.{i}"))
+                        .map(|(_, v)| v.clone())
+                })
+                .collect();
+            anyhow::ensure!(
+                d.reference_loss.is_empty() || d.reference_loss.len() == k,
+                "outer state has reference losses for only some domains"
+            );
+        }
         Ok(())
     }
 
@@ -142,7 +274,7 @@ impl DomainWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metaloop_common::proto::DomainStat;
+    use metaloop_common::proto::{DomainProbe, DomainStat};
 
     fn result(stats: &[(f64, u64)]) -> AssignmentResult {
         AssignmentResult {
@@ -158,6 +290,7 @@ mod tests {
                 .map(|&(d_sum, count)| DomainStat { d_sum, count })
                 .collect(),
             omega_grad: Vec::new(),
+            probes: Vec::new(),
         }
     }
 
@@ -183,6 +316,44 @@ mod tests {
         let expected = weights::hypergradient(&[0.0, 0.0], &[0.5, -2.0]);
         let norm = expected.iter().map(|g| g * g).sum::<f64>().sqrt();
         assert!((s.last_grad_norm().expect("updated") - norm).abs() < 1e-12);
+    }
+
+    #[test]
+    fn doremi_moves_weight_toward_the_domain_with_excess_loss() {
+        let cfg = StrategyConfig {
+            method: WeightMethod::Doremi,
+            probe: 2,
+            ..StrategyConfig::default()
+        };
+        let mut s = DomainWeights::new(&cfg, vec!["a".into(), "b".into()]);
+        assert!(s.needs_reference() && s.probe_request().is_none());
+        assert_eq!(s.plan().0, vec![1.0, 1.0], "uniform during the reference phase");
+        s.set_reference(vec![vec![1.0, 1.0, 1.0], vec![2.0, 2.0]]);
+        assert_eq!(s.probe_request(), Some(2));
+        let mut r = result(&[]);
+        r.probes = vec![
+            DomainProbe {
+                rows: vec![0, 2],
+                losses: vec![1.5, 0.5],
+            }, // excess (0.5, 0) → 0.25
+            DomainProbe {
+                rows: vec![1],
+                losses: vec![1.0],
+            }, // below the reference → 0
+        ];
+        s.update(&[&r]);
+        let expect = weights::doremi_step(&[0.5, 0.5], &[0.25, 0.0], 1.0, 1e-3);
+        assert_eq!(s.excess(), Some(&[0.25, 0.0][..]));
+        let w = s.weights();
+        assert!(
+            (w[0] - 2.0 * expect[0]).abs() < 1e-12 && w[0] > 1.0 && w[1] < 1.0,
+            "{w:?}"
+        );
+        // A round without probes for a domain keeps its last excess loss; the state roundtrips.
+        let mut other = DomainWeights::new(&cfg, vec!["a".into(), "b".into()]);
+        other.restore(&s.state()).expect("restore");
+        assert_eq!(other.state(), s.state());
+        assert!(!other.needs_reference());
     }
 
     #[test]

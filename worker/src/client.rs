@@ -196,14 +196,14 @@ async fn round(
         }
     };
     let (weights, hyper) = (Arc::new(plan.domain_weights), plan.hypergradient);
-    let rescaler = Arc::new(plan.rescaler);
+    let (rescaler, probe) = (Arc::new(plan.rescaler), plan.probe_losses);
     for a in plan.assignments {
         let index = a.index;
         let (weights, rescaler) = (weights.clone(), rescaler.clone());
         let outcome = match &synced {
             Ok(()) => {
                 engine
-                    .call(move |t| trainer(t)?.run(&a, &weights, hyper, rescaler.as_ref().as_ref()))
+                    .call(move |t| trainer(t)?.run(&a, &weights, hyper, rescaler.as_ref().as_ref(), probe))
                     .await?
             }
             Err(e) => Err(crate::TrainError::Mismatch(e.to_string())),
@@ -222,6 +222,7 @@ async fn round(
                     meta_loss: out.meta_loss,
                     domains: out.domains,
                     omega_grad: out.omega_grad,
+                    probes: out.probes,
                 };
                 net::write_frame(send, &WorkerMsg::Result(result)).await?;
             }

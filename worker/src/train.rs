@@ -9,6 +9,7 @@ use metaloop_common::domains::{self, DomainError};
 use metaloop_common::features::{self, Feature};
 use metaloop_common::model::Mlp;
 use metaloop_common::model::{self, Model};
+use metaloop_common::proto::DomainProbe;
 use metaloop_common::proto::{
     Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
     SmallTensor,
@@ -66,6 +67,8 @@ pub struct AssignmentOutcome {
     pub domains: Vec<DomainStat>,
     /// Ω's meta-gradient (empty unless the plan carried a rescaler).
     pub omega_grad: Vec<SmallTensor>,
+    /// Per-domain probe losses (empty unless asked for).
+    pub probes: Vec<DomainProbe>,
 }
 
 /// The rescaler network of a round, built from its plan.
@@ -247,6 +250,7 @@ impl Trainer {
         weights: &[f64],
         hyper: Option<HypergradientSpec>,
         rescaler: Option<&RescalerPlan>,
+        probe_losses: Option<u32>,
     ) -> Result<AssignmentOutcome, TrainError> {
         let start = Instant::now();
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
@@ -329,6 +333,10 @@ impl Trainer {
             }
         }
         let (meta_loss, domain_stats) = self.meta_signals(model.as_ref(), a, hyper)?;
+        let probes = match probe_losses {
+            Some(n) => self.probe_losses(model.as_ref(), a, n)?,
+            None => Vec::new(),
+        };
         let omega_grad = match &omega {
             Some(o) => self.omega_gradient(model.as_ref(), o, a)?,
             None => Vec::new(),
@@ -341,6 +349,7 @@ impl Trainer {
             meta_loss,
             domains: domain_stats,
             omega_grad,
+            probes,
         })
     }
 
@@ -406,6 +415,32 @@ impl Trainer {
             .collect()
     }
 
+    /// Rows of domain `i`'s shard that probe the model after an assignment (seeded by it).
+    fn probe_rows(&self, a: &Assignment, i: usize, probe: u32) -> Vec<usize> {
+        let mut rows: Vec<usize> = self.domains[i].shard_range(a.shard, self.job.shards).collect();
+        SplitMix64::new(derive_seed(a.seed, &[1 << 32, i as u64])).shuffle(&mut rows);
+        rows.truncate(probe.max(1) as usize);
+        rows
+    }
+
+    /// Every domain's per-sample losses on its probe at the current θ (for DoReMi).
+    fn probe_losses(&self, model: &dyn Model, a: &Assignment, probe: u32) -> Result<Vec<DomainProbe>, TrainError> {
+        let mut out = Vec::with_capacity(self.domains.len());
+        for (i, d) in self.domains.iter().enumerate() {
+            let rows = self.probe_rows(a, i, probe);
+            let (mut xs, mut ys) = (Vec::new(), Vec::new());
+            gather(d, &rows, &mut xs, &mut ys);
+            let (x, y) = model::batch_tensors(&xs, &ys, d.features, self.device);
+            let l = tch::no_grad(|| primitives::per_sample_loss(model, &x, &y)).to_kind(tch::Kind::Float);
+            let losses = Vec::<f32>::try_from(&l).map_err(model::ModelError::from)?;
+            out.push(DomainProbe {
+                rows: rows.iter().map(|&r| r as u32).collect(),
+                losses,
+            });
+        }
+        Ok(out)
+    }
+
     /// The meta loss at the current θ and, when asked, every domain's Σ c_i on its probe.
     fn meta_signals(
         &self,
@@ -426,9 +461,7 @@ impl Trainer {
         let v = primitives::gradient(model, &meta_loss);
         let mut stats = Vec::with_capacity(self.domains.len());
         for (i, d) in self.domains.iter().enumerate() {
-            let mut rows: Vec<usize> = d.shard_range(a.shard, self.job.shards).collect();
-            SplitMix64::new(derive_seed(a.seed, &[1 << 32, i as u64])).shuffle(&mut rows);
-            rows.truncate(h.probe.max(1) as usize);
+            let rows = self.probe_rows(a, i, h.probe);
             let (mut xs, mut ys) = (Vec::new(), Vec::new());
             gather(d, &rows, &mut xs, &mut ys);
             let (x, y) = model::batch_tensors(&xs, &ys, d.features, self.device);
@@ -602,14 +635,14 @@ mod tests {
             steps: 30,
             seed: 5,
         };
-        let first = t.run(&a, &[1.0], None, None).expect("run");
-        let again = t.run(&a, &[1.0], None, None).expect("run");
+        let first = t.run(&a, &[1.0], None, None, None).expect("run");
+        let again = t.run(&a, &[1.0], None, None, None).expect("run");
         assert_eq!(
             first.delta, again.delta,
             "same version + same assignment must give the same delta"
         );
         let short = t
-            .run(&Assignment { steps: 1, ..a.clone() }, &[1.0], None, None)
+            .run(&Assignment { steps: 1, ..a.clone() }, &[1.0], None, None, None)
             .expect("run");
         assert!(
             first.mean_loss < short.mean_loss,
@@ -657,14 +690,14 @@ mod tests {
             steps: 3,
             seed: 2,
         };
-        let zero = two.run(&a, &[2.0, 0.0], None, None).expect("run");
-        let even = two.run(&a, &[1.0, 1.0], None, None).expect("run");
+        let zero = two.run(&a, &[2.0, 0.0], None, None, None).expect("run");
+        let even = two.run(&a, &[1.0, 1.0], None, None, None).expect("run");
         assert_ne!(zero.delta, even.delta);
         let mut spec = job(1);
         spec.inner.batch_size = 4;
         let mut one = Trainer::with_data(spec, vec![blobs(32)], None, Device::Cpu);
         one.set_model(0, bundle_checksum(&p), p).expect("set");
-        let alone = one.run(&a, &[1.0], None, None).expect("run");
+        let alone = one.run(&a, &[1.0], None, None, None).expect("run");
         for (x, y) in zero.delta.tensors.iter().zip(&alone.delta.tensors) {
             for (u, v) in x.data.iter().zip(&y.data) {
                 assert!((u - v).abs() < 1e-6, "{u} vs {v}");
@@ -684,6 +717,7 @@ mod tests {
                     seed: 1,
                 },
                 &[1.0],
+                None,
                 None,
                 None,
             )
