@@ -27,6 +27,19 @@ fn run_local(dir: &Path, extra: &[&str]) -> Value {
     serde_json::from_str(&text).expect("summary.json is JSON")
 }
 
+/// Runs `local` on a config that must fail; returns its stderr.
+fn run_local_failing(cfg: &Path, run_dir: &Path) -> String {
+    let out = metaloop()
+        .args(["local", "--quiet", "--workers", "1", "--config"])
+        .arg(cfg)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn local_sgd_trains_to_90_percent_with_two_worker_processes() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -163,15 +176,7 @@ fn a_domain_that_does_not_fit_the_job_is_named() {
         ),
     )
     .expect("write");
-    let out = metaloop()
-        .args(["local", "--quiet", "--workers", "1", "--config"])
-        .arg(&cfg)
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_local_failing(&cfg, &dir.path().join("run"));
     assert!(err.contains("domain `odd`") && err.contains("3 features"), "{err}");
 }
 
@@ -241,15 +246,7 @@ fn a_corrupt_data_file_is_named_before_training() {
         ),
     )
     .expect("write");
-    let out = metaloop()
-        .args(["local", "--quiet", "--workers", "1", "--config"])
-        .arg(&cfg)
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_local_failing(&cfg, &dir.path().join("run"));
     assert!(
         err.contains("train.safetensors") && err.contains("not a valid safetensors"),
         "{err}"

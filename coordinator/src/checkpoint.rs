@@ -45,6 +45,36 @@ pub fn named(state: &[(String, Vec<f64>)], name: &str, len: usize) -> anyhow::Re
     Ok(v.clone())
 }
 
+/// An AdamW optimizer's moments and step as named vectors under `prefix`.
+pub fn adam_state(prefix: &str, adam: &metaloop_common::weights::AdamW) -> Vec<(String, Vec<f64>)> {
+    vec![
+        (format!("{prefix}.adam_m"), adam.m.clone()),
+        (format!("{prefix}.adam_v"), adam.v.clone()),
+        (format!("{prefix}.adam_step"), vec![adam.t as f64]),
+    ]
+}
+
+/// Restores what [`adam_state`] saved for an optimizer over `len` values.
+///
+/// # Errors
+/// When an entry is missing or has the wrong length.
+pub fn restore_adam(
+    state: &[(String, Vec<f64>)],
+    prefix: &str,
+    adam: &mut metaloop_common::weights::AdamW,
+    len: usize,
+) -> anyhow::Result<()> {
+    let (m, v) = (
+        named(state, &format!("{prefix}.adam_m"), len)?,
+        named(state, &format!("{prefix}.adam_v"), len)?,
+    );
+    let t = named(state, &format!("{prefix}.adam_step"), 1)?[0];
+    adam.m = m;
+    adam.v = v;
+    adam.t = t as u64;
+    Ok(())
+}
+
 /// Adds named vectors to a state checksum.
 pub fn hash_named(h: &mut metaloop_common::checksum::StateHasher, state: &[(String, Vec<f64>)]) {
     for (name, values) in state {

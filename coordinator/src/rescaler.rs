@@ -159,12 +159,9 @@ impl LossRescaler {
 
     /// Ω and its optimizer as named vectors, for checkpoints.
     pub fn state(&self) -> Vec<(String, Vec<f64>)> {
-        vec![
-            ("rescaler.omega".into(), self.params.clone()),
-            ("rescaler.adam_m".into(), self.adam.m.clone()),
-            ("rescaler.adam_v".into(), self.adam.v.clone()),
-            ("rescaler.adam_step".into(), vec![self.adam.t as f64]),
-        ]
+        let mut state = vec![("rescaler.omega".into(), self.params.clone())];
+        state.extend(checkpoint::adam_state("rescaler", &self.adam));
+        state
     }
 
     /// Takes over a state written by [`LossRescaler::state`].
@@ -172,18 +169,10 @@ impl LossRescaler {
     /// # Errors
     /// When an entry is missing or has the wrong length.
     pub fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
-        let get = |name: &str, len: usize| checkpoint::named(state, name, len);
         let n = self.params.len();
-        let (params, m, v, t) = (
-            get("rescaler.omega", n)?,
-            get("rescaler.adam_m", n)?,
-            get("rescaler.adam_v", n)?,
-            get("rescaler.adam_step", 1)?,
-        );
+        let params = checkpoint::named(state, "rescaler.omega", n)?;
+        checkpoint::restore_adam(state, "rescaler", &mut self.adam, n)?;
         self.params = params;
-        self.adam.m = m;
-        self.adam.v = v;
-        self.adam.t = t[0] as u64;
         Ok(())
     }
 

@@ -205,13 +205,9 @@ impl DomainWeights {
 
     /// The whole outer state as named vectors: λ, AdamW's moments and step, the fixed weights.
     pub fn state(&self) -> Vec<(String, Vec<f64>)> {
-        let mut state = vec![
-            ("domain_weights.lambda".into(), self.lambda.clone()),
-            ("domain_weights.adam_m".into(), self.adam.m.clone()),
-            ("domain_weights.adam_v".into(), self.adam.v.clone()),
-            ("domain_weights.adam_step".into(), vec![self.adam.t as f64]),
-            ("domain_weights.fixed".into(), self.fixed.clone()),
-        ];
+        let mut state = vec![("domain_weights.lambda".into(), self.lambda.clone())];
+        state.extend(checkpoint::adam_state("domain_weights", &self.adam));
+        state.push(("domain_weights.fixed".into(), self.fixed.clone()));
         if let Some(d) = &self.doremi {
             state.push(("doremi.alpha".into(), d.alpha.clone()));
             state.push(("doremi.avg_sum".into(), d.avg_sum.clone()));
@@ -231,17 +227,9 @@ impl DomainWeights {
     pub fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
         let get = |name: &str, len: usize| checkpoint::named(state, name, len);
         let k = self.names.len();
-        let (lambda, m, v, fixed) = (
-            get("domain_weights.lambda", k)?,
-            get("domain_weights.adam_m", k)?,
-            get("domain_weights.adam_v", k)?,
-            get("domain_weights.fixed", k)?,
-        );
-        let t = get("domain_weights.adam_step", 1)?[0];
+        let (lambda, fixed) = (get("domain_weights.lambda", k)?, get("domain_weights.fixed", k)?);
+        checkpoint::restore_adam(state, "domain_weights", &mut self.adam, k)?;
         self.lambda = lambda;
-        self.adam.m = m;
-        self.adam.v = v;
-        self.adam.t = t as u64;
         self.fixed = fixed;
         if let Some(d) = &mut self.doremi {
             d.alpha = get("doremi.alpha", k)?;

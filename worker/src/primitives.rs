@@ -163,16 +163,7 @@ mod tests {
                 .map(|((x, y), w)| per_sample_loss(&theta, x, y).mean(Kind::Double) * (*w / k))
                 .reduce(|a, b| a + b)
                 .expect("domains");
-            let g = gradient(&theta, &loss);
-            Net {
-                params: theta
-                    .params
-                    .iter()
-                    .zip(&g)
-                    .map(|(p, g)| (p.detach() - g * alpha).set_requires_grad(true))
-                    .collect(),
-                names: theta.names.clone(),
-            }
+            theta.stepped(&gradient(&theta, &loss), alpha)
         };
         let meta_loss = |m: &Net| per_sample_loss(m, &mx, &my).mean(Kind::Double);
 

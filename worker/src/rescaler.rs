@@ -143,16 +143,7 @@ mod tests {
         let alpha = step.alpha;
         let w = batch_weights(&omega_weights(omega, f), step.normalize).detach();
         let inner = (primitives::per_sample_loss(theta, x, y) * &w).mean(Kind::Double);
-        let g = primitives::gradient(theta, &inner);
-        let stepped = Net {
-            params: theta
-                .params
-                .iter()
-                .zip(&g)
-                .map(|(p, g)| (p.detach() - g * alpha).set_requires_grad(true))
-                .collect(),
-            names: theta.names.clone(),
-        };
+        let stepped = theta.stepped(&primitives::gradient(theta, &inner), alpha);
         tch::no_grad(|| match val {
             Validation::Clean { x, y } => primitives::per_sample_loss(&stepped, x, y)
                 .mean(Kind::Double)

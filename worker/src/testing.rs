@@ -24,6 +24,21 @@ impl Model for Net {
     }
 }
 
+impl Net {
+    /// θ − α·g as a new leaf network (one plain gradient step).
+    pub fn stepped(&self, grads: &[Tensor], alpha: f64) -> Net {
+        Net {
+            params: self
+                .params
+                .iter()
+                .zip(grads)
+                .map(|(p, g)| (p.detach() - g * alpha).set_requires_grad(true))
+                .collect(),
+            names: self.names.clone(),
+        }
+    }
+}
+
 /// Values uniform in [-1, 1] (in steps of 1/1000), f64.
 pub fn randn(rng: &mut SplitMix64, shape: &[i64]) -> Tensor {
     let n: i64 = shape.iter().product();
