@@ -1,10 +1,11 @@
 //! `metaloop local`: a coordinator in this process and N worker processes on loopback, with a
 //! throwaway CA, a progress bar and a line per round. When the job learns its domain weights,
-//! the uniform-weights baseline runs next with the same seed and budget, for comparison.
+//! the uniform-weights baseline runs next with the same seed and budget, for comparison; after
+//! a learned task policy, the uniform-policy and target-only baselines.
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use metaloop_common::config::{JobConfig, WeightMethod};
+use metaloop_common::config::{JobConfig, PolicyMethod, StrategyKind, WeightMethod};
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_coordinator::{Coordinator, CoordinatorOptions, RoundRecord, RunDir, Summary};
 use std::path::{Path, PathBuf};
@@ -83,23 +84,56 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut summary = run_job(&args, config.clone(), &run_dir, &tls, "").await?;
-    let learned = config.strategy.method != WeightMethod::Uniform;
-    if learned && !args.no_baseline {
-        let mut baseline = config;
-        baseline.strategy.method = WeightMethod::Uniform;
-        let dir = run_dir.join("baseline-uniform");
-        if !args.quiet {
-            eprintln!(
-                "baseline: the same job with uniform domain weights, run directory {}",
-                dir.display()
-            );
+    if !args.no_baseline {
+        for (name, baseline, what) in baselines(&config) {
+            let dir = run_dir.join(format!("baseline-{name}"));
+            if !args.quiet {
+                eprintln!("baseline: the same job with {what}, run directory {}", dir.display());
+            }
+            let b = run_job(&args, baseline, &dir, &tls, &format!("baseline {name} ")).await?;
+            match name {
+                "target-only" => summary.target_only_test_accuracy = Some(b.test_accuracy),
+                _ => summary.baseline_test_accuracy = Some(b.test_accuracy),
+            }
+            RunDir::open(&run_dir).write_summary(&summary)?;
         }
-        let b = run_job(&args, baseline, &dir, &tls, "baseline ").await?;
-        summary.baseline_test_accuracy = Some(b.test_accuracy);
-        RunDir::open(&run_dir).write_summary(&summary)?;
     }
     print_summary(&summary, &run_dir);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The baselines a job is compared with (same seed, same rounds): uniform domain weights after
+/// learned ones; a uniform policy and the target alone after a learned task policy.
+fn baselines(config: &JobConfig) -> Vec<(&'static str, JobConfig, &'static str)> {
+    let with = |f: &dyn Fn(&mut JobConfig)| {
+        let mut c = config.clone();
+        f(&mut c);
+        c
+    };
+    match config.strategy.kind {
+        StrategyKind::TaskPolicy if config.strategy.policy == PolicyMethod::Learned => vec![
+            (
+                "uniform",
+                with(&|c| c.strategy.policy = PolicyMethod::Uniform),
+                "a uniform source policy",
+            ),
+            (
+                "target-only",
+                with(&|c| c.strategy.policy = PolicyMethod::TargetOnly),
+                "the target's own examples only",
+            ),
+        ],
+        StrategyKind::DomainWeights | StrategyKind::LossRescaling
+            if config.strategy.method != WeightMethod::Uniform =>
+        {
+            vec![(
+                "uniform",
+                with(&|c| c.strategy.method = WeightMethod::Uniform),
+                "uniform domain weights",
+            )]
+        }
+        _ => Vec::new(),
+    }
 }
 
 struct Tls {
@@ -252,6 +286,10 @@ fn round_line(r: &RoundRecord) -> String {
 }
 
 fn weights_text(r: &RoundRecord) -> String {
+    if let Some(w) = &r.source_weights {
+        let parts: Vec<String> = w.iter().map(|(n, w)| format!("{n} {w:.2}")).collect();
+        return format!("  policy: {}", parts.join(", "));
+    }
     if r.domain_weights.len() < 2 || r.domain_weights.values().all(|&w| w == 1.0) {
         return String::new();
     }
@@ -271,14 +309,31 @@ fn print_summary(s: &Summary, run_dir: &Path) {
         let parts: Vec<String> = s.domain_weights.iter().map(|(n, w)| format!("{n} {w:.3}")).collect();
         println!("domain weights ({}): {}", s.strategy, parts.join(", "));
     }
-    if let Some(b) = s.baseline_test_accuracy {
+    if let Some(w) = &s.source_weights {
+        let parts: Vec<String> = w.iter().map(|(n, w)| format!("{n} {w:.3}")).collect();
+        println!("source-task policy ({}): {}", s.strategy, parts.join(", "));
+    }
+    let policy = s.source_weights.is_some();
+    let compare = [
+        (
+            s.baseline_test_accuracy,
+            if policy {
+                "uniform source policy"
+            } else {
+                "uniform weights"
+            },
+        ),
+        (s.target_only_test_accuracy, "target data only"),
+    ];
+    for (b, what) in compare {
+        let Some(b) = b else { continue };
         println!(
-            "baseline (uniform weights, same seed and budget): test accuracy {:.2}%  →  {} by {:+.2} points",
+            "baseline ({what}, same seed and budget): test accuracy {:.2}%  →  {} by {:+.2} points",
             b * 100.0,
             if s.test_accuracy >= b {
-                "learned weights win"
+                "learned wins"
             } else {
-                "learned weights lose"
+                "learned loses"
             },
             (s.test_accuracy - b) * 100.0
         );

@@ -29,16 +29,16 @@ fn coordinator(dir: &Path, extra: &[&str]) -> (Child, String) {
 
 fn coordinator_on(dir: &Path, listen: &str, log: &str, extra: &[&str]) -> (Child, String) {
     let log = std::fs::File::create(dir.join(log)).expect("log");
+    let config: &[&str] = if extra.contains(&"--config") {
+        &[]
+    } else {
+        &["--config", "configs/quickstart.toml"]
+    };
     let mut child = Command::new(BIN)
         .current_dir(ROOT)
-        .args([
-            "coordinator",
-            "--config",
-            "configs/quickstart.toml",
-            "--listen",
-            listen,
-            "--run-dir",
-        ])
+        .arg("coordinator")
+        .args(config)
+        .args(["--listen", listen, "--run-dir"])
         .arg(dir.join("run"))
         .args(tls_args(&dir.join("certs"), "coordinator"))
         .args(extra)
@@ -315,12 +315,25 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
 
 #[test]
 fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
-    let job = ["--rounds", "100", "--seed", "11"];
-    let reference = reference_run(&job, "2");
+    killed_coordinator_resumes_exactly(&["--rounds", "100", "--seed", "11"], 100);
+}
+
+/// The same with a learned task policy: the LSTM's parameters, hidden state, last weights and
+/// rewards and the reward baseline are in the checkpoint, and the fine-tuning phase follows.
+#[test]
+fn a_task_policy_run_resumes_exactly_after_a_kill() {
+    killed_coordinator_resumes_exactly(
+        &["--config", "configs/task-policy.toml", "--rounds", "60", "--seed", "3"],
+        60,
+    );
+}
+
+fn killed_coordinator_resumes_exactly(job: &[&str], rounds: usize) {
+    let reference = reference_run(job, "2");
 
     let dir = tempfile::tempdir().expect("tmp");
     metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
-    let args = [&job[..], &["--min-workers", "2"]].concat();
+    let args = [job, &["--min-workers", "2"]].concat();
     let (mut first, addr) = coordinator(dir.path(), &args);
     let mut workers = [worker(dir.path(), &addr, "w0"), worker(dir.path(), &addr, "w1")];
     let run = dir.path().join("run");
@@ -328,7 +341,7 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     first.kill().expect("SIGKILL the coordinator");
     first.wait().expect("reap");
     let killed_at = rounds_done(&run);
-    assert!(killed_at < 100, "the coordinator must die mid-run");
+    assert!(killed_at < rounds, "the coordinator must die mid-run");
 
     let restarted = Instant::now();
     let (mut second, _) = coordinator_on(
@@ -348,7 +361,7 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     let log = std::fs::read_to_string(dir.path().join("coordinator2.stderr")).expect("log");
     assert!(log.contains("resuming from") && log.contains("round-000000"), "{log}");
     let got = summary(&run);
-    assert_eq!(got["rounds"], 100);
+    assert_eq!(got["rounds"], rounds);
     assert_eq!(got["completed"], true);
     assert_eq!(
         got["final_state_checksum"], reference["final_state_checksum"],

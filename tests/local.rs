@@ -347,3 +347,51 @@ fn doremi_runs_both_phases_and_reports_its_weights() {
         "uniform until the proxy phase"
     );
 }
+
+/// The task policy end to end with 2 worker processes: every round samples sources, a copy of
+/// the model trains on each, the rewards teach the LSTM policy; the clean related source ends
+/// with the highest weight, and the run reports the policy per round and in the summary.
+#[test]
+fn the_task_policy_learns_to_prefer_the_clean_related_source() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = run_local(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--config",
+            "configs/task-policy.toml",
+            "--rounds",
+            "80",
+            "--no-baseline",
+        ],
+    );
+    assert_eq!(s["strategy"], "task-policy/learned");
+    let w = s["source_weights"].as_object().expect("source_weights");
+    let weight = |n: &str| w[n].as_f64().expect("f64");
+    assert!((w.values().map(|v| v.as_f64().expect("f64")).sum::<f64>() - 1.0).abs() < 1e-9);
+    for other in ["noisy-60", "label-permuted", "pixel-permuted"] {
+        assert!(weight("clean") > weight(other), "clean must lead: {w:?}");
+    }
+    assert!(weight("clean") > 0.3, "and have moved from 0.25: {w:?}");
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
+    let rounds: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    // 80 rounds, of which the last 20 fine-tune on the target.
+    assert!(rounds[..60]
+        .iter()
+        .all(|r| r["rewards"].is_object() && r["source_weights"].is_object()));
+    assert!(rounds[60..].iter().all(|r| r["rewards"].is_null()));
+    let permuted: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r["rewards"]["label-permuted"].as_f64())
+        .collect();
+    assert!(
+        permuted.iter().sum::<f64>() < 0.0,
+        "training on permuted labels raises the target loss: {permuted:?}"
+    );
+    let plot = std::fs::read_to_string(dir.path().join("plot.svg")).expect("plot");
+    assert!(plot.contains("source-task policy"));
+}

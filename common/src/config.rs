@@ -116,6 +116,25 @@ pub struct StrategyConfig {
     /// `loss-rescaling`: stochastic (dropout) forward passes G for the `label-prob-mean` and
     /// `label-prob-spread` features; they need `model.dropout` > 0 to differ.
     pub passes: u32,
+    /// `task-policy`: learned (REINFORCE), uniform (fixed uniform weights: the baseline), or
+    /// target-only (every round fine-tunes on the target: the other baseline).
+    pub policy: PolicyMethod,
+    /// `task-policy`: sources sampled per round, M (default: the number of domains).
+    pub sources_per_round: Option<u32>,
+    /// `task-policy`: exploration ε; sources are drawn from (1−ε)·w + ε·uniform.
+    pub epsilon: f64,
+    /// `task-policy`: the policy's learning rate η (gradient ascent on the REINFORCE objective).
+    pub policy_lr: f64,
+    /// `task-policy`: the entropy bonus β.
+    pub entropy_bonus: f64,
+    /// `task-policy`: the reward baseline b ← γ·b + (1−γ)·mean r; this is γ.
+    pub baseline_decay: f64,
+    /// `task-policy`: the LSTM's hidden units.
+    pub policy_hidden: u32,
+    /// `task-policy`: rows of the meta set (the target) in each round's shared target batch.
+    pub target_batch: u32,
+    /// `task-policy`: the last rounds fine-tune on the target instead (default: a tenth).
+    pub finetune_rounds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -159,6 +178,15 @@ impl Default for StrategyConfig {
             reference_rounds: None,
             eta: 1.0,
             smoothing: 1e-3,
+            policy: PolicyMethod::Learned,
+            sources_per_round: None,
+            epsilon: 0.1,
+            policy_lr: 0.05,
+            entropy_bonus: 0.01,
+            baseline_decay: 0.9,
+            policy_hidden: 32,
+            target_batch: 64,
+            finetune_rounds: None,
         }
     }
 }
@@ -170,6 +198,29 @@ pub enum StrategyKind {
     DomainWeights,
     /// A network Ω that weights every sample's loss.
     LossRescaling,
+    /// A policy over source tasks, learned from how much each helps the target (Meta-RTL).
+    TaskPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyMethod {
+    /// An LSTM policy trained by REINFORCE on the target-loss rewards.
+    Learned,
+    /// Every source equally likely, never updated.
+    Uniform,
+    /// No sources: every round fine-tunes on the target's own examples.
+    TargetOnly,
+}
+
+impl PolicyMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMethod::Learned => "learned",
+            PolicyMethod::Uniform => "uniform",
+            PolicyMethod::TargetOnly => "target-only",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -330,6 +381,7 @@ impl JobConfig {
                     label_noise: 0.0,
                     permute_labels: false,
                     feature_noise: 0.0,
+                    permute_features: false,
                 },
             );
             cfg.data.train_shorthand = true;
@@ -357,6 +409,22 @@ impl JobConfig {
     /// DoReMi's reference phase length (half the rounds unless set).
     pub fn reference_rounds(&self) -> u64 {
         self.strategy.reference_rounds.unwrap_or(self.rounds / 2)
+    }
+
+    /// The task policy's closing fine-tuning rounds (a tenth of the rounds unless set; all of
+    /// them for `target-only`).
+    pub fn finetune_rounds(&self) -> u64 {
+        match self.strategy.policy {
+            PolicyMethod::TargetOnly => self.rounds,
+            _ => self.strategy.finetune_rounds.unwrap_or(self.rounds / 10),
+        }
+    }
+
+    /// Sources sampled per task-policy round (all of them unless set).
+    pub fn sources_per_round(&self) -> u32 {
+        self.strategy
+            .sources_per_round
+            .unwrap_or(self.data.domains.len() as u32)
     }
 
     /// Every semantic problem, each prefixed with its key path.
@@ -551,6 +619,71 @@ impl JobConfig {
                 "only for kind = \"loss-rescaling\"".into(),
             );
         }
+        if s.kind == StrategyKind::TaskPolicy {
+            check(
+                s.method == WeightMethod::Uniform,
+                "strategy.method",
+                "task-policy picks sources with its `policy`; leave `method` out".into(),
+            );
+            check(
+                d.meta.is_some(),
+                "data.meta",
+                "task-policy needs the target's labelled examples as the meta set".into(),
+            );
+            check(
+                d.shards == 1,
+                "data.shards",
+                format!("task-policy trains on whole source tasks; must be 1, got {}", d.shards),
+            );
+            check(
+                (0.0..=1.0).contains(&s.epsilon),
+                "strategy.epsilon",
+                format!("must be in [0, 1], got {}", s.epsilon),
+            );
+            check(
+                s.policy_lr.is_finite() && s.policy_lr > 0.0,
+                "strategy.policy_lr",
+                format!("must be positive, got {}", s.policy_lr),
+            );
+            check(
+                s.entropy_bonus.is_finite() && s.entropy_bonus >= 0.0,
+                "strategy.entropy_bonus",
+                format!("must be ≥ 0, got {}", s.entropy_bonus),
+            );
+            check(
+                (0.0..1.0).contains(&s.baseline_decay),
+                "strategy.baseline_decay",
+                format!("must be in [0, 1), got {}", s.baseline_decay),
+            );
+            check(
+                s.policy_hidden >= 1,
+                "strategy.policy_hidden",
+                format!("must be at least 1, got {}", s.policy_hidden),
+            );
+            check(
+                s.target_batch >= 1,
+                "strategy.target_batch",
+                format!("must be at least 1, got {}", s.target_batch),
+            );
+            check(
+                self.sources_per_round() >= 1,
+                "strategy.sources_per_round",
+                format!("must be at least 1, got {}", self.sources_per_round()),
+            );
+            if s.policy != PolicyMethod::TargetOnly {
+                check(
+                    self.finetune_rounds() < self.rounds,
+                    "strategy.finetune_rounds",
+                    format!("must be below rounds ({}), got {}", self.rounds, self.finetune_rounds()),
+                );
+            }
+        } else {
+            check(
+                s.policy == PolicyMethod::Learned && s.sources_per_round.is_none() && s.finetune_rounds.is_none(),
+                "strategy",
+                "`policy`, `sources_per_round` and `finetune_rounds` are only for kind = \"task-policy\"".into(),
+            );
+        }
         let ModelConfig::Mlp { hidden, dropout } = &self.model;
         check(
             (0.0..1.0).contains(dropout),
@@ -725,5 +858,36 @@ mod tests {
         let cfg = JobConfig::parse(&ok, dir.path()).expect("self-taught needs no meta set");
         assert_eq!(cfg.strategy.features, vec![Feature::Loss, Feature::Margin]);
         assert!(cfg.strategy.normalize && cfg.strategy.omega_lr == 1e-3, "defaults");
+    }
+
+    #[test]
+    fn task_policy_settings_are_checked() {
+        let dir = base_with_data();
+        let head = "rounds = 10\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\nshards = 2\n";
+        let bad = format!(
+            "{head}[strategy]\nkind = \"task-policy\"\nepsilon = 1.5\npolicy_lr = -1.0\nfinetune_rounds = 10\n"
+        );
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&bad, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        let joined = problems.join("\n");
+        for key in [
+            "data.meta:",
+            "data.shards:",
+            "strategy.epsilon:",
+            "strategy.policy_lr:",
+            "strategy.finetune_rounds:",
+        ] {
+            assert!(joined.contains(key), "missing {key} in {joined}");
+        }
+        let stray = format!("{head}[strategy]\npolicy = \"uniform\"\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&stray, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert!(problems.iter().any(|p| p.starts_with("strategy:")), "{problems:?}");
+        std::fs::write(dir.path().join("meta.st"), b"x").expect("write");
+        let ok = "rounds = 10\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nmeta = \"meta.st\"\nclasses = 10\nshards = 1\n[strategy]\nkind = \"task-policy\"\n";
+        let cfg = JobConfig::parse(ok, dir.path()).expect("valid");
+        assert_eq!((cfg.finetune_rounds(), cfg.sources_per_round()), (1, 1));
     }
 }

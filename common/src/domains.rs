@@ -1,6 +1,6 @@
 //! Training domains: each is a safetensors file, optionally passed through deterministic,
 //! seeded transforms (a subset, symmetric label noise, a fixed label permutation, additive
-//! feature noise). Coordinator and workers build domains with this same code from the same
+//! feature noise, a fixed permutation of the features). Coordinator and workers build domains with this same code from the same
 //! spec, and compare checksums, so both sides train on identical data; the corruption applied
 //! is recorded for the run directory.
 
@@ -30,6 +30,10 @@ pub struct DomainConfig {
     /// Standard deviation of Gaussian noise added to every feature.
     #[serde(default)]
     pub feature_noise: f64,
+    /// Reorder every sample's features through one fixed random permutation (for images: the
+    /// pixels are shuffled the same way in every image, a different task on the same labels).
+    #[serde(default)]
+    pub permute_features: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -52,6 +56,8 @@ pub struct DomainRecord {
     /// `permutation[c]` is the label given to class c.
     pub permutation: Option<Vec<i64>>,
     pub feature_noise: f64,
+    /// `feature_permutation[j]` is the source feature placed at position j.
+    pub feature_permutation: Option<Vec<usize>>,
     pub checksum: String,
 }
 
@@ -133,6 +139,20 @@ pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> R
             *v += (cfg.feature_noise * gaussian(&mut rng)) as f32;
         }
     }
+    // Its own stream, so adding it leaves the other transforms' draws unchanged.
+    let feature_permutation = cfg.permute_features.then(|| {
+        let mut p: Vec<usize> = (0..f).collect();
+        SplitMix64::new(derive_seed(job_seed, &[0xFEA7, index as u64])).shuffle(&mut p);
+        p
+    });
+    if let Some(p) = &feature_permutation {
+        for row in data.x.chunks_exact_mut(f) {
+            let original = row.to_vec();
+            for (v, &j) in row.iter_mut().zip(p) {
+                *v = original[j];
+            }
+        }
+    }
     let record = DomainRecord {
         name: cfg.name.clone(),
         source: cfg.source.display().to_string(),
@@ -142,6 +162,7 @@ pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> R
         flipped,
         permutation,
         feature_noise: cfg.feature_noise,
+        feature_permutation,
         checksum: crate::checksum::hex(&dataset_checksum(&data)),
     };
     Ok(Domain { data, record })
@@ -156,6 +177,7 @@ pub fn to_spec(cfg: &DomainConfig, checksum: [u8; 32]) -> crate::proto::DomainSp
         label_noise: cfg.label_noise,
         permute_labels: cfg.permute_labels,
         feature_noise: cfg.feature_noise,
+        permute_features: cfg.permute_features,
         checksum,
     }
 }
@@ -172,6 +194,7 @@ pub fn from_spec(spec: &crate::proto::DomainSpec) -> DomainConfig {
         label_noise: spec.label_noise,
         permute_labels: spec.permute_labels,
         feature_noise: spec.feature_noise,
+        permute_features: spec.permute_features,
     }
 }
 
@@ -189,7 +212,7 @@ pub fn dataset_checksum(ds: &Dataset) -> [u8; 32] {
 }
 
 fn uniform(rng: &mut SplitMix64) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    rng.unit()
 }
 
 /// Standard normal by Box–Muller.
@@ -236,6 +259,7 @@ mod tests {
             label_noise: 0.0,
             permute_labels: false,
             feature_noise: 0.0,
+            permute_features: false,
         }
     }
 
@@ -299,6 +323,36 @@ mod tests {
         let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / diffs.len() as f64).sqrt();
         assert!(mean.abs() < 0.1 && (sd - 2.0).abs() < 0.1, "mean {mean} sd {sd}");
         assert_eq!(noisy.data.y, clean.data.y);
+    }
+
+    #[test]
+    fn feature_permutation_moves_the_same_columns_in_every_row() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = 50;
+        let ds = Dataset {
+            x: (0..n * 16).map(|v| v as f32).collect(),
+            y: (0..n).map(|i| (i % 4) as i64).collect(),
+            features: 16,
+        };
+        let path = dir.path().join("wide.safetensors");
+        std::fs::write(&path, dataset::to_safetensors(&ds).expect("ser")).expect("write");
+        let c = DomainConfig {
+            permute_features: true,
+            ..cfg(path)
+        };
+        let d = build(&c, 2, 4, 7).expect("build");
+        let p = d.record.feature_permutation.clone().expect("recorded");
+        let mut sorted = p.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..16).collect::<Vec<_>>(), "a permutation");
+        assert_ne!(p, sorted, "not the identity");
+        for row in 0..n {
+            for (j, &src) in p.iter().enumerate() {
+                assert_eq!(d.data.x[row * 16 + j], ds.x[row * 16 + src]);
+            }
+        }
+        assert_eq!(d.data.y, ds.y, "labels untouched");
+        assert_eq!(build(&c, 2, 4, 7).expect("again").record, d.record);
     }
 
     #[test]

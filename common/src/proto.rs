@@ -106,6 +106,7 @@ pub struct DomainSpec {
     pub label_noise: f64,
     pub permute_labels: bool,
     pub feature_noise: f64,
+    pub permute_features: bool,
     /// Checksum of the built domain on the coordinator.
     pub checksum: [u8; 32],
 }
@@ -150,6 +151,9 @@ pub struct RoundPlan {
     /// When set, return every domain's per-sample losses after the inner steps on a probe of
     /// this many rows of its shard (DoReMi's excess loss is computed from them).
     pub probe_losses: Option<u32>,
+    /// When set, the meta loss is measured on these rows of the meta set only (the target
+    /// batch every assignment of a task-policy round shares).
+    pub target_rows: Option<Vec<u32>>,
     pub assignments: Vec<Assignment>,
 }
 
@@ -226,6 +230,18 @@ pub struct Assignment {
     pub shard: u32,
     pub steps: u32,
     pub seed: u64,
+    pub data: TrainOn,
+}
+
+/// The data an assignment's inner steps train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainOn {
+    /// Its shard of every domain, the losses weighted by the plan's domain weights.
+    Mixture,
+    /// One domain alone, all of it (a source task of the task policy).
+    Domain(u32),
+    /// The meta set (the task policy's target: its evaluation, with 0 steps, and fine-tuning).
+    Meta,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -536,6 +552,7 @@ mod tests {
                 label_noise: 0.5,
                 permute_labels: true,
                 feature_noise: 1.0,
+                permute_features: true,
                 checksum: [9; 32],
             }],
             meta: Some(DataRef {
@@ -631,12 +648,30 @@ mod tests {
                     passes: 4,
                 }),
                 probe_losses: Some(64),
-                assignments: vec![Assignment {
-                    index: 0,
-                    shard: 1,
-                    steps: 20,
-                    seed: 77,
-                }],
+                target_rows: Some(vec![3, 1, 4]),
+                assignments: vec![
+                    Assignment {
+                        index: 0,
+                        shard: 1,
+                        steps: 20,
+                        seed: 77,
+                        data: TrainOn::Mixture,
+                    },
+                    Assignment {
+                        index: 1,
+                        shard: 0,
+                        steps: 5,
+                        seed: 78,
+                        data: TrainOn::Domain(2),
+                    },
+                    Assignment {
+                        index: 2,
+                        shard: 0,
+                        steps: 0,
+                        seed: 79,
+                        data: TrainOn::Meta,
+                    },
+                ],
             }));
         }
         roundtrip(CoordinatorMsg::Shutdown { reason: "done".into() });

@@ -4,6 +4,7 @@
 
 use crate::checkpoint;
 use crate::outer::OuterOptimizer;
+use crate::policy::{self, PolicyRound, TaskPolicy};
 use crate::rescaler::LossRescaler;
 use crate::rundir::{RoundRecord, RunDir, Summary};
 use crate::scheduler::{Dispatch, Scheduler, WorkerId};
@@ -12,7 +13,7 @@ use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
 use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
-use metaloop_common::config::{JobConfig, ModelConfig, StrategyKind, WeightMethod};
+use metaloop_common::config::{JobConfig, ModelConfig, PolicyMethod, StrategyKind, WeightMethod};
 use metaloop_common::dataset::{self, Dataset};
 use metaloop_common::domains;
 use metaloop_common::features::{self, Feature};
@@ -20,7 +21,7 @@ use metaloop_common::model::{self, Model};
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_common::proto::{
     Assignment, AssignmentResult, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RescalerPlan,
-    RoundPlan,
+    RoundPlan, TrainOn,
 };
 use metaloop_common::rng::derive_seed;
 use metaloop_common::tensor::Bundle;
@@ -103,7 +104,9 @@ impl Coordinator {
         let keep_train = rescaler.is_some() || config.strategy.method == WeightMethod::Doremi;
         let data = prepare_data(&config, &run_dir, keep_train)?;
         let job = data.job.clone();
-        let mut state = LoopState::new(&config, &job, data, rescaler)?;
+        let policy = (config.strategy.kind == StrategyKind::TaskPolicy)
+            .then(|| TaskPolicy::new(&config, job.domains.iter().map(|d| d.name.clone()).collect()));
+        let mut state = LoopState::new(&config, &job, data, rescaler, policy)?;
         state.assignment_timeout = self.options.assignment_timeout;
         let checkpoints = self.options.run_dir.join("checkpoints");
         if self.options.resume {
@@ -266,8 +269,11 @@ impl Coordinator {
             strategy: match config.strategy.kind {
                 StrategyKind::DomainWeights => state.strategy.method().as_str().to_string(),
                 StrategyKind::LossRescaling => format!("loss-rescaling/{}", config.strategy.mode.as_str()),
+                StrategyKind::TaskPolicy => format!("task-policy/{}", config.strategy.policy.as_str()),
             },
             domain_weights: state.domain_weights(),
+            source_weights: state.source_weights(),
+            target_only_test_accuracy: None,
             meta_loss: state.last_meta_loss,
             baseline_test_accuracy: None,
             best_meta_round: state.best_meta.map(|b| b.0),
@@ -463,6 +469,11 @@ struct LoopState {
     round_weights: (Vec<f64>, Option<HypergradientSpec>),
     rescaler: Option<LossRescaler>,
     round_rescaler: Option<RescalerPlan>,
+    policy: Option<TaskPolicy>,
+    /// This round's sources, target batch and the policy's forward step (task-policy).
+    round_policy: Option<PolicyRound>,
+    /// Rows in the meta set (the task policy's target).
+    meta_len: usize,
     /// Rows per domain whose losses the workers return this round (DoReMi's proxy phase).
     round_probe: Option<u32>,
     model_spec: ModelSpec,
@@ -487,10 +498,17 @@ struct LoopState {
 type Collected = Vec<Option<(AssignmentResult, Bundle)>>;
 
 impl LoopState {
-    fn new(config: &JobConfig, job: &JobSpec, data: Prepared, rescaler: Option<LossRescaler>) -> anyhow::Result<Self> {
+    fn new(
+        config: &JobConfig,
+        job: &JobSpec,
+        data: Prepared,
+        rescaler: Option<LossRescaler>,
+        policy: Option<TaskPolicy>,
+    ) -> anyhow::Result<Self> {
         let params = model::init_params(&job.model, config.seed);
         let spec = job.model.clone();
         let Prepared { test, meta, train, .. } = data;
+        let meta_len = meta.as_ref().map_or(0, Dataset::len);
         let eval = ComputeThread::spawn("metaloop-eval", move || Evaluator {
             spec,
             test,
@@ -508,6 +526,9 @@ impl LoopState {
             round_weights: (Vec::new(), None),
             rescaler,
             round_rescaler: None,
+            policy,
+            round_policy: None,
+            meta_len,
             round_probe: None,
             model_spec: job.model.clone(),
             best_meta: None,
@@ -537,6 +558,9 @@ impl LoopState {
         self.strategy.hash_into(&mut h);
         if let Some(r) = &self.rescaler {
             r.hash_into(&mut h);
+        }
+        if let Some(p) = &self.policy {
+            p.hash_into(&mut h);
         }
         h.bytes(&self.version.to_le_bytes());
         h.finish()
@@ -571,6 +595,7 @@ impl LoopState {
                 .state()
                 .into_iter()
                 .chain(self.rescaler.iter().flat_map(LossRescaler::state))
+                .chain(self.policy.iter().flat_map(TaskPolicy::state))
                 .collect(),
             version: self.version,
             rounds_done: self.rounds_done,
@@ -587,19 +612,27 @@ impl LoopState {
         if !c.params.same_layout(&self.params) {
             bail!("its model does not have this job's layout");
         }
-        let (params, momentum, strategy, rescaler) = (
+        let (params, momentum, strategy, rescaler, policy) = (
             self.params.clone(),
             self.outer.momentum().cloned(),
             self.strategy.clone(),
             self.rescaler.clone(),
+            self.policy.clone(),
         );
         self.params = c.params;
         self.outer.set_momentum(c.momentum);
         self.version = c.version;
-        let restored = self.strategy.restore(&c.outer).and_then(|()| match &mut self.rescaler {
-            Some(r) => r.restore(&c.outer),
-            None => Ok(()),
-        });
+        let restored = self
+            .strategy
+            .restore(&c.outer)
+            .and_then(|()| match &mut self.rescaler {
+                Some(r) => r.restore(&c.outer),
+                None => Ok(()),
+            })
+            .and_then(|()| match &mut self.policy {
+                Some(p) => p.restore(&c.outer),
+                None => Ok(()),
+            });
         let checksum = hex(&self.state_checksum());
         if let Err(e) = restored.and_then(|()| {
             if checksum == c.checksum {
@@ -612,6 +645,7 @@ impl LoopState {
             self.outer.set_momentum(momentum);
             self.strategy = strategy;
             self.rescaler = rescaler;
+            self.policy = policy;
             self.version = 0;
             return Err(e);
         }
@@ -656,14 +690,19 @@ impl LoopState {
             traffic.bytes_in.load(Ordering::Relaxed),
             traffic.bytes_out.load(Ordering::Relaxed),
         );
-        let assignments: Vec<Assignment> = (0..config.data.shards)
-            .map(|i| Assignment {
-                index: i,
-                shard: i,
-                steps: config.inner.steps,
-                seed: derive_seed(config.seed, &[round, u64::from(i)]),
-            })
-            .collect();
+        self.round_policy = self.policy.as_ref().map(|p| p.plan(round, self.meta_len));
+        let assignments: Vec<Assignment> = match &self.round_policy {
+            Some(p) => p.assignments.clone(),
+            None => (0..config.data.shards)
+                .map(|i| Assignment {
+                    index: i,
+                    shard: i,
+                    steps: config.inner.steps,
+                    seed: derive_seed(config.seed, &[round, u64::from(i)]),
+                    data: TrainOn::Mixture,
+                })
+                .collect(),
+        };
         if self.strategy.needs_reference() && round >= config.reference_rounds() {
             self.start_proxy_phase(round, config.seed).await?;
         }
@@ -675,7 +714,9 @@ impl LoopState {
             .map(|r| r.plan(round as f64 / config.rounds as f64));
         let mut collected: Collected = vec![None; assignments.len()];
         let mut failures = vec![0u32; assignments.len()];
-        let dispatches = self.scheduler.start_round(round, config.data.shards, Instant::now());
+        let dispatches = self
+            .scheduler
+            .start_round(round, assignments.len() as u32, Instant::now());
         self.dispatch(round, &assignments, dispatches);
         let mut alone_since: Option<Instant> = None;
         while !self.scheduler.round_complete() {
@@ -728,22 +769,41 @@ impl LoopState {
 
         let mut deltas = Vec::with_capacity(collected.len());
         let mut results = Vec::with_capacity(collected.len());
-        let (mut loss, mut samples) = (0.0f64, 0u64);
-        for slot in &collected {
+        let (mut loss, mut trained, mut samples) = (0.0f64, 0usize, 0u64);
+        for (slot, a) in collected.iter().zip(&assignments) {
             let (result, delta) = slot.as_ref().context("round complete without every result")?;
-            loss += f64::from(result.train_loss);
+            if a.steps > 0 {
+                loss += f64::from(result.train_loss);
+                trained += 1;
+            }
             samples += result.samples;
             deltas.push(delta);
             results.push(result);
         }
         let meta: Vec<f64> = results.iter().filter_map(|r| r.meta_loss.map(f64::from)).collect();
-        let meta_loss = (!meta.is_empty()).then(|| meta.iter().sum::<f64>() / meta.len() as f64);
-        self.last_meta_loss = meta_loss;
+        let mut meta_loss = (!meta.is_empty()).then(|| meta.iter().sum::<f64>() / meta.len() as f64);
         self.strategy.update(&results);
         if let Some(r) = &mut self.rescaler {
             r.update(&results);
         }
-        let update = self.outer.step(&deltas);
+        let mut policy_outcome = None;
+        let update = match (&mut self.policy, &self.round_policy) {
+            (Some(p), Some(plan)) => {
+                // The meta loss of a task-policy round is the target loss of θ before it (or
+                // after the fine-tuning step): the last assignment's.
+                meta_loss = meta.last().copied();
+                if plan.finetune() {
+                    deltas[0].clone()
+                } else {
+                    policy_outcome = Some(p.update(plan, &meta));
+                    let m = plan.sources.len();
+                    self.outer
+                        .step_weighted(&deltas[..m], &policy::reptile_weights(&plan.weights, &plan.sources))
+                }
+            }
+            _ => self.outer.step(&deltas),
+        };
+        self.last_meta_loss = meta_loss;
         self.params.add_assign(&update);
         self.version += 1;
         self.checksum = bundle_checksum(&self.params);
@@ -765,9 +825,10 @@ impl LoopState {
             }
         }
         let seconds = started.elapsed().as_secs_f64();
+        let names = self.strategy.names();
         Ok(RoundRecord {
             round,
-            train_loss: loss / collected.len() as f64,
+            train_loss: loss / trained.max(1) as f64,
             meta_loss,
             domain_weights: self.domain_weights(),
             hypergradient_norm: self.strategy.last_grad_norm(),
@@ -777,6 +838,15 @@ impl LoopState {
                 .and(self.strategy.excess())
                 .map(|e| self.strategy.names().iter().cloned().zip(e.iter().copied()).collect()),
             omega_grad_norm: self.rescaler.as_ref().and_then(LossRescaler::last_grad_norm),
+            source_weights: self.source_weights(),
+            rewards: policy_outcome.as_ref().map(|o| {
+                names
+                    .iter()
+                    .zip(&o.rewards)
+                    .filter_map(|(n, r)| r.map(|r| (n.clone(), r)))
+                    .collect()
+            }),
+            policy_grad_norm: policy_outcome.and_then(|o| o.grad_norm),
             meta_accuracy: evaluation.meta.map(|m| m.1),
             test_loss,
             test_accuracy,
@@ -829,6 +899,8 @@ impl LoopState {
                     .is_some_and(|r| !r.valid_gradient(&result.omega_grad))
                 {
                     Some("bad_rescaler_gradient")
+                } else if self.round_policy.is_some() && !result.meta_loss.is_some_and(f32::is_finite) {
+                    Some("bad_target_loss")
                 } else if self.round_probe.is_some()
                     && (result.probes.len() != self.strategy.names().len()
                         || result
@@ -889,12 +961,23 @@ impl LoopState {
     }
 
     fn domain_weights(&self) -> BTreeMap<String, f64> {
+        if self.policy.is_some() {
+            return BTreeMap::new();
+        }
         self.strategy
             .names()
             .iter()
             .cloned()
             .zip(self.strategy.weights())
             .collect()
+    }
+
+    /// The task policy's weights over the sources (probabilities), when the job has one.
+    fn source_weights(&self) -> Option<BTreeMap<String, f64>> {
+        self.policy
+            .as_ref()
+            .filter(|p| p.method() != PolicyMethod::TargetOnly)
+            .map(|p| p.names().iter().cloned().zip(p.weights().iter().copied()).collect())
     }
 
     fn reject(&mut self, reason: &str) {
@@ -953,9 +1036,17 @@ impl LoopState {
                 hypergradient: self.round_weights.1,
                 rescaler: self.round_rescaler.clone(),
                 probe_losses: self.round_probe,
+                target_rows: self.round_policy.as_ref().map(|p| p.target_rows.clone()),
                 assignments: d.assignments.iter().map(|&i| assignments[i as usize].clone()).collect(),
             };
-            if peer.outbox.send(Outgoing::Plan { plan, bundle }).is_err() {
+            if peer
+                .outbox
+                .send(Outgoing::Plan {
+                    plan: Box::new(plan),
+                    bundle,
+                })
+                .is_err()
+            {
                 tracing::warn!(worker = d.worker, "worker's connection already closed");
             }
         }

@@ -6,6 +6,7 @@ mod checkpoint;
 mod job;
 mod outer;
 mod plot;
+mod policy;
 mod rescaler;
 mod rundir;
 mod scheduler;

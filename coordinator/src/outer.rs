@@ -39,12 +39,33 @@ impl OuterOptimizer {
             mean.add_assign(d);
         }
         let scale = 1.0 / deltas.len() as f32;
-        let (lr, mu) = (self.config.lr as f32, self.config.momentum as f32);
         for t in &mut mean.tensors {
             for v in &mut t.data {
                 *v *= scale;
             }
         }
+        self.apply(mean)
+    }
+
+    /// Like [`OuterOptimizer::step`] on the weighted mean Σ_j ω_j Δ_j (the weights sum to 1):
+    /// the task policy's Reptile step θ ← θ + lr · Σ_j w̃_j (θ_j − θ).
+    pub fn step_weighted(&mut self, deltas: &[&Bundle], weights: &[f64]) -> Bundle {
+        let Some(first) = deltas.first() else {
+            return Bundle::default();
+        };
+        let mut mean = first.zeros_like();
+        for (d, &w) in deltas.iter().zip(weights) {
+            for (m, t) in mean.tensors.iter_mut().zip(&d.tensors) {
+                for (mv, tv) in m.data.iter_mut().zip(&t.data) {
+                    *mv += w as f32 * tv;
+                }
+            }
+        }
+        self.apply(mean)
+    }
+
+    fn apply(&mut self, mean: Bundle) -> Bundle {
+        let (lr, mu) = (self.config.lr as f32, self.config.momentum as f32);
         match self.config.method {
             OuterMethod::Average => map(&mean, None, |d, _| lr * d),
             OuterMethod::Nesterov => {
@@ -95,6 +116,18 @@ mod tests {
             momentum: 0.0,
         });
         assert_eq!(o.step(&[&b(&[1.0, 2.0]), &b(&[3.0, -2.0])]), b(&[2.0, 0.0]));
+    }
+
+    #[test]
+    fn reptile_is_the_weighted_mean_scaled_by_lr() {
+        let mut o = OuterOptimizer::new(OuterConfig {
+            method: OuterMethod::Average,
+            lr: 0.5,
+            momentum: 0.0,
+        });
+        // 0.5 · (0.25·(4, 0) + 0.75·(0, −8)) = (0.5, −3).
+        let u = o.step_weighted(&[&b(&[4.0, 0.0]), &b(&[0.0, -8.0])], &[0.25, 0.75]);
+        assert_eq!(u, b(&[0.5, -3.0]));
     }
 
     #[test]

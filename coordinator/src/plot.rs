@@ -1,5 +1,6 @@
-//! `plot.svg` in the run directory: every domain weight and the losses per round, as a picture
-//! a person would rather look at than the JSON lines. Plain SVG text, no dependencies.
+//! `plot.svg` in the run directory: every domain weight (or the task policy's source weights)
+//! and the losses per round, as a picture a person would rather look at than the JSON lines.
+//! Plain SVG text, no dependencies.
 
 use crate::rundir::RoundRecord;
 use std::fmt::Write;
@@ -19,15 +20,24 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-/// Renders the run so far: weights (top panel, when there is more than one domain) and losses.
+/// Renders the run so far: weights (top panel, when there is more than one domain or a task
+/// policy) and losses.
 pub fn render(records: &[RoundRecord]) -> String {
+    let policy = records.first().is_some_and(|r| r.source_weights.is_some());
+    let of = |r: &RoundRecord| -> Option<std::collections::BTreeMap<String, f64>> {
+        if policy {
+            r.source_weights.clone()
+        } else {
+            Some(r.domain_weights.clone())
+        }
+    };
     let mut weights: Vec<Series> = Vec::new();
-    if let Some(first) = records.first() {
-        if first.domain_weights.len() > 1 {
-            for name in first.domain_weights.keys() {
+    if let Some(first) = records.first().and_then(of) {
+        if first.len() > 1 {
+            for name in first.keys() {
                 let points = records
                     .iter()
-                    .filter_map(|r| r.domain_weights.get(name).map(|w| (r.round as f64, *w)))
+                    .filter_map(|r| of(r).and_then(|w| w.get(name).map(|w| (r.round as f64, *w))))
                     .collect();
                 weights.push(Series {
                     name: name.clone(),
@@ -53,7 +63,14 @@ pub fn render(records: &[RoundRecord]) -> String {
     .filter(|s| !s.points.is_empty())
     .collect();
     let panels: Vec<(&str, &[Series])> = [
-        ("domain weights", weights.as_slice()),
+        (
+            if policy {
+                "source-task policy w_t"
+            } else {
+                "domain weights"
+            },
+            weights.as_slice(),
+        ),
         ("losses and accuracy", losses.as_slice()),
     ]
     .into_iter()
@@ -254,6 +271,9 @@ mod tests {
             hypergradient_norm: None,
             excess_loss: None,
             omega_grad_norm: None,
+            source_weights: None,
+            rewards: None,
+            policy_grad_norm: None,
             meta_accuracy: None,
             test_loss: 0.7,
             test_accuracy: 0.9,
@@ -283,5 +303,23 @@ mod tests {
             "legend shows the escaped name and last value"
         );
         assert!(render(&[]).contains("</svg>"));
+    }
+
+    #[test]
+    fn plots_the_policy_weights_of_a_task_policy_run() {
+        let records: Vec<RoundRecord> = (0u32..3)
+            .map(|i| RoundRecord {
+                domain_weights: BTreeMap::new(),
+                source_weights: Some(BTreeMap::from([
+                    ("x".to_string(), 0.1 * f64::from(i)),
+                    ("y".to_string(), 1.0 - 0.1 * f64::from(i)),
+                ])),
+                ..record(u64::from(i), 1.0)
+            })
+            .collect();
+        let svg = render(&records);
+        assert!(svg.contains("source-task policy"));
+        assert_eq!(svg.matches("<polyline").count(), 2 + 4);
+        assert!(svg.contains("y (0.80)"), "{svg}");
     }
 }

@@ -23,6 +23,12 @@ pub struct RoundRecord {
     pub excess_loss: Option<BTreeMap<String, f64>>,
     /// ‖∇Ω‖ of this round's update (`loss-rescaling`).
     pub omega_grad_norm: Option<f64>,
+    /// The task policy's probabilities over the sources used this round (`task-policy`).
+    pub source_weights: Option<BTreeMap<String, f64>>,
+    /// Mean reward L_T(θ) − L_T(θ_i) of each source sampled this round (`task-policy`).
+    pub rewards: Option<BTreeMap<String, f64>>,
+    /// ‖∇ψ J‖ of this round's policy update (`task-policy`, policy `learned`).
+    pub policy_grad_norm: Option<f64>,
     /// The global model's accuracy on the meta set after this round.
     pub meta_accuracy: Option<f64>,
     pub test_loss: f64,
@@ -60,11 +66,15 @@ pub struct Summary {
     pub final_state_checksum: String,
     /// The domain-weights method: uniform, fixed or hypergradient.
     pub strategy: String,
-    /// Final weight of every domain (mean 1).
+    /// Final weight of every domain (mean 1); empty for `task-policy`.
     pub domain_weights: BTreeMap<String, f64>,
+    /// The task policy's final probabilities over the sources (`task-policy`).
+    pub source_weights: Option<BTreeMap<String, f64>>,
     pub meta_loss: Option<f64>,
     /// Test accuracy of the uniform-weights baseline run (same seed, same budget), when run.
     pub baseline_test_accuracy: Option<f64>,
+    /// Test accuracy of the target-only baseline of a `task-policy` job, when run.
+    pub target_only_test_accuracy: Option<f64>,
     /// False when the run was stopped before its last round (a checkpoint was written).
     pub completed: bool,
     /// The round whose model did best on the meta set (accuracy, then loss), and its test

@@ -51,7 +51,7 @@ pub enum Event {
 pub enum Outgoing {
     /// A round plan, preceded by the bundle it refers to (full model or update), if any.
     Plan {
-        plan: RoundPlan,
+        plan: Box<RoundPlan>,
         bundle: Option<(u64, Arc<Bundle>)>,
     },
     Shutdown {
@@ -205,7 +205,7 @@ async fn write_loop(
                     let n = net::send_bundle(conn, transfer, &b).await?;
                     traffic.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                net::write_frame(send, &CoordinatorMsg::Round(plan)).await?;
+                net::write_frame(send, &CoordinatorMsg::Round(*plan)).await?;
             }
             Outgoing::Shutdown { reason } => {
                 net::write_frame(send, &CoordinatorMsg::Shutdown { reason }).await?;

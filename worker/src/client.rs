@@ -195,17 +195,12 @@ async fn round(
                 .await?
         }
     };
-    let (weights, hyper) = (Arc::new(plan.domain_weights), plan.hypergradient);
-    let (rescaler, probe) = (Arc::new(plan.rescaler), plan.probe_losses);
+    let asks = Arc::new(crate::train::RoundAsks::of(&plan));
     for a in plan.assignments {
         let index = a.index;
-        let (weights, rescaler) = (weights.clone(), rescaler.clone());
+        let asks = asks.clone();
         let outcome = match &synced {
-            Ok(()) => {
-                engine
-                    .call(move |t| trainer(t)?.run(&a, &weights, hyper, rescaler.as_ref().as_ref(), probe))
-                    .await?
-            }
+            Ok(()) => engine.call(move |t| trainer(t)?.run(&a, &asks)).await?,
             Err(e) => Err(crate::TrainError::Mismatch(e.to_string())),
         };
         match outcome {

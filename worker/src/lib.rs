@@ -9,4 +9,4 @@ mod testing;
 mod train;
 
 pub use client::{run, WorkerOptions};
-pub use train::{AssignmentOutcome, TrainError, Trainer};
+pub use train::{AssignmentOutcome, RoundAsks, TrainError, Trainer};

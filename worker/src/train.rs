@@ -12,7 +12,7 @@ use metaloop_common::model::{self, Model};
 use metaloop_common::proto::DomainProbe;
 use metaloop_common::proto::{
     Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
-    SmallTensor,
+    RoundPlan, SmallTensor, TrainOn,
 };
 use metaloop_common::rng::{derive_seed, SplitMix64};
 use metaloop_common::tensor::Bundle;
@@ -236,74 +236,50 @@ impl Trainer {
         }
     }
 
-    /// Runs one assignment from the held version: `steps` SGD-with-momentum steps on batches
-    /// that take `batch_size / K` samples from the assignment's shard of every domain, with
-    /// loss (1/K) Σ_k w_k · mean_k ℓ. Then, when asked, measures the meta loss and each
-    /// domain's d_k = ⟨∇ℓ_k(θ), ∇L_meta(θ)⟩ on a probe of its shard. Deterministic in
-    /// (model version, assignment, weights).
+    /// Runs one assignment from the held version: `steps` SGD-with-momentum steps on what
+    /// `a.data` names. For the mixture, batches take `batch_size / K` samples from the
+    /// assignment's shard of every domain, with loss (1/K) Σ_k w_k · mean_k ℓ; for one domain
+    /// or the meta set, `batch_size` samples of it with their mean loss. Then, when asked,
+    /// measures the meta loss (on the target rows, when given) and each domain's
+    /// d_k = ⟨∇ℓ_k(θ), ∇L_meta(θ)⟩ on a probe of its shard. Deterministic in (model version,
+    /// assignment, asks).
     ///
     /// # Errors
-    /// `NoModel`, `EmptyShard`, `Diverged`, `Weights`, `NoMeta`, or a libtorch failure.
-    pub fn run(
-        &mut self,
-        a: &Assignment,
-        weights: &[f64],
-        hyper: Option<HypergradientSpec>,
-        rescaler: Option<&RescalerPlan>,
-        probe_losses: Option<u32>,
-    ) -> Result<AssignmentOutcome, TrainError> {
+    /// `NoModel`, `EmptyShard`, `Diverged`, `Weights`, `NoMeta`, `Mismatch` for a domain or
+    /// target row that does not exist, or a libtorch failure.
+    pub fn run(&mut self, a: &Assignment, asks: &RoundAsks) -> Result<AssignmentOutcome, TrainError> {
         let start = Instant::now();
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
             return Err(TrainError::NoModel);
         };
         let k = self.domains.len();
-        if weights.len() != k {
+        if asks.weights.len() != k {
             return Err(TrainError::Weights {
-                got: weights.len(),
+                got: asks.weights.len(),
                 want: k,
             });
         }
-        if hyper.is_some() && self.meta.is_none() {
+        let needs_meta = asks.hypergradient.is_some()
+            || asks.target_rows.is_some()
+            || a.data == TrainOn::Meta
+            || asks.rescaler.as_ref().is_some_and(|r| r.mode == RescaleMode::CleanMeta);
+        if needs_meta && self.meta.is_none() {
             return Err(TrainError::NoMeta);
         }
-        if rescaler.is_some_and(|r| r.mode == RescaleMode::CleanMeta) && self.meta.is_none() {
-            return Err(TrainError::NoMeta);
-        }
-        let omega = rescaler.map(Omega::from_plan).transpose()?;
+        let omega = asks.rescaler.as_ref().map(Omega::from_plan).transpose()?;
+        let mut batches = self.batches(a, &asks.weights)?;
         model::load_bundle(model.as_ref(), base)?;
         // Dropout draws from libtorch's generator: seeded by the assignment, like all else.
         tch::manual_seed(derive_seed(a.seed, &[5 << 32]) as i64);
         model.set_train(true);
         let inner = &self.job.inner;
-        let per_domain = (inner.batch_size as usize / k).max(1);
-        let mut samplers = Vec::with_capacity(k);
-        for (i, d) in self.domains.iter().enumerate() {
-            let range = d.shard_range(a.shard, self.job.shards);
-            if range.is_empty() {
-                return Err(TrainError::EmptyShard {
-                    domain: self.job.domains[i].name.clone(),
-                    shard: a.shard,
-                    shards: self.job.shards,
-                    samples: d.len(),
-                });
-            }
-            samplers.push(Sampler::new(range.collect(), derive_seed(a.seed, &[i as u64])));
-        }
         let mut momentum: Vec<Option<Tensor>> = model.parameters().iter().map(|_| None).collect();
         let mut loss_sum = 0.0f64;
         let mut samples = 0u64;
         for step in 0..a.steps {
-            let mut xs = Vec::new();
-            let mut ys = Vec::new();
-            let mut ws = Vec::new();
-            for ((d, sampler), w) in self.domains.iter().zip(&mut samplers).zip(weights) {
-                let rows = sampler.next(per_domain);
-                gather(d, &rows, &mut xs, &mut ys);
-                ws.extend(std::iter::repeat_n((w / (k * rows.len()) as f64) as f32, rows.len()));
-            }
+            let (xs, ys, ws) = batches.next();
             samples += ys.len() as u64;
-            let f = self.domains[0].features;
-            let (x, y) = model::batch_tensors(&xs, &ys, f, self.device);
+            let (x, y) = model::batch_tensors(&xs, &ys, batches.features(), self.device);
             let mut w = Tensor::from_slice(&ws).to_device(self.device);
             zero_grads(model.parameters());
             if let Some(o) = &omega {
@@ -332,8 +308,9 @@ impl Trainer {
                 *x -= *y;
             }
         }
-        let (meta_loss, domain_stats) = self.meta_signals(model.as_ref(), a, hyper)?;
-        let probes = match probe_losses {
+        let (meta_loss, domain_stats) =
+            self.meta_signals(model.as_ref(), a, asks.hypergradient, asks.target_rows.as_deref())?;
+        let probes = match asks.probe_losses {
             Some(n) => self.probe_losses(model.as_ref(), a, n)?,
             None => Vec::new(),
         };
@@ -351,6 +328,50 @@ impl Trainer {
             omega_grad,
             probes,
         })
+    }
+
+    /// The batch stream of an assignment, from the data it names.
+    fn batches<'a>(&'a self, a: &Assignment, weights: &'a [f64]) -> Result<Batches<'a>, TrainError> {
+        let batch = self.job.inner.batch_size as usize;
+        let single = |data: &'a Dataset, tag: u64| Batches::Single {
+            data,
+            sampler: Sampler::new((0..data.len()).collect(), derive_seed(a.seed, &[tag])),
+            batch,
+        };
+        match a.data {
+            TrainOn::Mixture => {
+                let k = self.domains.len();
+                let mut samplers = Vec::with_capacity(k);
+                for (i, d) in self.domains.iter().enumerate() {
+                    let range = d.shard_range(a.shard, self.job.shards);
+                    if range.is_empty() {
+                        return Err(TrainError::EmptyShard {
+                            domain: self.job.domains[i].name.clone(),
+                            shard: a.shard,
+                            shards: self.job.shards,
+                            samples: d.len(),
+                        });
+                    }
+                    samplers.push(Sampler::new(range.collect(), derive_seed(a.seed, &[i as u64])));
+                }
+                Ok(Batches::Mixture {
+                    domains: &self.domains,
+                    samplers,
+                    weights,
+                    per_domain: (batch / k).max(1),
+                })
+            }
+            TrainOn::Domain(i) => {
+                let d = self.domains.get(i as usize).ok_or_else(|| {
+                    TrainError::Mismatch(format!(
+                        "assignment names domain {i}; the job has {}",
+                        self.domains.len()
+                    ))
+                })?;
+                Ok(single(d, u64::from(i)))
+            }
+            TrainOn::Meta => Ok(single(self.meta.as_ref().ok_or(TrainError::NoMeta)?, 6 << 32)),
+        }
     }
 
     /// A batch drawn like an inner-loop batch (its share from every domain's shard), from the
@@ -447,11 +468,26 @@ impl Trainer {
         model: &dyn Model,
         a: &Assignment,
         hyper: Option<HypergradientSpec>,
+        target_rows: Option<&[u32]>,
     ) -> Result<(Option<f32>, Vec<DomainStat>), TrainError> {
         let Some(meta) = &self.meta else {
             return Ok((None, Vec::new()));
         };
-        let (mx, my) = model::batch_tensors(&meta.x, &meta.y, meta.features, self.device);
+        let (mx, my) = match target_rows {
+            Some(rows) => {
+                let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+                if let Some(bad) = rows.iter().find(|&&r| r >= meta.len()) {
+                    return Err(TrainError::Mismatch(format!(
+                        "target row {bad} is outside the meta set's {} rows",
+                        meta.len()
+                    )));
+                }
+                let (mut xs, mut ys) = (Vec::new(), Vec::new());
+                gather(meta, &rows, &mut xs, &mut ys);
+                model::batch_tensors(&xs, &ys, meta.features, self.device)
+            }
+            None => model::batch_tensors(&meta.x, &meta.y, meta.features, self.device),
+        };
         zero_grads(model.parameters());
         let meta_loss = primitives::per_sample_loss(model, &mx, &my).mean(tch::Kind::Float);
         let value = meta_loss.f_double_value(&[]).map_err(model::ModelError::from)? as f32;
@@ -482,6 +518,89 @@ impl Trainer {
             });
         }
         Ok((Some(value), stats))
+    }
+}
+
+/// What a round asks of each assignment besides its inner steps: the plan without the model
+/// and the assignments.
+#[derive(Debug, Clone, Default)]
+pub struct RoundAsks {
+    /// The inner loss weight of every domain, in job order.
+    pub weights: Vec<f64>,
+    pub hypergradient: Option<HypergradientSpec>,
+    pub rescaler: Option<RescalerPlan>,
+    pub probe_losses: Option<u32>,
+    pub target_rows: Option<Vec<u32>>,
+}
+
+impl RoundAsks {
+    pub fn of(plan: &RoundPlan) -> Self {
+        Self {
+            weights: plan.domain_weights.clone(),
+            hypergradient: plan.hypergradient,
+            rescaler: plan.rescaler.clone(),
+            probe_losses: plan.probe_losses,
+            target_rows: plan.target_rows.clone(),
+        }
+    }
+
+    /// Inner steps with these domain weights and nothing else.
+    pub fn weights(weights: &[f64]) -> Self {
+        Self {
+            weights: weights.to_vec(),
+            ..Self::default()
+        }
+    }
+}
+
+/// An assignment's training batches: rows with their loss weights.
+enum Batches<'a> {
+    /// A share of every domain's shard; domain k's rows weigh w_k / (K·n_k).
+    Mixture {
+        domains: &'a [Dataset],
+        samplers: Vec<Sampler>,
+        weights: &'a [f64],
+        per_domain: usize,
+    },
+    /// `batch` rows of one dataset, each weighing 1/n.
+    Single {
+        data: &'a Dataset,
+        sampler: Sampler,
+        batch: usize,
+    },
+}
+
+impl Batches<'_> {
+    fn next(&mut self) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
+        let (mut xs, mut ys, mut ws) = (Vec::new(), Vec::new(), Vec::new());
+        match self {
+            Batches::Mixture {
+                domains,
+                samplers,
+                weights,
+                per_domain,
+            } => {
+                let k = domains.len();
+                for ((d, sampler), w) in domains.iter().zip(samplers.iter_mut()).zip(weights.iter()) {
+                    let rows = sampler.next(*per_domain);
+                    gather(d, &rows, &mut xs, &mut ys);
+                    ws.extend(std::iter::repeat_n((w / (k * rows.len()) as f64) as f32, rows.len()));
+                }
+            }
+            Batches::Single { data, sampler, batch } => {
+                let rows = sampler.next(*batch);
+                gather(data, &rows, &mut xs, &mut ys);
+                ws.extend(std::iter::repeat_n(1.0 / rows.len() as f32, rows.len()));
+            }
+        }
+        (xs, ys, ws)
+    }
+
+    fn features(&self) -> usize {
+        match self {
+            Batches::Mixture { domains, .. } => domains[0].features,
+            Batches::Single { data, .. } => data.features,
+        }
     }
 }
 
@@ -634,15 +753,16 @@ mod tests {
             shard: 1,
             steps: 30,
             seed: 5,
+            data: TrainOn::Mixture,
         };
-        let first = t.run(&a, &[1.0], None, None, None).expect("run");
-        let again = t.run(&a, &[1.0], None, None, None).expect("run");
+        let first = t.run(&a, &RoundAsks::weights(&[1.0])).expect("run");
+        let again = t.run(&a, &RoundAsks::weights(&[1.0])).expect("run");
         assert_eq!(
             first.delta, again.delta,
             "same version + same assignment must give the same delta"
         );
         let short = t
-            .run(&Assignment { steps: 1, ..a.clone() }, &[1.0], None, None, None)
+            .run(&Assignment { steps: 1, ..a.clone() }, &RoundAsks::weights(&[1.0]))
             .expect("run");
         assert!(
             first.mean_loss < short.mean_loss,
@@ -666,6 +786,7 @@ mod tests {
             label_noise: 0.0,
             permute_labels: false,
             feature_noise: 0.0,
+            permute_features: false,
             checksum: domains::dataset_checksum(&blobs(16)),
         }];
         Trainer::new(spec.clone(), Device::Cpu).expect("same data is accepted");
@@ -689,20 +810,76 @@ mod tests {
             shard: 0,
             steps: 3,
             seed: 2,
+            data: TrainOn::Mixture,
         };
-        let zero = two.run(&a, &[2.0, 0.0], None, None, None).expect("run");
-        let even = two.run(&a, &[1.0, 1.0], None, None, None).expect("run");
+        let zero = two.run(&a, &RoundAsks::weights(&[2.0, 0.0])).expect("run");
+        let even = two.run(&a, &RoundAsks::weights(&[1.0, 1.0])).expect("run");
         assert_ne!(zero.delta, even.delta);
         let mut spec = job(1);
         spec.inner.batch_size = 4;
         let mut one = Trainer::with_data(spec, vec![blobs(32)], None, Device::Cpu);
         one.set_model(0, bundle_checksum(&p), p).expect("set");
-        let alone = one.run(&a, &[1.0], None, None, None).expect("run");
+        let alone = one.run(&a, &RoundAsks::weights(&[1.0])).expect("run");
         for (x, y) in zero.delta.tensors.iter().zip(&alone.delta.tensors) {
             for (u, v) in x.data.iter().zip(&y.data) {
                 assert!((u - v).abs() < 1e-6, "{u} vs {v}");
             }
         }
+    }
+
+    #[test]
+    fn a_source_assignment_trains_on_its_domain_alone_and_measures_the_target_rows() {
+        let p = model::init_params(&job(1).model, 3);
+        let flipped = Dataset {
+            y: blobs(32).y.iter().map(|y| 1 - y).collect(),
+            ..blobs(32)
+        };
+        let mut two = Trainer::with_data(job(1), vec![flipped, blobs(32)], Some(blobs(10)), Device::Cpu);
+        two.set_model(0, bundle_checksum(&p), p.clone()).expect("set");
+        let mut one = Trainer::with_data(job(1), vec![blobs(20), blobs(32)], Some(blobs(10)), Device::Cpu);
+        one.set_model(0, bundle_checksum(&p), p).expect("set");
+        let a = |data| Assignment {
+            index: 0,
+            shard: 0,
+            steps: 4,
+            seed: 9,
+            data,
+        };
+        let rows = RoundAsks {
+            target_rows: Some(vec![0, 3, 7]),
+            ..RoundAsks::weights(&[1.0, 1.0])
+        };
+        let from_two = two.run(&a(TrainOn::Domain(1)), &rows).expect("run");
+        let alone = one.run(&a(TrainOn::Domain(1)), &rows).expect("run");
+        assert_eq!(from_two.delta, alone.delta, "the other domain is not touched");
+        assert_eq!(from_two.samples, 4 * 8, "batch_size rows of the one domain per step");
+        let all_rows = one
+            .run(&a(TrainOn::Domain(1)), &RoundAsks::weights(&[1.0, 1.0]))
+            .expect("run");
+        assert_ne!(
+            all_rows.meta_loss, alone.meta_loss,
+            "the loss is on the target rows only"
+        );
+        // Zero steps on the target: θ unchanged, the target loss of θ itself.
+        let eval = one
+            .run(
+                &Assignment {
+                    steps: 0,
+                    ..a(TrainOn::Meta)
+                },
+                &rows,
+            )
+            .expect("run");
+        assert!(eval.delta.tensors.iter().all(|t| t.data.iter().all(|&v| v == 0.0)));
+        assert!(eval.meta_loss.expect("target loss") > alone.meta_loss.expect("target loss"));
+        let bad = RoundAsks {
+            target_rows: Some(vec![10]),
+            ..RoundAsks::weights(&[1.0, 1.0])
+        };
+        assert!(one.run(&a(TrainOn::Meta), &bad).is_err(), "row 10 of 10");
+        assert!(one
+            .run(&a(TrainOn::Domain(2)), &RoundAsks::weights(&[1.0, 1.0]))
+            .is_err());
     }
 
     #[test]
@@ -715,11 +892,9 @@ mod tests {
                     shard: 0,
                     steps: 3,
                     seed: 1,
+                    data: TrainOn::Mixture,
                 },
-                &[1.0],
-                None,
-                None,
-                None,
+                &RoundAsks::weights(&[1.0]),
             )
             .expect("run");
         let mut next = model::init_params(&job(2).model, 3);
