@@ -159,6 +159,8 @@ async fn run_job(
         resume: false,
         assignment_timeout: Duration::from_secs(600),
         checkpoint_pause: Duration::ZERO,
+        max_handshakes: 64,
+        max_workers: 1024,
     })?;
     let addr = coordinator.local_addr()?;
     let exe = std::env::current_exe().context("locating the metaloop binary")?;

@@ -51,16 +51,17 @@ enum CertsCommand {
     },
 }
 
+/// Mutual TLS is the only mode: there is no plaintext or anonymous connection.
 #[derive(Debug, clap::Args)]
 struct TlsArgs {
     /// CA certificate (PEM) that peers must chain to.
-    #[arg(long)]
+    #[arg(long, env = "METALOOP_CA")]
     ca: PathBuf,
     /// This party's certificate (PEM).
-    #[arg(long)]
+    #[arg(long, env = "METALOOP_CERT")]
     cert: PathBuf,
     /// This party's private key (PEM).
-    #[arg(long)]
+    #[arg(long, env = "METALOOP_KEY")]
     key: PathBuf,
 }
 
@@ -145,6 +146,13 @@ struct CoordinatorArgs {
     /// Test hook: pause this long between writing a checkpoint and renaming it into place.
     #[arg(long, default_value_t = 0, hide = true)]
     checkpoint_pause_ms: u64,
+    /// Connections admitted at once between their first packet and their hello; more are
+    /// refused (a flood of connection attempts cannot exhaust the coordinator).
+    #[arg(long, default_value_t = 64)]
+    max_handshakes: usize,
+    /// Workers connected at the same time; more are told so and refused.
+    #[arg(long, default_value_t = 1024)]
+    max_workers: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -188,7 +196,10 @@ pub(crate) const EXIT_USAGE: u8 = 64;
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Local(args) => local::run(args).await,
+        Command::Local(args) => {
+            survive_file_size_limit();
+            local::run(args).await
+        }
         Command::Certs(CertsCommand::Init { dir }) => {
             let (coordinator, worker) = metaloop_common::net::write_pki(&dir)?;
             println!("CA certificate:          {}", coordinator.ca.display());
@@ -220,6 +231,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Coordinator(args) => {
             init_stderr_logs();
+            survive_file_size_limit();
             let config = match load_config(&args.config, &args.overrides) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
@@ -234,6 +246,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 resume: args.resume,
                 assignment_timeout: Duration::from_secs(args.assignment_timeout),
                 checkpoint_pause: Duration::from_millis(args.checkpoint_pause_ms),
+                max_handshakes: args.max_handshakes,
+                max_workers: args.max_workers,
             })?;
             // The first line on stdout is the bound address, for scripts that listen on port 0.
             println!("listening on {}", coordinator.local_addr()?);
@@ -291,6 +305,16 @@ fn init_stderr_logs() {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Turns SIGXFSZ (a write past the file-size limit) from "terminate the process" into an
+/// ordinary write error, which the checkpoint code reports and survives like a full disk.
+fn survive_file_size_limit() {
+    // SIGXFSZ is 25 on Linux (x86, ARM) and on the BSDs and macOS.
+    const SIGXFSZ: i32 = 25;
+    if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ)) {
+        tokio::spawn(async move { while s.recv().await.is_some() {} });
+    }
 }
 
 /// A token cancelled on SIGINT or SIGTERM.

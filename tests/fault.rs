@@ -1,120 +1,12 @@
 //! Fault tolerance with real processes and real signals: a worker SIGKILLed in the middle of a
 //! run costs time, never correctness.
 
+mod common;
+
+use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_metaloop");
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-fn summary(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary.json")).expect("JSON")
-}
-
-fn tls_args(certs: &Path, role: &str) -> Vec<String> {
-    ["ca.pem", &format!("{role}.pem"), &format!("{role}.key")]
-        .iter()
-        .zip(["--ca", "--cert", "--key"])
-        .flat_map(|(f, flag)| [flag.to_string(), certs.join(f).to_string_lossy().into_owned()])
-        .collect()
-}
-
-/// Starts a coordinator on a free loopback port and returns it with the address it printed.
-fn coordinator(dir: &Path, extra: &[&str]) -> (Child, String) {
-    coordinator_on(dir, "127.0.0.1:0", "coordinator.stderr", extra)
-}
-
-fn coordinator_on(dir: &Path, listen: &str, log: &str, extra: &[&str]) -> (Child, String) {
-    let log = std::fs::File::create(dir.join(log)).expect("log");
-    let config: &[&str] = if extra.contains(&"--config") {
-        &[]
-    } else {
-        &["--config", "configs/quickstart.toml"]
-    };
-    let mut child = Command::new(BIN)
-        .current_dir(ROOT)
-        .arg("coordinator")
-        .args(config)
-        .args(["--listen", listen, "--run-dir"])
-        .arg(dir.join("run"))
-        .args(tls_args(&dir.join("certs"), "coordinator"))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("start coordinator");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (child, addr)
-}
-
-fn worker(dir: &Path, addr: &str, name: &str) -> Child {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
-    Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["worker", "--coordinator", addr, "--name", name])
-        .args(tls_args(&dir.join("certs"), "worker"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start worker")
-}
-
-/// The undisturbed run of `job` by `metaloop local`, for comparison: its summary.
-fn reference_run(job: &[&str], workers: &str) -> Value {
-    let dir = tempfile::tempdir().expect("tmp");
-    let out = Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["local", "--quiet", "--no-baseline", "--workers", workers, "--run-dir"])
-        .arg(dir.path())
-        .args(job)
-        .output()
-        .expect("reference run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    summary(dir.path())
-}
-
-fn rounds_done(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .map(|m| m.lines().count())
-        .unwrap_or(0)
-}
-
-/// Waits (bounded) until the run has recorded `n` rounds.
-fn wait_for_rounds(run: &Path, n: usize) {
-    let start = Instant::now();
-    while rounds_done(run) < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the run did not reach {n} rounds"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn a_worker_killed_mid_run_changes_time_not_the_result() {
@@ -198,42 +90,6 @@ fn a_worker_joining_mid_run_is_admitted_and_changes_nothing() {
     );
     let late_log = std::fs::read_to_string(dir.path().join("late.log")).expect("late log");
     assert!(late_log.contains("joined the job"), "{late_log}");
-}
-
-/// A worker process of our own making, speaking the protocol by hand over real QUIC.
-struct FakeWorker {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    welcome: metaloop_common::proto::Welcome,
-    _endpoint: quinn::Endpoint,
-}
-
-impl FakeWorker {
-    async fn join(tls: &metaloop_common::net::TlsFiles, addr: &str, name: &str) -> Self {
-        use metaloop_common::net;
-        use metaloop_common::proto::{self, CoordinatorMsg, Hello, WorkerMsg};
-        let endpoint = net::client_endpoint(tls, "127.0.0.1:0".parse().expect("addr")).expect("client");
-        let conn = net::connect(&endpoint, addr.parse().expect("addr"))
-            .await
-            .expect("connect");
-        let (mut send, mut recv) = conn.open_bi().await.expect("bi");
-        let hello = WorkerMsg::Hello(Hello {
-            protocol_version: proto::PROTOCOL_VERSION,
-            name: name.into(),
-        });
-        net::write_frame(&mut send, &hello).await.expect("hello");
-        let Some(CoordinatorMsg::Welcome(welcome)) = net::read_frame(&mut recv, "welcome").await.expect("read") else {
-            panic!("expected a welcome")
-        };
-        Self {
-            conn,
-            send,
-            recv,
-            welcome,
-            _endpoint: endpoint,
-        }
-    }
 }
 
 /// A worker that lies: it answers its first assignment with a result for a round that does not

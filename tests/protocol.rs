@@ -25,6 +25,8 @@ async fn coordinator_rejects_a_worker_of_another_version() {
         resume: false,
         assignment_timeout: Duration::from_secs(600),
         checkpoint_pause: Duration::ZERO,
+        max_handshakes: 64,
+        max_workers: 1024,
     })
     .expect("bind");
     let addr = coordinator.local_addr().expect("addr");

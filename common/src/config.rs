@@ -1,5 +1,9 @@
 //! Job configuration: TOML read into one typed struct per section, then validated with every
-//! problem collected (each with its key path) before anything starts.
+//! problem collected (each with its key path) before anything starts: the structural ones
+//! (unknown keys, wrong types, missing keys; `structure`) and the semantic ones (ranges, missing
+//! files, settings that contradict each other; `JobConfig::problems`) together.
+
+mod structure;
 
 pub use crate::domains::DomainConfig;
 use crate::features::Feature;
@@ -257,17 +261,44 @@ pub enum Directional {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+#[serde(from = "ModelToml")]
 pub enum ModelConfig {
     /// Multi-layer perceptron with ReLU between layers.
     Mlp {
-        #[serde(default = "defaults::hidden")]
         hidden: Vec<u32>,
         /// Drop probability after every hidden layer while training (0: none). Also what the
         /// `label-prob-mean`/`label-prob-spread` features sample from.
-        #[serde(default)]
         dropout: f64,
     },
+}
+
+/// `[model]` as written, `kind` naming the variant. A flat struct rather than an internally
+/// tagged enum: serde buffers a tagged enum's fields, and errors inside the buffer lose their key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelToml {
+    kind: ModelKind,
+    #[serde(default = "defaults::hidden")]
+    hidden: Vec<u32>,
+    #[serde(default)]
+    dropout: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ModelKind {
+    Mlp,
+}
+
+impl From<ModelToml> for ModelConfig {
+    fn from(m: ModelToml) -> Self {
+        match m.kind {
+            ModelKind::Mlp => ModelConfig::Mlp {
+                hidden: m.hidden,
+                dropout: m.dropout,
+            },
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -348,8 +379,8 @@ impl JobConfig {
     /// config file's directory.
     ///
     /// # Errors
-    /// `Read`, `Parse` (unknown key, wrong type; the message names the key) or `Invalid` with
-    /// every semantic problem found.
+    /// `Read`, `Parse` (not TOML at all; the message gives the line and column) or `Invalid`
+    /// with every problem found, structural and semantic, each with its key path.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -369,8 +400,17 @@ impl JobConfig {
     }
 
     /// Parses and validates config text; `base` resolves relative paths.
+    ///
+    /// # Errors
+    /// `Syntax` when the text is not TOML; otherwise `Invalid` with every unknown key, wrong
+    /// type and missing key, and every semantic problem that does not depend on one of those.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ParseFailure> {
-        let mut cfg: JobConfig = toml::from_str(text).map_err(|e| ParseFailure::Syntax(e.to_string()))?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| ParseFailure::Syntax(e.to_string()))?;
+        let (cfg, structural) = structure::deserialize::<JobConfig>(table);
+        let mut problems: Vec<String> = structural.iter().map(|p| format!("{}: {}", p.key, p.why)).collect();
+        let Some(mut cfg) = cfg else {
+            return Err(ParseFailure::Invalid(problems));
+        };
         if let Some(train) = cfg.data.train.take() {
             cfg.data.domains.insert(
                 0,
@@ -398,7 +438,19 @@ impl JobConfig {
                 *p = base.join(&*p);
             }
         }
-        let problems = cfg.problems();
+        // Where a value was wrong or missing a placeholder stands in, so a semantic finding
+        // about that key (or a key under it), or one whose check read it, would only repeat the
+        // problem or be spurious.
+        problems.extend(
+            cfg.findings()
+                .into_iter()
+                .filter(|f| {
+                    !structural.iter().any(|p| {
+                        structure::within(&f.key, &p.key) || f.uses.iter().any(|u| structure::overlaps(u, &p.key))
+                    })
+                })
+                .map(|f| f.to_string()),
+        );
         if problems.is_empty() {
             Ok(cfg)
         } else {
@@ -429,36 +481,38 @@ impl JobConfig {
 
     /// Every semantic problem, each prefixed with its key path.
     pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        let mut check = |ok: bool, key: &str, why: String| {
-            if !ok {
-                p.push(format!("{key}: {why}"));
-            }
-        };
-        check(
+        self.findings().into_iter().map(|f| f.to_string()).collect()
+    }
+
+    /// Every semantic problem with its key and the other keys its check read.
+    fn findings(&self) -> Vec<Finding> {
+        let mut p = Findings::default();
+        p.check(
             self.rounds >= 1,
             "rounds",
             format!("must be at least 1, got {}", self.rounds),
         );
-        check(
+        p.check(
             self.data.classes >= 2,
             "data.classes",
             format!("must be at least 2, got {}", self.data.classes),
         );
-        check(
+        p.check(
             self.data.shards >= 1,
             "data.shards",
             format!("must be at least 1, got {}", self.data.shards),
         );
         let d = &self.data;
-        check(
+        p.check_using(
             !d.domains.is_empty(),
             "data",
+            &["data.domains", "data.train"],
             "needs `train` or at least one [[data.domains]]".into(),
         );
-        check(
+        p.check_using(
             !(d.train_shorthand && d.domains.len() > 1),
             "data.train",
+            &["data.domains"],
             "give either `train` or [[data.domains]], not both".into(),
         );
         let mut names = std::collections::BTreeSet::new();
@@ -468,9 +522,9 @@ impl JobConfig {
             } else {
                 format!("data.domains[{i}]")
             };
-            check(!dom.name.is_empty(), &format!("{key}.name"), "must not be empty".into());
-            check(
-                names.insert(dom.name.clone()),
+            p.check(!dom.name.is_empty(), &format!("{key}.name"), "must not be empty".into());
+            p.check(
+                dom.name.is_empty() || names.insert(dom.name.clone()),
                 &format!("{key}.name"),
                 format!("`{}` is used twice", dom.name),
             );
@@ -479,36 +533,37 @@ impl JobConfig {
             } else {
                 format!("{key}.source")
             };
-            check(
+            p.check(
                 dom.source.is_file(),
                 &src_key,
                 format!("file {} does not exist", dom.source.display()),
             );
-            check(
+            p.check(
                 (0.0..=1.0).contains(&dom.label_noise),
                 &format!("{key}.label_noise"),
                 format!("must be in [0, 1], got {}", dom.label_noise),
             );
-            check(
+            p.check(
                 dom.feature_noise.is_finite() && dom.feature_noise >= 0.0,
                 &format!("{key}.feature_noise"),
                 format!("must be ≥ 0, got {}", dom.feature_noise),
             );
             if let Some(s) = dom.subset {
-                check(
+                p.check_using(
                     s.count >= d.shards as usize,
                     &format!("{key}.subset.count"),
+                    &["data.shards"],
                     format!("{} samples cannot fill {} shards", s.count, d.shards),
                 );
             }
         }
-        check(
+        p.check(
             d.test.is_file(),
             "data.test",
             format!("file {} does not exist", d.test.display()),
         );
         if let Some(meta) = &d.meta {
-            check(
+            p.check(
                 meta.is_file(),
                 "data.meta",
                 format!("file {} does not exist", meta.display()),
@@ -518,34 +573,36 @@ impl JobConfig {
         let k = d.domains.len();
         match s.method {
             WeightMethod::Hypergradient => {
-                check(
+                p.check_using(
                     d.meta.is_some(),
                     "data.meta",
+                    &["strategy.method"],
                     "method `hypergradient` needs a meta set".into(),
                 );
-                check(
+                p.check(
                     s.lr.is_finite() && s.lr > 0.0,
                     "strategy.lr",
                     format!("must be positive, got {}", s.lr),
                 );
-                check(
+                p.check(
                     s.weight_decay.is_finite() && s.weight_decay >= 0.0,
                     "strategy.weight_decay",
                     format!("must be ≥ 0, got {}", s.weight_decay),
                 );
-                check(
+                p.check(
                     s.probe >= 1,
                     "strategy.probe",
                     format!("must be at least 1, got {}", s.probe),
                 );
             }
             WeightMethod::Fixed => {
-                check(
+                p.check_using(
                     s.weights.len() == k,
                     "strategy.weights",
+                    &["data.domains", "data.train"],
                     format!("needs one weight per domain ({k}), got {}", s.weights.len()),
                 );
-                check(
+                p.check(
                     s.weights.iter().all(|w| w.is_finite() && *w > 0.0),
                     "strategy.weights",
                     "every weight must be positive".into(),
@@ -553,22 +610,23 @@ impl JobConfig {
             }
             WeightMethod::Doremi => {
                 let r = self.reference_rounds();
-                check(
+                p.check_using(
                     r >= 1 && r < self.rounds,
                     "strategy.reference_rounds",
+                    &["rounds"],
                     format!("must be in 1..{} (rounds), got {r}", self.rounds),
                 );
-                check(
+                p.check(
                     s.eta.is_finite() && s.eta > 0.0,
                     "strategy.eta",
                     format!("must be positive, got {}", s.eta),
                 );
-                check(
+                p.check(
                     (0.0..1.0).contains(&s.smoothing),
                     "strategy.smoothing",
                     format!("must be in [0, 1), got {}", s.smoothing),
                 );
-                check(
+                p.check(
                     s.probe >= 1,
                     "strategy.probe",
                     format!("must be at least 1, got {}", s.probe),
@@ -576,176 +634,245 @@ impl JobConfig {
             }
             WeightMethod::Uniform => {}
         }
+        p.check_using(
+            s.method == WeightMethod::Fixed || s.weights.is_empty(),
+            "strategy.weights",
+            &["strategy.method"],
+            "only for method = \"fixed\"".into(),
+        );
+        p.check_using(
+            s.method == WeightMethod::Doremi || s.reference_rounds.is_none(),
+            "strategy.reference_rounds",
+            &["strategy.method"],
+            "only for method = \"doremi\"".into(),
+        );
         if s.kind == StrategyKind::LossRescaling {
-            check(
+            p.check_using(
                 s.method == WeightMethod::Uniform,
                 "strategy.method",
+                &["strategy.kind"],
                 "loss-rescaling keeps domain weights uniform; leave `method` out".into(),
             );
-            check(
+            p.check_using(
                 !(s.mode == RescaleMode::CleanMeta && d.meta.is_none()),
                 "data.meta",
+                &["strategy.kind", "strategy.mode"],
                 "mode `clean-meta` needs a meta set".into(),
             );
-            check(
+            p.check(
                 !s.features.is_empty(),
                 "strategy.features",
                 "Ω needs at least one feature".into(),
             );
-            check(
+            p.check(
                 s.omega_lr.is_finite() && s.omega_lr > 0.0,
                 "strategy.omega_lr",
                 format!("must be positive, got {}", s.omega_lr),
             );
-            check(
+            p.check(
                 s.omega_weight_decay.is_finite() && s.omega_weight_decay >= 0.0,
                 "strategy.omega_weight_decay",
                 format!("must be ≥ 0, got {}", s.omega_weight_decay),
             );
-            check(
+            p.check(
                 s.omega_hidden >= 1,
                 "strategy.omega_hidden",
                 format!("must be at least 1, got {}", s.omega_hidden),
             );
-            check(
+            p.check(
                 s.passes >= 1,
                 "strategy.passes",
                 format!("must be at least 1, got {}", s.passes),
             );
+            let ModelConfig::Mlp { dropout, .. } = &self.model;
+            p.check_using(
+                !(s.features.iter().any(|f| f.stochastic()) && *dropout == 0.0),
+                "strategy.features",
+                &["model.dropout"],
+                "`label-prob-mean` and `label-prob-spread` sample dropout passes; they need model.dropout > 0".into(),
+            );
         } else {
-            check(
+            p.check_using(
                 s.mode == RescaleMode::None,
                 "strategy.mode",
+                &["strategy.kind"],
                 "only for kind = \"loss-rescaling\"".into(),
             );
         }
         if s.kind == StrategyKind::TaskPolicy {
-            check(
+            p.check_using(
                 s.method == WeightMethod::Uniform,
                 "strategy.method",
+                &["strategy.kind"],
                 "task-policy picks sources with its `policy`; leave `method` out".into(),
             );
-            check(
+            p.check_using(
                 d.meta.is_some(),
                 "data.meta",
+                &["strategy.kind"],
                 "task-policy needs the target's labelled examples as the meta set".into(),
             );
-            check(
+            p.check_using(
                 d.shards == 1,
                 "data.shards",
+                &["strategy.kind"],
                 format!("task-policy trains on whole source tasks; must be 1, got {}", d.shards),
             );
-            check(
+            p.check(
                 (0.0..=1.0).contains(&s.epsilon),
                 "strategy.epsilon",
                 format!("must be in [0, 1], got {}", s.epsilon),
             );
-            check(
+            p.check(
                 s.policy_lr.is_finite() && s.policy_lr > 0.0,
                 "strategy.policy_lr",
                 format!("must be positive, got {}", s.policy_lr),
             );
-            check(
+            p.check(
                 s.entropy_bonus.is_finite() && s.entropy_bonus >= 0.0,
                 "strategy.entropy_bonus",
                 format!("must be ≥ 0, got {}", s.entropy_bonus),
             );
-            check(
+            p.check(
                 (0.0..1.0).contains(&s.baseline_decay),
                 "strategy.baseline_decay",
                 format!("must be in [0, 1), got {}", s.baseline_decay),
             );
-            check(
+            p.check(
                 s.policy_hidden >= 1,
                 "strategy.policy_hidden",
                 format!("must be at least 1, got {}", s.policy_hidden),
             );
-            check(
+            p.check(
                 s.target_batch >= 1,
                 "strategy.target_batch",
                 format!("must be at least 1, got {}", s.target_batch),
             );
-            check(
+            p.check_using(
                 self.sources_per_round() >= 1,
                 "strategy.sources_per_round",
+                &["data.domains", "data.train"],
                 format!("must be at least 1, got {}", self.sources_per_round()),
             );
             if s.policy != PolicyMethod::TargetOnly {
-                check(
+                p.check_using(
                     self.finetune_rounds() < self.rounds,
                     "strategy.finetune_rounds",
+                    &["rounds"],
                     format!("must be below rounds ({}), got {}", self.rounds, self.finetune_rounds()),
                 );
             }
         } else {
-            check(
+            p.check_using(
                 s.policy == PolicyMethod::Learned && s.sources_per_round.is_none() && s.finetune_rounds.is_none(),
                 "strategy",
+                &[
+                    "strategy.kind",
+                    "strategy.policy",
+                    "strategy.sources_per_round",
+                    "strategy.finetune_rounds",
+                ],
                 "`policy`, `sources_per_round` and `finetune_rounds` are only for kind = \"task-policy\"".into(),
             );
         }
         let ModelConfig::Mlp { hidden, dropout } = &self.model;
-        check(
+        p.check(
             (0.0..1.0).contains(dropout),
             "model.dropout",
             format!("must be in [0, 1), got {dropout}"),
         );
-        check(
+        p.check(
             hidden.iter().all(|&h| h >= 1),
             "model.hidden",
             format!("every layer needs at least one unit, got {hidden:?}"),
         );
         let i = &self.inner;
-        check(
+        p.check(
             i.steps >= 1,
             "inner.steps",
             format!("must be at least 1, got {}", i.steps),
         );
-        check(
+        p.check(
             i.batch_size >= 1,
             "inner.batch_size",
             format!("must be at least 1, got {}", i.batch_size),
         );
-        check(
+        p.check(
             i.lr.is_finite() && i.lr > 0.0,
             "inner.lr",
             format!("must be positive, got {}", i.lr),
         );
-        check(
+        p.check(
             (0.0..1.0).contains(&i.momentum),
             "inner.momentum",
             format!("must be in [0, 1), got {}", i.momentum),
         );
-        check(
+        p.check(
             i.weight_decay.is_finite() && i.weight_decay >= 0.0,
             "inner.weight_decay",
             format!("must be ≥ 0, got {}", i.weight_decay),
         );
-        check(
+        p.check(
             self.checkpoint.keep >= 1,
             "checkpoint.keep",
             format!("must be at least 1, got {}", self.checkpoint.keep),
         );
         let o = &self.outer;
-        check(
+        p.check(
             o.lr.is_finite() && o.lr > 0.0,
             "outer.lr",
             format!("must be positive, got {}", o.lr),
         );
-        check(
+        p.check(
             (0.0..1.0).contains(&o.momentum),
             "outer.momentum",
             format!("must be in [0, 1), got {}", o.momentum),
         );
-        p
+        p.0
     }
 }
 
 /// Why config text was refused.
 #[derive(Debug)]
 pub enum ParseFailure {
+    /// Not TOML at all: the parser's message, with line and column.
     Syntax(String),
+    /// Every problem found, each `key.path: why`.
     Invalid(Vec<String>),
+}
+
+/// A semantic problem: the key it is about, the other keys its check read, and why.
+#[derive(Debug)]
+struct Finding {
+    key: String,
+    uses: &'static [&'static str],
+    why: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.why)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    fn check(&mut self, ok: bool, key: &str, why: String) {
+        self.check_using(ok, key, &[], why);
+    }
+
+    /// A check that also read `uses`, so that a structural problem there voids it.
+    fn check_using(&mut self, ok: bool, key: &str, uses: &'static [&'static str], why: String) {
+        if !ok {
+            self.0.push(Finding {
+                key: key.to_string(),
+                uses,
+                why,
+            });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -782,9 +909,168 @@ mod tests {
             dir.path(),
         );
         match err {
-            Err(ParseFailure::Syntax(m)) => assert!(m.contains("step"), "{m}"),
+            Err(ParseFailure::Invalid(p)) => assert_eq!(
+                p,
+                ["inner.step: unknown key (expected one of: steps, batch_size, lr, momentum, weight_decay); did you mean `steps`?"]
+            ),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    /// Asserts that `problems` holds exactly `expected`, in any order.
+    fn assert_problems(problems: &[String], expected: &[&str]) {
+        let joined = problems.join("\n");
+        for e in expected {
+            assert!(problems.iter().any(|p| p == e), "missing `{e}` in:\n{joined}");
+        }
+        assert_eq!(problems.len(), expected.len(), "unexpected problems in:\n{joined}");
+    }
+
+    #[test]
+    fn structural_and_semantic_problems_are_reported_together() {
+        let dir = base_with_data();
+        let text = "rounds = 3\nsed = 7\n\
+            [data]\ntest = \"test.st\"\n\
+            [[data.domains]]\nname = \"a\"\nsource = \"train.st\"\n\
+            [[data.domains]]\nname = \"b\"\nsource = \"train.st\"\nlabel_noise = \"high\"\n\
+            [inner]\nstep = 5\nlr = -1.0\n";
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &[
+                "sed: unknown key (expected one of: seed, rounds, data, model, inner, outer, strategy, checkpoint); \
+                 did you mean `seed`?",
+                "inner.step: unknown key (expected one of: steps, batch_size, lr, momentum, weight_decay); \
+                 did you mean `steps`?",
+                "data.domains[1].label_noise: wrong type: expected a float, got a string (\"high\")",
+                "data.classes: missing (required)",
+                "inner.lr: must be positive, got -1",
+            ],
+        );
+    }
+
+    #[test]
+    fn config_error_lists_every_problem_with_the_file() {
+        let dir = base_with_data();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "rounds = \"three\"\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\n",
+        )
+        .expect("write");
+        let err = JobConfig::load(&path).expect_err("invalid");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("config {} has 2 problem(s):", path.display())),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  - rounds: wrong type: expected a non-negative integer, got a string (\"three\")"),
+            "{text}"
+        );
+        assert!(text.contains("\n  - data.classes: missing (required)"), "{text}");
+        let missing = JobConfig::load(&dir.path().join("nope.toml")).expect_err("no file");
+        assert!(matches!(missing, ConfigError::Read { .. }), "{missing}");
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_problem_with_its_line() {
+        let dir = base_with_data();
+        let err = JobConfig::parse("rounds = 3\n[data\ntest = \"test.st\"\n", dir.path());
+        match err {
+            Err(ParseFailure::Syntax(m)) => assert!(m.contains("line 2"), "{m}"),
             other => panic!("expected a syntax error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn checks_that_read_a_broken_key_are_left_out() {
+        let dir = base_with_data();
+        let head = "[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n";
+        // A placeholder 0 for `rounds` must not also fail the DoReMi phase check.
+        let text = format!("rounds = \"ten\"\n{head}[strategy]\nmethod = \"doremi\"\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &["rounds: wrong type: expected a non-negative integer, got a string (\"ten\")"],
+        );
+        let text = format!("rounds = 3\n{head}[strategy]\nmethod = \"hypergrad\"\nlr = 0.0\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &[
+                "strategy.method: unknown value \"hypergrad\" (expected one of: \"uniform\", \"fixed\", \
+               \"hypergradient\", \"doremi\"); did you mean \"hypergradient\"?",
+            ],
+        );
+        let text = format!("rounds = -3\n{head}[model]\nkind = \"cnn\"\nhiden = [3]\n[checkpoint]\nkeep = 0\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &[
+                "rounds: out of range: expected a non-negative integer, got -3",
+                "model.kind: unknown value \"cnn\" (expected one of: \"mlp\")",
+                "model.hiden: unknown key (expected one of: kind, hidden, dropout); did you mean `hidden`?",
+                "checkpoint.keep: must be at least 1, got 0",
+            ],
+        );
+        // A finding about a section still counts when only one key inside it is broken.
+        let text = "rounds = 3\n[data]\ntest = \"test.st\"\n[outer]\nlr = [0.7]\n";
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &[
+                "data.classes: missing (required)",
+                "outer.lr: wrong type: expected a float, got an array",
+                "data: needs `train` or at least one [[data.domains]]",
+            ],
+        );
+        let text = format!("rounds = 3\n{head}[model]\nhidden = [16]\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(&problems, &["model.kind: missing (required)"]);
+    }
+
+    #[test]
+    fn settings_for_another_method_or_without_dropout_are_inconsistent() {
+        let dir = base_with_data();
+        let head = "rounds = 4\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n";
+        let text = format!("{head}[strategy]\nweights = [1.0]\nreference_rounds = 2\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &[
+                "strategy.weights: only for method = \"fixed\"",
+                "strategy.reference_rounds: only for method = \"doremi\"",
+            ],
+        );
+        let text =
+            format!("{head}[strategy]\nkind = \"loss-rescaling\"\nfeatures = [\"loss\", \"label-prob-spread\"]\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &[
+                "strategy.features: `label-prob-mean` and `label-prob-spread` sample dropout passes; they need \
+               model.dropout > 0",
+            ],
+        );
+        let with_dropout = format!("{text}[model]\nkind = \"mlp\"\ndropout = 0.2\n");
+        JobConfig::parse(&with_dropout, dir.path()).expect("valid with dropout");
     }
 
     #[test]

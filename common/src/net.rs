@@ -55,6 +55,25 @@ pub enum NetError {
     Proto(#[from] ProtoError),
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// The peer broke the session's rules (no hello in time, a second hello, a flood of
+    /// bundles, a result whose delta never came).
+    #[error("peer: {detail}")]
+    Peer { reason: &'static str, detail: String },
+}
+
+impl NetError {
+    /// A short label for metrics and summaries (bounded: one per kind of failure).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NetError::Proto(p) => p.reason(),
+            NetError::Peer { reason, .. } => reason,
+            NetError::Connection(_) => "disconnected",
+            NetError::Read(_) | NetError::Write(_) => "stream_error",
+            NetError::File { .. } | NetError::Pem { .. } | NetError::Tls(_) | NetError::Certs(_) => "local_tls",
+            NetError::Connect { .. } => "connect",
+            NetError::Bind { .. } => "bind",
+        }
+    }
 }
 
 /// Where one party's certificate material lives (PEM files).
@@ -237,10 +256,25 @@ pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Connection
         addr,
         reason: e.to_string(),
     })?;
-    connecting.await.map_err(|e| NetError::Connect {
-        addr,
-        reason: e.to_string(),
+    connecting.await.map_err(|e| match tls_refusal(&e) {
+        true => NetError::Tls(format!("handshake with {addr} refused: {e}")),
+        false => NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        },
     })
+}
+
+/// True when a connection ended because one side refused the other's TLS handshake (a
+/// certificate not signed by the CA, expired or missing, no common ALPN): retrying cannot help.
+pub fn tls_refusal(e: &quinn::ConnectionError) -> bool {
+    // QUIC carries TLS alerts as the transport error codes 0x100..=0x1ff (RFC 9001 §4.8).
+    let crypto = |code: quinn::TransportErrorCode| (0x100..=0x1ff).contains(&u64::from(code));
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => crypto(c.error_code),
+        quinn::ConnectionError::TransportError(t) => crypto(t.code),
+        _ => false,
+    }
 }
 
 /// Writes one control frame.
@@ -264,13 +298,19 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'stat
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(have)) => return Err(ProtoError::Truncated { need: 4, have }.into()),
+        // The connection's own error says why (a refused certificate, a timeout, a close).
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => return Err(e.into()),
         Err(e) => return Err(NetError::Read(format!("{what} length prefix: {e}"))),
     }
     let len = proto::frame_len(prefix)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| NetError::Read(format!("{what} body ({len} bytes): {e}")))?;
+    match recv.read_exact(&mut body).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(have)) => return Err(ProtoError::Truncated { need: len, have }.into()),
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => return Err(e.into()),
+        Err(e) => return Err(NetError::Read(format!("{what} body ({len} bytes): {e}"))),
+    }
     Ok(Some(proto::decode_body(what, &body)?))
 }
 
@@ -301,11 +341,18 @@ pub async fn recv_bundle(mut recv: RecvStream) -> Result<(u64, Bundle, usize), N
         .await?
         .ok_or_else(|| NetError::Read("bundle stream ended before its header".into()))?;
     let need = header.payload_len()?;
-    // One byte more than announced is read so a stream with trailing bytes is caught.
-    let payload = recv
-        .read_to_end(need as usize + 1)
-        .await
-        .map_err(|e| NetError::Read(format!("bundle {} payload: {e}", header.transfer)))?;
+    // One byte more than announced is allowed so a stream with trailing bytes is caught.
+    let payload = match recv.read_to_end(need as usize + 1).await {
+        Ok(p) => p,
+        Err(quinn::ReadToEndError::TooLong) => {
+            return Err(ProtoError::Trailing {
+                what: "bundle payload",
+                extra: 2,
+            }
+            .into())
+        }
+        Err(e) => return Err(NetError::Read(format!("bundle {} payload: {e}", header.transfer))),
+    };
     let bundle = proto::decode_payload(&header, &payload)?;
     Ok((header.transfer, bundle, payload.len()))
 }
@@ -345,7 +392,10 @@ impl Inbox {
                     bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     let mut s = self.lock();
                     if s.bundles.len() >= MAX_UNCLAIMED {
-                        break NetError::Read(format!("peer sent more than {MAX_UNCLAIMED} unclaimed bundles"));
+                        break NetError::Peer {
+                            reason: "bundle_flood",
+                            detail: format!("more than {MAX_UNCLAIMED} unclaimed bundles"),
+                        };
                     }
                     s.bundles.insert(id, bundle);
                     drop(s);

@@ -33,7 +33,7 @@ pub enum ProtoError {
     Truncated { need: usize, have: usize },
     #[error("undecodable {what}: {reason}")]
     Decode { what: &'static str, reason: String },
-    #[error("{extra} unexpected trailing bytes after {what}")]
+    #[error("{extra} or more unexpected trailing bytes after {what}")]
     Trailing { what: &'static str, extra: usize },
     #[error("tensor `{name}`: {reason}")]
     BadTensor { name: String, reason: String },
@@ -41,6 +41,21 @@ pub enum ProtoError {
     BundleTooLarge { len: u64, limit: u64 },
     #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
     VersionMismatch { ours: u32, theirs: u32 },
+}
+
+impl ProtoError {
+    /// A short label for metrics and summaries (bounded: one per variant).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProtoError::FrameTooLarge { .. } => "frame_too_large",
+            ProtoError::Truncated { .. } => "truncated",
+            ProtoError::Decode { .. } => "undecodable",
+            ProtoError::Trailing { .. } => "trailing_bytes",
+            ProtoError::BadTensor { .. } => "bad_tensor",
+            ProtoError::BundleTooLarge { .. } => "bundle_too_large",
+            ProtoError::VersionMismatch { .. } => "version_mismatch",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

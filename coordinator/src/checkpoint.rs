@@ -269,6 +269,11 @@ pub fn save(dir: &Path, state: &State, keep: usize, pause: Duration) -> anyhow::
     Ok(path)
 }
 
+/// The newest checkpoint file in `dir` by round (not checked), if any.
+pub fn newest(dir: &Path) -> Option<PathBuf> {
+    list(dir).into_iter().next().map(|(_, p)| p)
+}
+
 /// The newest checkpoint in `dir` that decodes and that `accept` takes (it recomputes the state
 /// checksum); every skipped file is reported with its reason.
 pub fn newest_valid<T>(dir: &Path, mut accept: impl FnMut(State) -> anyhow::Result<T>) -> Option<(PathBuf, T)> {

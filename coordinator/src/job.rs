@@ -7,7 +7,7 @@ use crate::outer::OuterOptimizer;
 use crate::policy::{self, PolicyRound, TaskPolicy};
 use crate::rescaler::LossRescaler;
 use crate::rundir::{RoundRecord, RunDir, Summary};
-use crate::scheduler::{Dispatch, Scheduler, WorkerId};
+use crate::scheduler::{Dispatch, Rejection, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
 use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
@@ -52,6 +52,10 @@ pub struct CoordinatorOptions {
     pub assignment_timeout: Duration,
     /// Test hook: a pause between writing a checkpoint and renaming it into place (zero).
     pub checkpoint_pause: Duration,
+    /// Connections admitted at once between their first packet and their hello.
+    pub max_handshakes: usize,
+    /// Workers connected at the same time.
+    pub max_workers: usize,
 }
 
 /// The coordinator was asked to stop (SIGINT/SIGTERM): not a failure.
@@ -129,6 +133,10 @@ impl Coordinator {
         tracker.spawn(server::accept_loop(
             self.endpoint.clone(),
             job,
+            server::Limits {
+                handshakes: self.options.max_handshakes.max(1),
+                workers: self.options.max_workers.max(1),
+            },
             events_tx,
             traffic.clone(),
             tracker.clone(),
@@ -163,9 +171,19 @@ impl Coordinator {
                 if every > 0 && state.rounds_done % every == 0 && state.rounds_done < config.rounds {
                     let snapshot = state.snapshot(config.seed);
                     let pause = self.options.checkpoint_pause;
-                    tokio::task::block_in_place(|| {
-                        checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep, pause)
-                    })?;
+                    let saved = tokio::task::block_in_place(|| {
+                        save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, pause)
+                    });
+                    if let Err(e) = saved {
+                        // A full disk must not end a run that can still make progress: the
+                        // previous checkpoint is intact, and the next interval tries again.
+                        state.checkpoint_failures += 1;
+                        tracing::error!(round = state.rounds_done, error = %format!("{e:#}"), "checkpoint failed");
+                        eprintln!(
+                            "checkpoint after round {} failed: {e:#}; training continues and tries again in {every} rounds",
+                            state.rounds_done
+                        );
+                    }
                 }
                 if shutdown.is_cancelled() {
                     return Err(Stopped.into());
@@ -208,13 +226,13 @@ impl Coordinator {
                 // keep it for --resume before reporting the failure.
                 if state.rounds_done > 0 {
                     let snapshot = state.snapshot(config.seed);
-                    if let Ok(path) = checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO)
-                    {
-                        eprintln!(
+                    match save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO) {
+                        Ok(path) => eprintln!(
                             "checkpoint after round {}: {} (continue with --resume)",
                             state.rounds_done,
                             path.display()
-                        );
+                        ),
+                        Err(c) => eprintln!("checkpoint after round {} failed: {c:#}", state.rounds_done),
                     }
                 }
                 return Err(e);
@@ -223,19 +241,26 @@ impl Coordinator {
         // The state after the last completed round: a checkpoint to resume from when stopped,
         // the final state otherwise.
         let snapshot = state.snapshot(config.seed);
+        let mut final_error = None;
         if stopped {
-            let path = checkpoint::save(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO)?;
+            let path = save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO)?;
             eprintln!(
                 "stopped after round {}; checkpoint {} (continue with --resume)",
                 state.rounds_done,
                 path.display()
             );
-        } else {
-            checkpoint::write_atomic(
-                &self.options.run_dir,
-                "final.safetensors",
-                &checkpoint::encode(&snapshot)?,
-            )?;
+        } else if let Err(e) = checkpoint::write_atomic(
+            &self.options.run_dir,
+            "final.safetensors",
+            &checkpoint::encode(&snapshot)?,
+        ) {
+            final_error = Some(match checkpoint::newest(&checkpoints) {
+                Some(p) => e.context(format!(
+                    "the final state could not be saved; the newest checkpoint {} is intact (continue from it with --resume)",
+                    p.display()
+                )),
+                None => e.context("the final state could not be saved"),
+            });
         }
 
         let separation = match &state.rescaler {
@@ -263,6 +288,7 @@ impl Coordinator {
             reassigned: state.scheduler.reassigned(),
             rejected: state.rejected.clone(),
             workers_lost: state.lost.clone(),
+            connections_refused: state.refused.clone(),
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
             final_state_checksum: hex(&state.state_checksum()),
@@ -280,10 +306,28 @@ impl Coordinator {
             test_accuracy_at_best_meta: state.best_meta.map(|b| b.3),
             rescaler: separation,
             completed: !stopped && state.rounds_done == config.rounds,
+            checkpoint_failures: state.checkpoint_failures,
         };
         run_dir.write_summary(&summary)?;
-        Ok(summary)
+        match final_error {
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
     }
+}
+
+/// Saves a checkpoint; when that fails, the error says which earlier checkpoint is still intact
+/// (writes are atomic, so a failed one never touches it).
+fn save_checkpoint(
+    dir: &std::path::Path,
+    state: &checkpoint::State,
+    keep: usize,
+    pause: Duration,
+) -> anyhow::Result<PathBuf> {
+    checkpoint::save(dir, state, keep, pause).map_err(|e| match checkpoint::newest(dir) {
+        Some(p) => e.context(format!("the previous checkpoint {} is kept", p.display())),
+        None => e.context("there is no earlier checkpoint"),
+    })
 }
 
 /// The data the coordinator itself needs, beside the spec workers rebuild theirs from.
@@ -492,6 +536,10 @@ struct LoopState {
     rejected: BTreeMap<String, u64>,
     /// Workers dropped during the run, by why.
     lost: BTreeMap<String, u64>,
+    /// Connections that never joined, by why.
+    refused: BTreeMap<String, u64>,
+    /// Periodic checkpoints that could not be written (a full disk, say).
+    checkpoint_failures: u64,
 }
 
 /// Results of the round in progress, by assignment index.
@@ -544,6 +592,8 @@ impl LoopState {
             samples: 0,
             rejected: BTreeMap::new(),
             lost: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            checkpoint_failures: 0,
         })
     }
 
@@ -870,10 +920,14 @@ impl LoopState {
                     self.dispatch(ctx.round, ctx.assignments, d);
                 }
             }
-            Event::Lost { worker, reason } => {
+            Event::Refused { kind, reason } => {
+                tracing::debug!(kind, %reason, "connection refused");
+                *self.refused.entry(kind.into()).or_default() += 1;
+            }
+            Event::Lost { worker, kind, reason } => {
                 if self.peers.remove(&worker).is_some() {
-                    tracing::warn!(worker, %reason, "worker lost");
-                    *self.lost.entry("disconnected".into()).or_default() += 1;
+                    tracing::warn!(worker, kind, %reason, "worker lost");
+                    *self.lost.entry(kind.into()).or_default() += 1;
                 }
                 let d = self.scheduler.worker_lost(worker, Instant::now());
                 if let Some(ctx) = ctx {
@@ -887,6 +941,18 @@ impl LoopState {
                 };
                 if let Err(r) = self.scheduler.check(worker, result.round, result.assignment) {
                     self.reject(r.as_str());
+                    if r == Rejection::NotAssigned && self.peers.remove(&worker).is_some() {
+                        // A result for work this worker does not hold: it was never given,
+                        // belongs to another, or was already delivered. Not trusted again.
+                        tracing::warn!(
+                            worker,
+                            assignment = result.assignment,
+                            "dropping a worker that sent a result for work it does not hold"
+                        );
+                        *self.lost.entry("not_assigned".into()).or_default() += 1;
+                        let d = self.scheduler.worker_lost(worker, Instant::now());
+                        self.dispatch(ctx.round, ctx.assignments, d);
+                    }
                     return Ok(());
                 }
                 let malformed = if !delta.same_layout(&self.params) {

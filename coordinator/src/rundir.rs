@@ -60,6 +60,10 @@ pub struct Summary {
     /// Workers dropped during the run, by reason: disconnected (dead, or left), assignment
     /// timeout (stuck), malformed result.
     pub workers_lost: BTreeMap<String, u64>,
+    /// Connections refused before they joined, by reason: TLS handshake failed (no or a
+    /// foreign or expired certificate, wrong ALPN), no hello, version mismatch, a malformed
+    /// hello frame, too many handshakes or workers at once.
+    pub connections_refused: BTreeMap<String, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// SHA-256 of the model parameters and all outer state: equal only for bit-identical runs.
@@ -77,6 +81,9 @@ pub struct Summary {
     pub target_only_test_accuracy: Option<f64>,
     /// False when the run was stopped before its last round (a checkpoint was written).
     pub completed: bool,
+    /// Periodic checkpoints that could not be written (each reported on stderr; the previous
+    /// checkpoint stays intact and training continues).
+    pub checkpoint_failures: u64,
     /// The round whose model did best on the meta set (accuracy, then loss), and its test
     /// accuracy: the fair number for plain training, which may overfit noisy labels late.
     pub best_meta_round: Option<u64>,

@@ -4,13 +4,13 @@
 
 use crate::scheduler::WorkerId;
 use metaloop_common::net::{self, Inbox, NetError};
-use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, JobSpec, RoundPlan, Welcome, WorkerMsg};
+use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, JobSpec, RoundPlan, Welcome, WorkerMsg};
 use metaloop_common::tensor::Bundle;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,10 +40,14 @@ pub enum Event {
         assignment: u32,
         reason: String,
     },
+    /// A joined worker's connection ended; `kind` is a bounded label (see `NetError::reason`).
     Lost {
         worker: WorkerId,
+        kind: &'static str,
         reason: String,
     },
+    /// A connection that never joined: refused at the door or failed its handshake or hello.
+    Refused { kind: &'static str, reason: String },
 }
 
 /// What the run loop sends to one worker.
@@ -66,72 +70,150 @@ pub struct Traffic {
     pub bytes_out: AtomicU64,
 }
 
+/// How much the accept loop takes on at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections between the first packet and the hello (TLS handshake, hello); more are
+    /// refused at once, so a flood of connection attempts cannot exhaust memory.
+    pub handshakes: usize,
+    /// Workers joined at the same time; a hello beyond that is answered with a rejection.
+    pub workers: usize,
+}
+
 /// Accepts connections until `stop` is cancelled; every connection task is tracked.
 pub async fn accept_loop(
     endpoint: Endpoint,
     job: JobSpec,
+    limits: Limits,
     events: mpsc::UnboundedSender<Event>,
     traffic: Arc<Traffic>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
     let mut next_id: WorkerId = 0;
+    let handshakes = Arc::new(Semaphore::new(limits.handshakes));
+    let workers = Arc::new(Semaphore::new(limits.workers));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
             () = stop.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
+        let remote = incoming.remote_address();
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, limit = limits.handshakes, "too many handshakes in progress; connection refused");
+            incoming.refuse();
+            let reason = format!("more than {} handshakes in progress", limits.handshakes);
+            let _ = events.send(Event::Refused {
+                kind: "too_many_handshakes",
+                reason,
+            });
+            continue;
+        };
         next_id += 1;
-        let (id, job, events, traffic, stop) = (next_id, job.clone(), events.clone(), traffic.clone(), stop.clone());
+        let (id, job, events, traffic, stop, workers) = (
+            next_id,
+            job.clone(),
+            events.clone(),
+            traffic.clone(),
+            stop.clone(),
+            workers.clone(),
+        );
         tracker.spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
+            let refuse = |kind: &'static str, reason: String| {
+                tracing::warn!(%remote, kind, %reason, "connection refused");
+                let _ = events.send(Event::Refused { kind, reason });
+            };
+            // A connection that has not joined when the job ends is not waited for.
+            let conn = tokio::select! {
+                c = incoming => c,
+                () = stop.cancelled() => return,
+            };
+            let conn = match conn {
                 Ok(c) => c,
+                Err(e) => return refuse("tls_handshake", e.to_string()),
+            };
+            let admitted = tokio::select! {
+                a = admit(&conn) => a,
+                () = stop.cancelled() => return,
+            };
+            let (mut send, mut recv, hello) = match admitted {
+                Ok(admitted) => admitted,
                 Err(e) => {
-                    tracing::warn!(%remote, error = %e, "handshake failed");
-                    return;
+                    conn.close(1u32.into(), b"refused");
+                    return refuse(e.reason(), e.to_string());
                 }
             };
-            let reason = match serve(id, &conn, job, &events, &traffic, stop).await {
-                Ok(()) => "finished".to_string(),
-                Err(e) => e.to_string(),
+            let Ok(seat) = workers.try_acquire_owned() else {
+                let reason = format!("the coordinator already has {} workers", limits.workers);
+                let _ = net::write_frame(&mut send, &CoordinatorMsg::Reject { reason: reason.clone() }).await;
+                net::finish_and_flush(&mut send, Duration::from_secs(5)).await;
+                conn.close(1u32.into(), b"refused");
+                return refuse("too_many_workers", reason);
+            };
+            drop(handshake);
+            let outcome = serve(id, &conn, (&mut send, &mut recv), hello, job, &events, &traffic, stop).await;
+            drop(seat);
+            let (kind, reason) = match outcome {
+                Ok(()) => ("left", "the worker closed its session".to_string()),
+                Err(e) => (e.reason(), e.to_string()),
             };
             conn.close(0u32.into(), b"bye");
-            let _ = events.send(Event::Lost { worker: id, reason });
+            let _ = events.send(Event::Lost {
+                worker: id,
+                kind,
+                reason,
+            });
         });
     }
 }
 
-async fn serve(
-    id: WorkerId,
-    conn: &Connection,
-    job: JobSpec,
-    events: &mpsc::UnboundedSender<Event>,
-    traffic: &Traffic,
-    stop: CancellationToken,
-) -> Result<(), NetError> {
+/// The hello: a control stream and a hello of our protocol version within the hello timeout.
+async fn admit(conn: &Connection) -> Result<(SendStream, RecvStream, Hello), NetError> {
+    let no_hello = |detail: &str| NetError::Peer {
+        reason: "no_hello",
+        detail: detail.into(),
+    };
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
-        .map_err(|_| NetError::Read("no control stream within the hello timeout".into()))??;
+        .map_err(|_| no_hello("no control stream within the hello timeout"))??;
     let hello = tokio::time::timeout(HELLO_TIMEOUT, net::read_frame::<WorkerMsg>(&mut recv, "hello"))
         .await
-        .map_err(|_| NetError::Read("no hello within the hello timeout".into()))??;
+        .map_err(|_| no_hello("no hello within the hello timeout"))??;
     let hello = match hello {
         Some(WorkerMsg::Hello(h)) => h,
-        other => return Err(NetError::Read(format!("expected a hello, got {other:?}"))),
+        other => {
+            return Err(NetError::Peer {
+                reason: "bad_hello",
+                detail: format!("expected a hello, got {other:?}"),
+            })
+        }
     };
     if let Err(e) = proto::check_version(hello.protocol_version) {
         let _ = net::write_frame(&mut send, &CoordinatorMsg::Reject { reason: e.to_string() }).await;
         net::finish_and_flush(&mut send, Duration::from_secs(5)).await;
         return Err(e.into());
     }
+    Ok((send, recv, hello))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    id: WorkerId,
+    conn: &Connection,
+    (send, recv): (&mut SendStream, &mut RecvStream),
+    hello: Hello,
+    job: JobSpec,
+    events: &mpsc::UnboundedSender<Event>,
+    traffic: &Traffic,
+    stop: CancellationToken,
+) -> Result<(), NetError> {
     let welcome = CoordinatorMsg::Welcome(Welcome {
         protocol_version: proto::PROTOCOL_VERSION,
         worker_id: id,
         job,
     });
-    net::write_frame(&mut send, &welcome).await?;
+    net::write_frame(send, &welcome).await?;
     let (outbox, inbox_rx) = mpsc::unbounded_channel();
     tracing::info!(worker = id, name = %hello.name, remote = %conn.remote_address(), "worker joined");
     if events
@@ -147,8 +229,8 @@ async fn serve(
     let bundles = Inbox::default();
     tokio::select! {
         e = bundles.fill(conn, &traffic.bytes_in) => Err(e),
-        r = read_loop(id, &mut recv, &bundles, events) => r,
-        r = write_loop(conn, &mut send, inbox_rx, traffic) => r,
+        r = read_loop(id, recv, &bundles, events) => r,
+        r = write_loop(conn, send, inbox_rx, traffic) => r,
         () = stop.cancelled() => Ok(()),
     }
 }
@@ -167,7 +249,10 @@ async fn read_loop(
             WorkerMsg::Result(result) => {
                 let delta = tokio::time::timeout(BUNDLE_TIMEOUT, bundles.take(result.delta_transfer))
                     .await
-                    .map_err(|_| NetError::Read(format!("delta {} did not arrive in time", result.delta_transfer)))??;
+                    .map_err(|_| NetError::Peer {
+                        reason: "bundle_timeout",
+                        detail: format!("delta {} did not arrive in time", result.delta_transfer),
+                    })??;
                 Event::Result {
                     worker: id,
                     result,
@@ -184,7 +269,12 @@ async fn read_loop(
                 assignment,
                 reason,
             },
-            WorkerMsg::Hello(_) => return Err(NetError::Read("second hello on an open connection".into())),
+            WorkerMsg::Hello(_) => {
+                return Err(NetError::Peer {
+                    reason: "second_hello",
+                    detail: "a second hello on an open connection".into(),
+                })
+            }
         };
         if events.send(event).is_err() {
             return Ok(());

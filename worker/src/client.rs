@@ -52,6 +52,8 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Re
                 conn.close(0u32.into(), b"worker stopping");
                 (r, true)
             }
+            // Our CA does not vouch for the coordinator's certificate, or no common ALPN.
+            Err(e @ net::NetError::Tls(_)) => (Err(fatal(e)), false),
             Err(e) => (Err(e.into()), false),
         };
         let err = match session {
@@ -93,7 +95,21 @@ fn fatal(e: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
-    let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
+    // The coordinator checks our certificate after our side of the handshake is done, so its
+    // refusal arrives here, on the first stream operations.
+    let refused = |e: anyhow::Error| {
+        match conn.close_reason() {
+        Some(c) if net::tls_refusal(&c) => fatal(anyhow::anyhow!(
+            "the coordinator refused this worker's TLS certificate ({c}); check --cert and --key, and that they are signed by the CA the coordinator trusts"
+        )),
+        _ => e,
+    }
+    };
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .context("opening the control stream")
+        .map_err(refused)?;
     net::write_frame(
         &mut send,
         &WorkerMsg::Hello(Hello {
@@ -101,8 +117,12 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
             name: opts.name.clone(),
         }),
     )
-    .await?;
-    let welcome = match net::read_frame::<CoordinatorMsg>(&mut recv, "welcome").await? {
+    .await
+    .map_err(|e| refused(e.into()))?;
+    let welcome = match net::read_frame::<CoordinatorMsg>(&mut recv, "welcome")
+        .await
+        .map_err(|e| refused(e.into()))?
+    {
         Some(CoordinatorMsg::Welcome(w)) => w,
         Some(CoordinatorMsg::Reject { reason }) => {
             return Err(fatal(anyhow::anyhow!("coordinator refused us: {reason}")))
