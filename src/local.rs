@@ -40,9 +40,12 @@ pub struct LocalArgs {
     /// No progress bar or per-round lines (for scripts and tests).
     #[arg(long)]
     quiet: bool,
+    /// Serve the coordinator's /metrics, /healthz and /readyz over HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
-pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: LocalArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     let config_path = args.config.clone().unwrap_or_else(|| PathBuf::from(QUICKSTART));
     if args.config.is_none() && !config_path.is_file() {
         bail!("no --config given and {QUICKSTART} is not in the current directory; run from the repository root or pass --config");
@@ -60,10 +63,15 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let log = std::fs::File::create(run_dir.join("coordinator.log")).context("creating coordinator.log")?;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(log))
-        .try_init();
+        .with_writer(std::sync::Mutex::new(log));
+    let _ = if json_logs {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    let ready = crate::serve_telemetry(args.metrics_listen).await?;
     // A throwaway CA per run: replace whatever an earlier run in this directory left.
     let certs = run_dir.join("certs");
     if certs.exists() {
@@ -83,14 +91,14 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
             run_dir.display()
         );
     }
-    let mut summary = run_job(&args, config.clone(), &run_dir, &tls, "").await?;
+    let mut summary = run_job(&args, config.clone(), &run_dir, &tls, "", ready.clone()).await?;
     if !args.no_baseline {
         for (name, baseline, what) in baselines(&config) {
             let dir = run_dir.join(format!("baseline-{name}"));
             if !args.quiet {
                 eprintln!("baseline: the same job with {what}, run directory {}", dir.display());
             }
-            let b = run_job(&args, baseline, &dir, &tls, &format!("baseline {name} ")).await?;
+            let b = run_job(&args, baseline, &dir, &tls, &format!("baseline {name} "), ready.clone()).await?;
             match name {
                 "target-only" => summary.target_only_test_accuracy = Some(b.test_accuracy),
                 _ => summary.baseline_test_accuracy = Some(b.test_accuracy),
@@ -148,6 +156,7 @@ async fn run_job(
     run_dir: &Path,
     tls: &Tls,
     label: &str,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let coordinator = Coordinator::bind(CoordinatorOptions {
@@ -161,6 +170,7 @@ async fn run_job(
         checkpoint_pause: Duration::ZERO,
         max_handshakes: 64,
         max_workers: 1024,
+        ready,
     })?;
     let addr = coordinator.local_addr()?;
     let exe = std::env::current_exe().context("locating the metaloop binary")?;

@@ -9,6 +9,8 @@ use metaloop_common::net::TlsFiles;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +23,15 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: human-readable lines, or JSON lines for log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "METALOOP_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,13 +164,16 @@ struct CoordinatorArgs {
     /// Workers connected at the same time; more are told so and refused.
     #[arg(long, default_value_t = 1024)]
     max_workers: usize,
+    /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
 struct WorkerArgs {
-    /// Coordinator address (IP:port).
-    #[arg(long)]
-    coordinator: SocketAddr,
+    /// Coordinator address, HOST:PORT (a name is resolved again at every reconnect).
+    #[arg(long, env = "METALOOP_COORDINATOR")]
+    coordinator: String,
     #[command(flatten)]
     tls: TlsArgs,
     /// Name shown in the coordinator's logs (default: the host name and process id).
@@ -171,6 +185,9 @@ struct WorkerArgs {
     /// Seconds to keep trying to reach a coordinator that went away (it may be restarting).
     #[arg(long, default_value_t = 60)]
     reconnect_for: u64,
+    /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -182,7 +199,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, cli.log_format)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -194,11 +211,11 @@ fn main() -> ExitCode {
 /// Exit code for a usage error (bad config), as sysexits' EX_USAGE.
 pub(crate) const EXIT_USAGE: u8 = 64;
 
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
     match command {
         Command::Local(args) => {
             survive_file_size_limit();
-            local::run(args).await
+            local::run(args, log_format == LogFormat::Json).await
         }
         Command::Certs(CertsCommand::Init { dir }) => {
             let (coordinator, worker) = metaloop_common::net::write_pki(&dir)?;
@@ -230,13 +247,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Coordinator(args) => {
-            init_stderr_logs();
+            init_stderr_logs(log_format);
             survive_file_size_limit();
             let config = match load_config(&args.config, &args.overrides) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
             let shutdown = signal_token();
+            let ready = serve_telemetry(args.metrics_listen).await?;
             let coordinator = metaloop_coordinator::Coordinator::bind(metaloop_coordinator::CoordinatorOptions {
                 listen: args.listen,
                 tls: args.tls.files(),
@@ -248,6 +266,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 checkpoint_pause: Duration::from_millis(args.checkpoint_pause_ms),
                 max_handshakes: args.max_handshakes,
                 max_workers: args.max_workers,
+                ready,
             })?;
             // The first line on stdout is the bound address, for scripts that listen on port 0.
             println!("listening on {}", coordinator.local_addr()?);
@@ -282,7 +301,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker(args) => {
-            init_stderr_logs();
+            init_stderr_logs(log_format);
+            let ready = serve_telemetry(args.metrics_listen).await?;
             let name = args.name.unwrap_or_else(|| format!("worker-{}", std::process::id()));
             let opts = metaloop_worker::WorkerOptions {
                 coordinator: args.coordinator,
@@ -290,6 +310,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 name,
                 threads: args.threads,
                 reconnect_for: Duration::from_secs(args.reconnect_for),
+                ready,
             };
             metaloop_worker::run(opts, signal_token()).await.context("worker")?;
             Ok(ExitCode::SUCCESS)
@@ -297,14 +318,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_stderr_logs() {
+fn init_stderr_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("METALOOP_LOG").unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.with_ansi(ansi).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
+}
+
+/// Installs the metrics recorder and serves /metrics, /healthz and /readyz when asked; returns
+/// the readiness flag for the process to raise.
+pub(crate) async fn serve_telemetry(listen: Option<SocketAddr>) -> anyhow::Result<Arc<AtomicBool>> {
+    let Some(addr) = listen else {
+        return Ok(Arc::default());
+    };
+    let telemetry = metaloop_common::http::install()?;
+    let ready = telemetry.ready.clone();
+    let bound = metaloop_common::http::serve(addr, telemetry).await?;
+    tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    Ok(ready)
 }
 
 /// Turns SIGXFSZ (a write past the file-size limit) from "terminate the process" into an

@@ -27,6 +27,7 @@ async fn coordinator_rejects_a_worker_of_another_version() {
         checkpoint_pause: Duration::ZERO,
         max_handshakes: 64,
         max_workers: 1024,
+        ready: Default::default(),
     })
     .expect("bind");
     let addr = coordinator.local_addr().expect("addr");
@@ -92,11 +93,12 @@ async fn worker_refuses_a_coordinator_of_another_version() {
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     });
     let opts = metaloop_worker::WorkerOptions {
-        coordinator: addr,
+        coordinator: addr.to_string(),
         tls: worker_tls,
         name: "w".into(),
         threads: 1,
         reconnect_for: std::time::Duration::from_secs(5),
+        ready: Default::default(),
     };
     let err = metaloop_worker::run(opts, CancellationToken::new())
         .await

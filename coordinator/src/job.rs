@@ -56,6 +56,8 @@ pub struct CoordinatorOptions {
     pub max_handshakes: usize,
     /// Workers connected at the same time.
     pub max_workers: usize,
+    /// Set once the job is loaded and the coordinator serves it (`/readyz`).
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The coordinator was asked to stop (SIGINT/SIGTERM): not a failure.
@@ -126,6 +128,8 @@ impl Coordinator {
             }
         }
 
+        crate::telemetry::job_started(&strategy_name(&config), config.rounds, state.rounds_done);
+        self.options.ready.store(true, Ordering::Relaxed);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let traffic = Arc::new(Traffic::default());
         let tracker = TaskTracker::new();
@@ -154,6 +158,7 @@ impl Coordinator {
                 )
                 .await?;
             for round in state.rounds_done..config.rounds {
+                let reassigned_before = state.scheduler.reassigned();
                 let record = state
                     .round(
                         round,
@@ -165,6 +170,7 @@ impl Coordinator {
                     )
                     .await?;
                 run_dir.append_metrics(&record)?;
+                crate::telemetry::round(&record, reassigned_before);
                 observe(&record);
                 records.push(record);
                 let every = config.checkpoint.every;
@@ -174,7 +180,11 @@ impl Coordinator {
                     let saved = tokio::task::block_in_place(|| {
                         save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, pause)
                     });
+                    if saved.is_ok() {
+                        crate::telemetry::checkpoint_written();
+                    }
                     if let Err(e) = saved {
+                        crate::telemetry::checkpoint_failed();
                         // A full disk must not end a run that can still make progress: the
                         // previous checkpoint is intact, and the next interval tries again.
                         state.checkpoint_failures += 1;
@@ -292,11 +302,7 @@ impl Coordinator {
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
             final_state_checksum: hex(&state.state_checksum()),
-            strategy: match config.strategy.kind {
-                StrategyKind::DomainWeights => state.strategy.method().as_str().to_string(),
-                StrategyKind::LossRescaling => format!("loss-rescaling/{}", config.strategy.mode.as_str()),
-                StrategyKind::TaskPolicy => format!("task-policy/{}", config.strategy.policy.as_str()),
-            },
+            strategy: strategy_name(&config),
             domain_weights: state.domain_weights(),
             source_weights: state.source_weights(),
             target_only_test_accuracy: None,
@@ -313,6 +319,15 @@ impl Coordinator {
             Some(e) => Err(e),
             None => Ok(summary),
         }
+    }
+}
+
+/// The strategy as the summary and the metrics name it.
+fn strategy_name(config: &JobConfig) -> String {
+    match config.strategy.kind {
+        StrategyKind::DomainWeights => config.strategy.method.as_str().to_string(),
+        StrategyKind::LossRescaling => format!("loss-rescaling/{}", config.strategy.mode.as_str()),
+        StrategyKind::TaskPolicy => format!("task-policy/{}", config.strategy.policy.as_str()),
     }
 }
 
@@ -801,7 +816,7 @@ impl LoopState {
                         let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, failures: &mut failures };
                         tracing::warn!(worker, ?timeout, "dropping a worker that returned nothing within the assignment timeout");
                         self.peers.remove(&worker); // dropping its outbox closes the connection
-                        *self.lost.entry("assignment_timeout".into()).or_default() += 1;
+                        self.lose("assignment_timeout");
                         let d = self.scheduler.worker_lost(worker, Instant::now());
                         self.dispatch(ctx.round, ctx.assignments, d);
                     }
@@ -879,6 +894,7 @@ impl LoopState {
         Ok(RoundRecord {
             round,
             train_loss: loss / trained.max(1) as f64,
+            samples,
             meta_loss,
             domain_weights: self.domain_weights(),
             hypergradient_norm: self.strategy.last_grad_norm(),
@@ -914,6 +930,7 @@ impl LoopState {
             Event::Joined { worker, name, outbox } => {
                 tracing::info!(worker, %name, "worker admitted");
                 self.peers.insert(worker, Peer { outbox, version: None });
+                crate::telemetry::workers_connected(self.peers.len());
                 self.workers_seen += 1;
                 let d = self.scheduler.worker_joined(worker, Instant::now());
                 if let Some(ctx) = ctx {
@@ -923,11 +940,12 @@ impl LoopState {
             Event::Refused { kind, reason } => {
                 tracing::debug!(kind, %reason, "connection refused");
                 *self.refused.entry(kind.into()).or_default() += 1;
+                crate::telemetry::refused(kind);
             }
             Event::Lost { worker, kind, reason } => {
                 if self.peers.remove(&worker).is_some() {
                     tracing::warn!(worker, kind, %reason, "worker lost");
-                    *self.lost.entry(kind.into()).or_default() += 1;
+                    self.lose(kind);
                 }
                 let d = self.scheduler.worker_lost(worker, Instant::now());
                 if let Some(ctx) = ctx {
@@ -949,7 +967,7 @@ impl LoopState {
                             assignment = result.assignment,
                             "dropping a worker that sent a result for work it does not hold"
                         );
-                        *self.lost.entry("not_assigned".into()).or_default() += 1;
+                        self.lose("not_assigned");
                         let d = self.scheduler.worker_lost(worker, Instant::now());
                         self.dispatch(ctx.round, ctx.assignments, d);
                     }
@@ -984,7 +1002,7 @@ impl LoopState {
                     self.reject(reason);
                     tracing::warn!(worker, reason, "dropping a worker that sent a malformed result");
                     self.peers.remove(&worker); // dropping its outbox closes the connection
-                    *self.lost.entry("malformed_result".into()).or_default() += 1;
+                    self.lose("malformed_result");
                     let d = self.scheduler.worker_lost(worker, Instant::now());
                     self.dispatch(ctx.round, ctx.assignments, d);
                     return Ok(());
@@ -1046,7 +1064,15 @@ impl LoopState {
             .map(|p| p.names().iter().cloned().zip(p.weights().iter().copied()).collect())
     }
 
+    /// A worker dropped or gone, by why.
+    fn lose(&mut self, reason: &str) {
+        *self.lost.entry(reason.to_string()).or_default() += 1;
+        crate::telemetry::worker_lost(reason);
+        crate::telemetry::workers_connected(self.peers.len());
+    }
+
     fn reject(&mut self, reason: &str) {
+        crate::telemetry::rejected(reason);
         tracing::warn!(reason, "result rejected");
         *self.rejected.entry(reason.to_string()).or_default() += 1;
     }

@@ -12,6 +12,7 @@ mod rundir;
 mod scheduler;
 mod server;
 mod strategy;
+mod telemetry;
 
 pub use job::{Coordinator, CoordinatorOptions, Stopped};
 pub use outer::OuterOptimizer;

@@ -266,6 +266,7 @@ mod tests {
         RoundRecord {
             round,
             train_loss: 1.0 / (round + 1) as f64,
+            samples: 64,
             meta_loss: Some(0.5),
             domain_weights: BTreeMap::from([("a<b".to_string(), w), ("c".to_string(), 2.0 - w)]),
             hypergradient_norm: None,

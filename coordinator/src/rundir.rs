@@ -13,6 +13,8 @@ pub struct RoundRecord {
     pub round: u64,
     /// Mean inner-loop training loss over the round's assignments.
     pub train_loss: f64,
+    /// Training samples the round's inner steps processed.
+    pub samples: u64,
     /// Mean meta-set loss after the inner steps (when the job has a meta set).
     pub meta_loss: Option<f64>,
     /// Domain weights after this round's outer update.

@@ -121,10 +121,6 @@ impl DomainWeights {
         self.doremi.as_ref().map(|d| d.excess.as_slice())
     }
 
-    pub fn method(&self) -> WeightMethod {
-        self.method
-    }
-
     pub fn names(&self) -> &[String] {
         &self.names
     }

@@ -4,6 +4,7 @@
 use crate::train::Trainer;
 use anyhow::{bail, Context};
 use metaloop_common::compute::ComputeThread;
+use metaloop_common::metrics as m;
 use metaloop_common::net::{self, Inbox, TlsFiles};
 use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, RoundPlan, WorkerMsg};
 use quinn::{Connection, SendStream};
@@ -16,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 /// How to reach the coordinator and how to compute.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    pub coordinator: SocketAddr,
+    /// HOST:PORT; a name is resolved again at every (re)connect, so a coordinator that comes
+    /// back at another address (a rescheduled pod) is found.
+    pub coordinator: String,
     pub tls: TlsFiles,
     /// Shown in the coordinator's logs.
     pub name: String,
@@ -25,6 +28,8 @@ pub struct WorkerOptions {
     pub threads: usize,
     /// How long to keep trying to reach a coordinator that went away before giving up.
     pub reconnect_for: Duration,
+    /// Raised while this worker has joined a job (`/readyz`).
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Runs a worker until the coordinator sends `Shutdown` or `shutdown` is cancelled.
@@ -32,29 +37,39 @@ pub struct WorkerOptions {
 /// # Errors
 /// Connection, handshake, data or compute failures, each with context.
 pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bind: SocketAddr = if opts.coordinator.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .context("bind address")?;
-    let endpoint = net::client_endpoint(&opts.tls, bind)?;
+    // Certificates are checked once, before anything else.
+    let v4 = net::client_endpoint(&opts.tls, SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let mut v6: Option<quinn::Endpoint> = None;
     let mut backoff = FIRST_BACKOFF;
     let mut unreachable_since: Option<Instant> = None;
     let result = loop {
-        let (session, connected) = match net::connect(&endpoint, opts.coordinator).await {
-            Ok(conn) => {
+        let attempt = async {
+            let addr = resolve(&opts.coordinator).await?;
+            let endpoint = if addr.is_ipv6() {
+                if v6.is_none() {
+                    v6 = Some(net::client_endpoint(&opts.tls, SocketAddr::from(([0u16; 8], 0)))?);
+                }
+                v6.clone().context("IPv6 endpoint")?
+            } else {
+                v4.clone()
+            };
+            anyhow::Ok(net::connect(&endpoint, addr).await)
+        };
+        let (session, connected) = match attempt.await {
+            Ok(Ok(conn)) => {
                 let r = tokio::select! {
                     r = serve(&conn, &opts) => r,
                     () = shutdown.cancelled() => Ok(()),
                 };
+                opts.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+                metrics::gauge!(m::WORKER_CONNECTED).set(0.0);
                 conn.close(0u32.into(), b"worker stopping");
                 (r, true)
             }
             // Our CA does not vouch for the coordinator's certificate, or no common ALPN.
-            Err(e @ net::NetError::Tls(_)) => (Err(fatal(e)), false),
-            Err(e) => (Err(e.into()), false),
+            Ok(Err(e @ net::NetError::Tls(_))) => (Err(fatal(e)), false),
+            Ok(Err(e)) => (Err(e.into()), false),
+            Err(e) => (Err(e), false),
         };
         let err = match session {
             Ok(()) => break Ok(()),
@@ -72,14 +87,27 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Re
             break Err(err.context(format!("gave up reconnecting after {:?}", opts.reconnect_for)));
         }
         tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "lost the coordinator; reconnecting");
+        metrics::counter!(m::WORKER_RECONNECTS).increment(1);
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = shutdown.cancelled() => break Ok(()),
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     };
-    endpoint.wait_idle().await;
+    v4.wait_idle().await;
+    if let Some(e) = v6 {
+        e.wait_idle().await;
+    }
     result
+}
+
+/// The first address `host:port` resolves to.
+async fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(target)
+        .await
+        .with_context(|| format!("resolving the coordinator address {target}"))?
+        .next()
+        .with_context(|| format!("the coordinator address {target} resolves to nothing"))
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -136,6 +164,8 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     };
     proto::check_version(welcome.protocol_version).map_err(|e| fatal(anyhow::Error::from(e).context("coordinator")))?;
     tracing::info!(worker_id = welcome.worker_id, "joined the job");
+    opts.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics::gauge!(m::WORKER_CONNECTED).set(1.0);
 
     let threads = opts.threads.max(1) as i32;
     let job = welcome.job.clone();
@@ -225,6 +255,10 @@ async fn round(
         };
         match outcome {
             Ok(out) => {
+                metrics::counter!(m::WORKER_ASSIGNMENTS, "outcome" => "ok").increment(1);
+                metrics::histogram!(m::WORKER_ASSIGNMENT_DURATION).record(f64::from(out.seconds));
+                metrics::counter!(m::WORKER_SAMPLES).increment(out.samples);
+                metrics::gauge!(m::WORKER_INNER_LOSS).set(f64::from(out.mean_loss));
                 *next_transfer += 1;
                 net::send_bundle(conn, *next_transfer, &out.delta).await?;
                 let result = AssignmentResult {
@@ -242,6 +276,7 @@ async fn round(
                 net::write_frame(send, &WorkerMsg::Result(result)).await?;
             }
             Err(e) => {
+                metrics::counter!(m::WORKER_ASSIGNMENTS, "outcome" => "failed").increment(1);
                 tracing::warn!(round = plan.round, assignment = index, error = %e, "assignment failed");
                 net::write_frame(
                     send,

@@ -120,8 +120,17 @@ impl Omega {
     fn weights(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
         let f = self.features(model, x, y);
         model.set_train(true);
-        tch::no_grad(|| rescaler::batch_weights(&rescaler::omega_weights(self.model.as_ref(), &f), self.normalize))
-            .detach()
+        tch::no_grad(|| {
+            let raw = rescaler::omega_weights(self.model.as_ref(), &f);
+            if let Ok(values) = Vec::<f64>::try_from(raw.to_kind(tch::Kind::Double)) {
+                let h = metrics::histogram!(metaloop_common::metrics::RESCALER_SAMPLE_WEIGHT);
+                for v in values {
+                    h.record(v);
+                }
+            }
+            rescaler::batch_weights(&raw, self.normalize)
+        })
+        .detach()
     }
 }
 
