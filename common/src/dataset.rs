@@ -274,5 +274,36 @@ mod tests {
         bad.x[3] = f32::NAN;
         let p = write(&dir, "nan.safetensors", &to_safetensors(&bad).expect("ser"));
         assert!(msg(load(&p, 3)).contains("row 1"));
+
+        let mut bad = tiny();
+        bad.x[0] = f32::INFINITY;
+        let p = write(&dir, "inf.safetensors", &to_safetensors(&bad).expect("ser"));
+        let m = msg(load(&p, 3));
+        assert!(m.contains("non-finite value inf at row 0") && m.contains("`x`"), "{m}");
+
+        let whole = to_safetensors(&tiny()).expect("ser");
+        let p = write(&dir, "cut.safetensors", &whole[..whole.len() - 5]);
+        let m = msg(load(&p, 3));
+        assert!(m.contains("cut.safetensors") && m.contains("not a valid safetensors"), "{m}");
+
+        let p = write(
+            &dir,
+            "rank.safetensors",
+            &raw(vec![
+                ("x", Dtype::F32, vec![2], vec![0; 8]),
+                ("y", Dtype::I64, vec![2], vec![0; 16]),
+            ]),
+        );
+        let m = msg(load(&p, 3));
+        assert!(m.contains("`x`") && m.contains("shape [2]"), "{m}");
+
+        let empty = Dataset {
+            x: Vec::new(),
+            y: Vec::new(),
+            features: 2,
+        };
+        let p = write(&dir, "empty.safetensors", &to_safetensors(&empty).expect("ser"));
+        let m = msg(load(&p, 3));
+        assert!(m.contains("empty.safetensors") && m.contains("no samples"), "{m}");
     }
 }
