@@ -279,9 +279,10 @@ fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
-/// SIGTERM on the coordinator: it abandons the round, writes a checkpoint, tells the workers to
-/// stop and exits 0; `--resume` with fresh workers then ends exactly where an undisturbed run
-/// ends. SIGTERM on a worker: it leaves at once and cleanly, and its work moves on.
+/// SIGTERM on the coordinator (a pod being deleted): it abandons the round, writes a checkpoint,
+/// tells the workers it is stopping and exits 0; the workers wait for it, and when it comes
+/// back with `--resume` they rejoin and the run ends exactly where an undisturbed run ends.
+/// SIGTERM on a worker: it leaves at once and cleanly, and its work moves on.
 #[test]
 fn sigterm_stops_cleanly_and_the_run_resumes_exactly() {
     let job = ["--rounds", "80", "--seed", "21"];
@@ -306,9 +307,10 @@ fn sigterm_stops_cleanly_and_the_run_resumes_exactly() {
     sigterm(&first);
     let stopped = wait_for(&mut first, Duration::from_secs(30));
     assert!(stopped.success(), "the coordinator exits 0 on SIGTERM");
+    std::thread::sleep(Duration::from_secs(1));
     assert!(
-        wait_for(&mut w[0], Duration::from_secs(30)).success(),
-        "workers are told to stop"
+        w[0].try_wait().expect("wait").is_none(),
+        "a worker told that the coordinator is stopping waits for it to come back"
     );
     let stopped_at = rounds_done(&run);
     assert!(stopped_at < 80, "stopped mid-run");
@@ -318,12 +320,21 @@ fn sigterm_stops_cleanly_and_the_run_resumes_exactly() {
         .collect();
     assert!(!checkpoints.is_empty());
 
-    let (mut second, addr2) = coordinator(dir.path(), &[&args[..], &["--resume"]].concat());
-    let mut fresh = [worker(dir.path(), &addr2, "w2"), worker(dir.path(), &addr2, "w3")];
+    let (mut second, _) = coordinator_on(
+        dir.path(),
+        &addr,
+        "coordinator2.stderr",
+        &[&args[..], &["--resume"]].concat(),
+    );
+    let mut fresh = worker(dir.path(), &addr, "w2");
     assert!(wait_for(&mut second, Duration::from_secs(120)).success());
-    for f in &mut fresh {
-        wait_for(f, Duration::from_secs(30));
-    }
+    assert!(
+        wait_for(&mut w[0], Duration::from_secs(30)).success(),
+        "the waiting worker rejoined and finished with the job"
+    );
+    wait_for(&mut fresh, Duration::from_secs(30));
+    let log = std::fs::read_to_string(dir.path().join("w0.log")).expect("w0 log");
+    assert!(log.matches("joined the job").count() >= 2, "w0 rejoined: {log}");
     let got = summary(&run);
     assert_eq!(got["completed"], true);
     assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);

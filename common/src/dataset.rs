@@ -284,7 +284,10 @@ mod tests {
         let whole = to_safetensors(&tiny()).expect("ser");
         let p = write(&dir, "cut.safetensors", &whole[..whole.len() - 5]);
         let m = msg(load(&p, 3));
-        assert!(m.contains("cut.safetensors") && m.contains("not a valid safetensors"), "{m}");
+        assert!(
+            m.contains("cut.safetensors") && m.contains("not a valid safetensors"),
+            "{m}"
+        );
 
         let p = write(
             &dir,

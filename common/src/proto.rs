@@ -79,9 +79,16 @@ pub enum WorkerMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CoordinatorMsg {
     Welcome(Welcome),
-    Reject { reason: String },
+    Reject {
+        reason: String,
+    },
     Round(RoundPlan),
-    Shutdown { reason: String },
+    /// Leave this job. `finished`: the job is done, exit; otherwise the coordinator is stopping
+    /// (a signal, a restart) and may come back: keep trying to reconnect.
+    Shutdown {
+        reason: String,
+        finished: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -689,7 +696,10 @@ mod tests {
                 ],
             }));
         }
-        roundtrip(CoordinatorMsg::Shutdown { reason: "done".into() });
+        roundtrip(CoordinatorMsg::Shutdown {
+            reason: "done".into(),
+            finished: true,
+        });
     }
 
     fn sample_bundle() -> Bundle {

@@ -207,8 +207,14 @@ impl Coordinator {
         } else {
             "coordinator stopping"
         };
+        // No new sessions: a worker told that we are stopping tries to reconnect, and must find
+        // the next coordinator, not this one on its way out.
+        self.endpoint.set_server_config(None);
         for peer in state.peers.values() {
-            let _ = peer.outbox.send(Outgoing::Shutdown { reason: reason.into() });
+            let _ = peer.outbox.send(Outgoing::Shutdown {
+                reason: reason.into(),
+                finished: outcome.is_ok(),
+            });
         }
         // Give workers a moment to read the shutdown before the endpoint goes away.
         let _ = tokio::time::timeout(Duration::from_secs(12), async {

@@ -60,6 +60,7 @@ pub enum Outgoing {
     },
     Shutdown {
         reason: String,
+        finished: bool,
     },
 }
 
@@ -297,8 +298,8 @@ async fn write_loop(
                 }
                 net::write_frame(send, &CoordinatorMsg::Round(*plan)).await?;
             }
-            Outgoing::Shutdown { reason } => {
-                net::write_frame(send, &CoordinatorMsg::Shutdown { reason }).await?;
+            Outgoing::Shutdown { reason, finished } => {
+                net::write_frame(send, &CoordinatorMsg::Shutdown { reason, finished }).await?;
                 net::finish_and_flush(send, SHUTDOWN_GRACE).await;
                 // A transport ACK is not enough: a worker in the middle of an assignment reads
                 // the message only afterwards, and closing first would discard it. The worker

@@ -32,7 +32,8 @@ pub struct WorkerOptions {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Runs a worker until the coordinator sends `Shutdown` or `shutdown` is cancelled.
+/// Runs a worker until the coordinator says the job is finished, `shutdown` is cancelled, or
+/// the coordinator stays unreachable for `reconnect_for`.
 ///
 /// # Errors
 /// Connection, handshake, data or compute failures, each with context.
@@ -197,9 +198,19 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
                     break Err(e);
                 }
             }
-            CoordinatorMsg::Shutdown { reason } => {
+            CoordinatorMsg::Shutdown { reason, finished: true } => {
                 tracing::info!(%reason, "coordinator finished the job");
                 break Ok(());
+            }
+            // A coordinator stopped by a signal is usually restarted (a rescheduled pod, an
+            // operator's --resume): wait for it like for one that went away.
+            CoordinatorMsg::Shutdown {
+                reason,
+                finished: false,
+            } => {
+                break Err(anyhow::anyhow!(
+                    "the coordinator is stopping ({reason}); it may come back"
+                ))
             }
             other => break Err(anyhow::anyhow!("unexpected message from the coordinator: {other:?}")),
         }
