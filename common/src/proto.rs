@@ -457,6 +457,11 @@ impl BundleHeader {
             if t.shape.len() > MAX_RANK {
                 return Err(bad(format!("rank {} exceeds {MAX_RANK}", t.shape.len())));
             }
+            // Every dimension must be possible on its own, even beside a zero that makes the
+            // tensor empty: code downstream (libtorch) takes dimensions as i64.
+            if let Some(d) = t.shape.iter().find(|&&d| d > MAX_BUNDLE_BYTES) {
+                return Err(bad(format!("dimension {d} exceeds {MAX_BUNDLE_BYTES}")));
+            }
             let bytes = t
                 .shape
                 .iter()
@@ -742,6 +747,19 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(matches!(decode_bundle(&long), Err(ProtoError::Trailing { .. })));
+    }
+
+    #[test]
+    fn an_empty_tensor_may_not_carry_absurd_dimensions() {
+        let header = BundleHeader {
+            transfer: 1,
+            tensors: vec![TensorMeta {
+                name: "ghost".into(),
+                dtype: DType::F32,
+                shape: vec![0, u64::MAX, 1 << 40],
+            }],
+        };
+        assert!(matches!(header.payload_len(), Err(ProtoError::BadTensor { .. })));
     }
 
     #[test]
