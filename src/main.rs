@@ -1,5 +1,6 @@
 //! The `metaloop` command line: parses arguments and hands off to the library crates.
 
+mod bench;
 mod local;
 
 use anyhow::Context;
@@ -50,6 +51,9 @@ enum Command {
     /// Certificates for a cluster.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Benchmarks (print Markdown tables with ratios against a reference in the same run).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -216,6 +220,10 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
         Command::Local(args) => {
             survive_file_size_limit();
             local::run(args, log_format == LogFormat::Json).await
+        }
+        Command::Bench(b) => {
+            bench::run(b).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Certs(CertsCommand::Init { dir }) => {
             let (coordinator, worker) = metaloop_common::net::write_pki(&dir)?;

@@ -395,3 +395,26 @@ fn the_task_policy_learns_to_prefer_the_clean_related_source() {
     let plot = std::fs::read_to_string(dir.path().join("plot.svg")).expect("plot");
     assert!(plot.contains("source-task policy"));
 }
+
+/// The transport benchmark runs end to end (a small payload) and prints its table; the numbers
+/// themselves are for BENCHMARKS.md, never asserted.
+#[test]
+fn the_transport_benchmark_prints_a_ratio() {
+    let out = metaloop()
+        .args(["bench", "transport", "--sizes", "1", "--repeats", "1"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| 1 MiB"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let ratio: f64 = row
+        .trim_end_matches('|')
+        .rsplit('|')
+        .next()
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{row}"));
+    assert!(ratio > 0.0 && ratio.is_finite(), "{row}");
+}

@@ -1,0 +1,123 @@
+//! `metaloop bench transport`: a model-sized tensor bundle through the project's QUIC path
+//! (mutual TLS, `net::send_bundle` / `net::recv_bundle`, codec included) against the same
+//! bytes through a plain TCP socket, both on loopback, in the same run. Prints a Markdown
+//! table with the ratio, since only ratios mean anything on a shared machine.
+
+use anyhow::Context;
+use metaloop_common::net;
+use metaloop_common::tensor::{Bundle, HostTensor};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// QUIC (the project's bundle path) against raw TCP on loopback.
+    Transport {
+        /// Payload sizes in MiB of f32.
+        #[arg(long, value_delimiter = ',', default_value = "64,512")]
+        sizes: Vec<usize>,
+        /// Transfers per size and transport; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    let BenchCommand::Transport { sizes, repeats } = command;
+    println!("| payload | QUIC (metaloop bundle path) | raw TCP | QUIC / TCP |");
+    println!("|---|---|---|---|");
+    for mib in sizes {
+        let bundle = payload(mib);
+        let bytes = (mib as f64) * 1024.0 * 1024.0;
+        let mut quic = Vec::new();
+        let mut tcp = Vec::new();
+        for _ in 0..repeats.max(1) {
+            quic.push(quic_once(&bundle).await?);
+            tcp.push(tcp_once(&bundle).await?);
+        }
+        let (q, t) = (median(&mut quic), median(&mut tcp));
+        let rate = |d: Duration| bytes / d.as_secs_f64() / 1e6;
+        println!(
+            "| {mib} MiB | {:.0} MB/s ({:.2} s) | {:.0} MB/s ({:.2} s) | {:.2} |",
+            rate(q),
+            q.as_secs_f64(),
+            rate(t),
+            t.as_secs_f64(),
+            rate(q) / rate(t)
+        );
+    }
+    Ok(())
+}
+
+fn payload(mib: usize) -> Bundle {
+    let n = mib * 1024 * 1024 / 4;
+    Bundle {
+        tensors: vec![HostTensor {
+            name: "delta".into(),
+            shape: vec![n],
+            data: (0..n).map(|i| (i % 1000) as f32 * 1e-3).collect(),
+        }],
+    }
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// One bundle from a worker-side endpoint to a coordinator-side one: from the first byte sent
+/// to the decoded bundle in the receiver's hands.
+async fn quic_once(bundle: &Bundle) -> anyhow::Result<Duration> {
+    let dir = tempfile_dir()?;
+    let (coord, worker) = net::write_pki(&dir)?;
+    let server = net::server_endpoint("127.0.0.1:0".parse()?, &coord)?;
+    let addr = server.local_addr()?;
+    let receiver = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let recv = conn.accept_uni().await?;
+        let (_, b, _) = net::recv_bundle(recv).await?;
+        let done = Instant::now();
+        conn.close(0u32.into(), b"done");
+        server.wait_idle().await;
+        anyhow::Ok((done, b.tensors[0].data.len()))
+    });
+    let client = net::client_endpoint(&worker, "127.0.0.1:0".parse()?)?;
+    let conn = net::connect(&client, addr).await?;
+    let start = Instant::now();
+    net::send_bundle(&conn, 1, bundle).await?;
+    let (done, n) = receiver.await??;
+    anyhow::ensure!(n == bundle.tensors[0].data.len(), "short transfer");
+    conn.close(0u32.into(), b"done");
+    client.wait_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(done - start)
+}
+
+/// The same payload bytes through a TCP socket, read into a buffer by the receiver.
+async fn tcp_once(bundle: &Bundle) -> anyhow::Result<Duration> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let len = bundle.tensors[0].data.len() * 4;
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = Vec::with_capacity(len);
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok((Instant::now(), buf.len()))
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let start = Instant::now();
+    let bytes = metaloop_common::proto::encode_payload(bundle);
+    s.write_all(&bytes).await?;
+    s.shutdown().await?;
+    let (done, n) = receiver.await??;
+    anyhow::ensure!(n == len, "short transfer");
+    Ok(done - start)
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("metaloop-bench-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(dir)
+}
