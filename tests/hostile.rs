@@ -124,39 +124,7 @@ fn start_coordinator(dir: &Path, tls: &TlsFiles, extra: &[&str]) -> (std::proces
     ]
     .concat();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    coordinator_on_with_tls(dir, &args)
-}
-
-/// `coordinator_on` with the certificate flags given in `extra` (a PKI not under `dir/certs`).
-fn coordinator_on_with_tls(dir: &Path, extra: &[&str]) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    let log = std::fs::File::create(dir.join("coordinator.stderr")).expect("log");
-    let mut child = Command::new(BIN)
-        .current_dir(ROOT)
-        .args([
-            "coordinator",
-            "--config",
-            "configs/quickstart.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--run-dir",
-        ])
-        .arg(dir.join("run"))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("start coordinator");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address line")
-        .to_string();
-    (child, addr)
+    coordinator(dir, &args)
 }
 
 fn worker_with(dir: &Path, addr: &str, tls: &TlsFiles, name: &str) -> std::process::Child {

@@ -35,13 +35,19 @@ pub fn coordinator_on(dir: &Path, listen: &str, log: &str, extra: &[&str]) -> (C
     } else {
         &["--config", "configs/quickstart.toml"]
     };
+    // The certificates under `dir/certs`, unless `extra` names others.
+    let tls = if extra.contains(&"--ca") {
+        Vec::new()
+    } else {
+        tls_args(&dir.join("certs"), "coordinator")
+    };
     let mut child = Command::new(BIN)
         .current_dir(ROOT)
         .arg("coordinator")
         .args(config)
         .args(["--listen", listen, "--run-dir"])
         .arg(dir.join("run"))
-        .args(tls_args(&dir.join("certs"), "coordinator"))
+        .args(tls)
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(log)
