@@ -111,8 +111,16 @@ fn a_real_prometheus_scrapes_every_series_and_sees_them_move() {
     assert_eq!(http_get(c_port, "/healthz").expect("healthz").0, 200);
     assert_eq!(http_get(c_port, "/readyz").expect("readyz").0, 200);
     assert_eq!(http_get(c_port, "/nowhere").expect("404").0, 404);
-    let (_, text) = http_get(c_port, "/metrics").expect("metrics");
-    assert!(text.contains("# HELP metaloop_domain_weight"), "{text}");
+    // The first round's series appear once it completes.
+    wait_until(
+        "the coordinator's first round on /metrics",
+        Duration::from_secs(60),
+        || {
+            http_get(c_port, "/metrics").is_ok_and(|(_, t)| {
+                t.contains("# HELP metaloop_domain_weight") && t.contains("metaloop_domain_weight{domain=\"clean\"}")
+            })
+        },
+    );
 
     let config = format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  \
