@@ -110,38 +110,9 @@ async fn try_join(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<Coordi
 }
 
 fn start_coordinator(dir: &Path, tls: &TlsFiles, extra: &[&str]) -> (std::process::Child, String) {
-    let certs = |f: &Path| f.to_string_lossy().into_owned();
-    let args = [
-        extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        vec![
-            "--ca".into(),
-            certs(&tls.ca),
-            "--cert".into(),
-            certs(&tls.cert),
-            "--key".into(),
-            certs(&tls.key),
-        ],
-    ]
-    .concat();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let flags = tls_flags(tls);
+    let args: Vec<&str> = extra.iter().copied().chain(flags.iter().map(String::as_str)).collect();
     coordinator(dir, &args)
-}
-
-fn worker_with(dir: &Path, addr: &str, tls: &TlsFiles, name: &str) -> std::process::Child {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
-    Command::new(BIN)
-        .current_dir(ROOT)
-        .args(["worker", "--coordinator", addr, "--name", name])
-        .arg("--ca")
-        .arg(&tls.ca)
-        .arg("--cert")
-        .arg(&tls.cert)
-        .arg("--key")
-        .arg(&tls.key)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start worker")
 }
 
 async fn finish(mut coordinator: std::process::Child, mut worker: std::process::Child, dir: &Path) -> Value {

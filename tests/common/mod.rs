@@ -15,12 +15,25 @@ pub fn summary(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary.json")).expect("JSON")
 }
 
-pub fn tls_args(certs: &Path, role: &str) -> Vec<String> {
-    ["ca.pem", &format!("{role}.pem"), &format!("{role}.key")]
+/// The CA, certificate and key `net::write_pki` wrote for `role` under `certs`.
+pub fn role_files(certs: &Path, role: &str) -> metaloop_common::net::TlsFiles {
+    metaloop_common::net::TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{role}.pem")),
+        key: certs.join(format!("{role}.key")),
+    }
+}
+
+/// `--ca --cert --key` for these files.
+pub fn tls_flags(tls: &metaloop_common::net::TlsFiles) -> Vec<String> {
+    [("--ca", &tls.ca), ("--cert", &tls.cert), ("--key", &tls.key)]
         .iter()
-        .zip(["--ca", "--cert", "--key"])
-        .flat_map(|(f, flag)| [flag.to_string(), certs.join(f).to_string_lossy().into_owned()])
+        .flat_map(|(flag, f)| [flag.to_string(), f.to_string_lossy().into_owned()])
         .collect()
+}
+
+pub fn tls_args(certs: &Path, role: &str) -> Vec<String> {
+    tls_flags(&role_files(certs, role))
 }
 
 /// Starts a coordinator on a free loopback port and returns it with the address it printed.
@@ -66,11 +79,16 @@ pub fn coordinator_on(dir: &Path, listen: &str, log: &str, extra: &[&str]) -> (C
 }
 
 pub fn worker(dir: &Path, addr: &str, name: &str) -> Child {
+    worker_with(dir, addr, &role_files(&dir.join("certs"), "worker"), name)
+}
+
+/// A worker process with these certificates; its stderr goes to `dir/<name>.log`.
+pub fn worker_with(dir: &Path, addr: &str, tls: &metaloop_common::net::TlsFiles, name: &str) -> Child {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
     Command::new(BIN)
         .current_dir(ROOT)
         .args(["worker", "--coordinator", addr, "--name", name])
-        .args(tls_args(&dir.join("certs"), "worker"))
+        .args(tls_flags(tls))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
