@@ -314,25 +314,51 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'stat
     Ok(Some(proto::decode_body(what, &body)?))
 }
 
+/// A bundle encoded once for many receivers (one model version goes to every worker): each
+/// send shares the payload bytes instead of encoding and buffering its own copy.
+#[derive(Debug, Clone)]
+pub struct EncodedBundle {
+    tensors: Vec<proto::TensorMeta>,
+    payload: bytes::Bytes,
+}
+
+impl EncodedBundle {
+    pub fn new(bundle: &Bundle) -> Self {
+        Self {
+            tensors: proto::BundleHeader::for_bundle(0, bundle).tensors,
+            payload: proto::encode_payload(bundle).into(),
+        }
+    }
+}
+
 /// Sends a bundle on a new unidirectional stream; returns the bytes written.
 ///
 /// # Errors
 /// `Write` or `Connection` when the peer goes away.
 pub async fn send_bundle(conn: &Connection, transfer: u64, bundle: &Bundle) -> Result<usize, NetError> {
-    let mut send = conn.open_uni().await?;
-    let header = proto::encode_frame(&proto::BundleHeader::for_bundle(transfer, bundle))?;
-    let payload = proto::encode_payload(bundle);
-    send.write_all(&header)
-        .await
-        .map_err(|e| NetError::Write(e.to_string()))?;
-    send.write_all(&payload)
-        .await
-        .map_err(|e| NetError::Write(e.to_string()))?;
-    send.finish().map_err(|e| NetError::Write(e.to_string()))?;
-    Ok(header.len() + payload.len())
+    send_encoded(conn, transfer, &EncodedBundle::new(bundle)).await
 }
 
-/// Receives one bundle stream: header frame, then exactly the payload its shapes announce.
+/// Sends an encoded bundle on a new unidirectional stream; returns the bytes written. The
+/// payload is handed to QUIC by reference: no copy per receiver.
+///
+/// # Errors
+/// `Write` or `Connection` when the peer goes away.
+pub async fn send_encoded(conn: &Connection, transfer: u64, bundle: &EncodedBundle) -> Result<usize, NetError> {
+    let mut send = conn.open_uni().await?;
+    let header = proto::encode_frame(&proto::BundleHeader {
+        transfer,
+        tensors: bundle.tensors.clone(),
+    })?;
+    let write = |e: quinn::WriteError| NetError::Write(e.to_string());
+    send.write_all(&header).await.map_err(write)?;
+    send.write_chunk(bundle.payload.clone()).await.map_err(write)?;
+    send.finish().map_err(|e| NetError::Write(e.to_string()))?;
+    Ok(header.len() + bundle.payload.len())
+}
+
+/// Receives one bundle stream: header frame, then exactly the payload its shapes announce,
+/// decoded chunk by chunk as it arrives.
 ///
 /// # Errors
 /// `Read` when the stream fails, `Proto` when the bytes disagree with the header.
@@ -340,21 +366,19 @@ pub async fn recv_bundle(mut recv: RecvStream) -> Result<(u64, Bundle, usize), N
     let header: proto::BundleHeader = read_frame(&mut recv, "bundle header")
         .await?
         .ok_or_else(|| NetError::Read("bundle stream ended before its header".into()))?;
-    let need = header.payload_len()?;
-    // One byte more than announced is allowed so a stream with trailing bytes is caught.
-    let payload = match recv.read_to_end(need as usize + 1).await {
-        Ok(p) => p,
-        Err(quinn::ReadToEndError::TooLong) => {
-            return Err(ProtoError::Trailing {
-                what: "bundle payload",
-                extra: 2,
+    let mut decoder = proto::PayloadDecoder::new(&header)?;
+    let mut received = 0;
+    loop {
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                received += chunk.bytes.len();
+                decoder.push(&chunk.bytes)?;
             }
-            .into())
+            Ok(None) => break,
+            Err(e) => return Err(NetError::Read(format!("bundle {} payload: {e}", header.transfer))),
         }
-        Err(e) => return Err(NetError::Read(format!("bundle {} payload: {e}", header.transfer))),
-    };
-    let bundle = proto::decode_payload(&header, &payload)?;
-    Ok((header.transfer, bundle, payload.len()))
+    }
+    Ok((header.transfer, decoder.finish()?, received))
 }
 
 /// Bundles received on a connection's unidirectional streams, waiting for the control message

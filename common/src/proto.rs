@@ -498,37 +498,125 @@ pub fn encode_payload(bundle: &Bundle) -> Vec<u8> {
 /// `Truncated` or `Trailing` when the byte count disagrees with the shapes; `BadTensor` and
 /// `BundleTooLarge` from the header.
 pub fn decode_payload(header: &BundleHeader, payload: &[u8]) -> Result<Bundle, ProtoError> {
-    let need = header.payload_len()?;
-    if (payload.len() as u64) < need {
-        return Err(ProtoError::Truncated {
-            need: need as usize,
-            have: payload.len(),
-        });
+    let mut decoder = PayloadDecoder::new(header)?;
+    decoder.push(payload)?;
+    decoder.finish()
+}
+
+/// Decodes a payload as it arrives, in chunks of any size, straight into the tensors: the
+/// bytes are never held whole, so a bundle costs its decoded size once.
+#[derive(Debug)]
+pub struct PayloadDecoder {
+    need: u64,
+    got: u64,
+    tensors: Vec<HostTensor>,
+    /// Values each tensor still needs, in order.
+    remaining: Vec<usize>,
+    current: usize,
+    /// The bytes of a value split across two chunks.
+    carry: [u8; 4],
+    carry_len: usize,
+}
+
+impl PayloadDecoder {
+    /// A decoder for the payload `header` announces.
+    ///
+    /// # Errors
+    /// `BadTensor` and `BundleTooLarge` from the header.
+    pub fn new(header: &BundleHeader) -> Result<Self, ProtoError> {
+        let need = header.payload_len()?;
+        let mut tensors = Vec::with_capacity(header.tensors.len());
+        let mut remaining = Vec::with_capacity(header.tensors.len());
+        for t in &header.tensors {
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            let n: usize = shape.iter().product();
+            tensors.push(HostTensor {
+                name: t.name.clone(),
+                shape,
+                data: Vec::with_capacity(n),
+            });
+            remaining.push(n);
+        }
+        Ok(Self {
+            need,
+            got: 0,
+            tensors,
+            remaining,
+            current: 0,
+            carry: [0; 4],
+            carry_len: 0,
+        })
     }
-    if payload.len() as u64 > need {
-        return Err(ProtoError::Trailing {
-            what: "bundle payload",
-            extra: payload.len() - need as usize,
-        });
+
+    /// Takes the next bytes of the payload.
+    ///
+    /// # Errors
+    /// `Trailing` when they go past what the header announced.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Result<(), ProtoError> {
+        let total = self.got + bytes.len() as u64;
+        if total > self.need {
+            return Err(ProtoError::Trailing {
+                what: "bundle payload",
+                extra: (total - self.need) as usize,
+            });
+        }
+        self.got = total;
+        if self.carry_len > 0 {
+            let take = (4 - self.carry_len).min(bytes.len());
+            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
+            self.carry_len += take;
+            bytes = &bytes[take..];
+            if self.carry_len < 4 {
+                return Ok(());
+            }
+            let v = f32::from_le_bytes(self.carry);
+            self.carry_len = 0;
+            self.extend(&[v]);
+        }
+        let whole = bytes.len() / 4 * 4;
+        let mut values = bytes[..whole].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        while self.current < self.tensors.len() {
+            let room = self.remaining[self.current];
+            let before = self.tensors[self.current].data.len();
+            self.tensors[self.current].data.extend(values.by_ref().take(room));
+            let added = self.tensors[self.current].data.len() - before;
+            self.remaining[self.current] -= added;
+            if self.remaining[self.current] > 0 {
+                break;
+            }
+            self.current += 1;
+        }
+        let rest = &bytes[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carry_len = rest.len();
+        Ok(())
     }
-    let mut offset = 0;
-    let mut tensors = Vec::with_capacity(header.tensors.len());
-    for t in &header.tensors {
-        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-        let n: usize = shape.iter().product();
-        let bytes = &payload[offset..offset + n * 4];
-        offset += n * 4;
-        let data = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        tensors.push(HostTensor {
-            name: t.name.clone(),
-            shape,
-            data,
-        });
+
+    fn extend(&mut self, values: &[f32]) {
+        for &v in values {
+            while self.current < self.tensors.len() && self.remaining[self.current] == 0 {
+                self.current += 1;
+            }
+            if let Some(t) = self.tensors.get_mut(self.current) {
+                t.data.push(v);
+                self.remaining[self.current] -= 1;
+            }
+        }
     }
-    Ok(Bundle { tensors })
+
+    /// The bundle, once every announced byte has arrived.
+    ///
+    /// # Errors
+    /// `Truncated` when some are missing.
+    pub fn finish(self) -> Result<Bundle, ProtoError> {
+        if self.got < self.need {
+            return Err(ProtoError::Truncated {
+                need: self.need as usize,
+                have: self.got as usize,
+            });
+        }
+        Ok(Bundle { tensors: self.tensors })
+    }
 }
 
 /// A whole bundle stream as bytes (header frame, then payload): what `net` writes.
@@ -800,6 +888,29 @@ mod tests {
                 theirs: PROTOCOL_VERSION + 1
             })
         );
+    }
+
+    proptest! {
+        /// The streaming decoder gives the same bundle whatever the chunk boundaries (values
+        /// split across chunks, empty chunks, empty tensors), and reports a short payload.
+        #[test]
+        fn payload_decodes_the_same_in_any_chunks(cuts in proptest::collection::vec(0usize..200, 0..12)) {
+            let b = sample_bundle();
+            let header = BundleHeader::for_bundle(7, &b);
+            let payload = encode_payload(&b);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(payload.len())).collect();
+            cuts.sort_unstable();
+            let mut d = PayloadDecoder::new(&header).expect("header");
+            let mut at = 0;
+            for c in cuts.into_iter().chain([payload.len()]) {
+                d.push(&payload[at..c]).expect("push");
+                at = c;
+            }
+            prop_assert_eq!(d.finish().expect("finish"), b.clone());
+            let mut short = PayloadDecoder::new(&header).expect("header");
+            short.push(&payload[..payload.len() - 1]).expect("push");
+            prop_assert!(matches!(short.finish(), Err(ProtoError::Truncated { .. })), "short payload accepted");
+        }
     }
 
     proptest! {

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use metaloop_common::tensor::{Bundle, HostTensor};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,7 +15,8 @@ use std::time::Duration;
 /// Everything needed to continue a job exactly where it stopped.
 #[derive(Debug, Clone, PartialEq)]
 pub struct State {
-    pub params: Bundle,
+    /// Shared with the running job: a checkpoint does not copy the model.
+    pub params: Arc<Bundle>,
     pub momentum: Option<Bundle>,
     /// The strategy's named vectors (λ, optimizer moments, ...).
     pub outer: Vec<(String, Vec<f64>)>,
@@ -90,28 +92,19 @@ pub fn hash_named(h: &mut metaloop_common::checksum::StateHasher, state: &[(Stri
 /// # Errors
 /// When safetensors refuses the layout.
 pub fn encode(state: &State) -> anyhow::Result<Vec<u8>> {
-    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut add = |prefix: &str, b: &Bundle| {
+    // Views over the state's own memory: the only copy is the file's bytes.
+    let model = std::iter::once(("", state.params.as_ref())).chain(state.momentum.iter().map(|m| (MOMENTUM, m)));
+    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
+    for (prefix, b) in model {
         for t in &b.tensors {
-            owned.push((
+            views.push((
                 format!("{prefix}{}", t.name),
-                Dtype::F32,
-                t.shape.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                TensorView::new(Dtype::F32, t.shape.clone(), le_bytes(&t.data))?,
             ));
         }
-    };
-    add("", &state.params);
-    if let Some(m) = &state.momentum {
-        add(MOMENTUM, m);
     }
     for (n, v) in &state.outer {
-        owned.push((
-            n.clone(),
-            Dtype::F64,
-            vec![v.len()],
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
+        views.push((n.clone(), TensorView::new(Dtype::F64, vec![v.len()], le_bytes(v))?));
     }
     let names = |b: &Bundle| b.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(",");
     let metadata = HashMap::from([
@@ -125,11 +118,14 @@ pub fn encode(state: &State) -> anyhow::Result<Vec<u8>> {
         ("seed".to_string(), state.seed.to_string()),
         ("state_checksum".to_string(), state.checksum.clone()),
     ]);
-    let views = owned
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     Ok(safetensors::serialize(views, Some(metadata))?)
+}
+
+/// The little-endian bytes of numbers in memory. Only little-endian targets are built, where
+/// that is the memory itself (`bytemuck` checks size and alignment).
+fn le_bytes<T: bytemuck::Pod>(v: &[T]) -> &[u8] {
+    const { assert!(cfg!(target_endian = "little"), "checkpoints are little-endian") };
+    bytemuck::cast_slice(v)
 }
 
 /// Parses a state written by [`encode`].
@@ -192,7 +188,7 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<State> {
         outer.push((name, data));
     }
     Ok(State {
-        params,
+        params: Arc::new(params),
         momentum,
         outer,
         version: number("version")?,
@@ -304,9 +300,9 @@ mod tests {
             data: vec![v, -v],
         };
         State {
-            params: Bundle {
+            params: Arc::new(Bundle {
                 tensors: vec![t("l0.weight", 1.5), t("l0.bias", 0.25)],
-            },
+            }),
             momentum: Some(Bundle {
                 tensors: vec![t("l0.weight", 0.5), t("l0.bias", 0.125)],
             }),

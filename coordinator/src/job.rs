@@ -3,7 +3,7 @@
 //! from `server`; compute (evaluation) runs on a dedicated thread.
 
 use crate::checkpoint;
-use crate::outer::OuterOptimizer;
+use crate::outer::{Combine, OrderedSum, OuterOptimizer};
 use crate::policy::{self, PolicyRound, TaskPolicy};
 use crate::rescaler::LossRescaler;
 use crate::rundir::{RoundRecord, RunDir, Summary};
@@ -522,12 +522,14 @@ impl Evaluator {
 }
 
 struct LoopState {
-    params: Bundle,
+    /// The global model, shared (not copied) with the evaluation thread and checkpoints.
+    params: Arc<Bundle>,
     version: u64,
     checksum: [u8; 32],
     /// The update that turned version − 1 into version, shipped to workers that hold version − 1.
-    last_step: Option<Arc<Bundle>>,
-    full: Option<(u64, Arc<Bundle>)>,
+    /// The last update and the full model, each encoded once for every worker that needs it.
+    last_step: Option<net::EncodedBundle>,
+    full: Option<(u64, net::EncodedBundle)>,
     outer: OuterOptimizer,
     strategy: DomainWeights,
     /// What this round's plans carry for the strategy (fixed for the whole round).
@@ -564,7 +566,9 @@ struct LoopState {
 }
 
 /// Results of the round in progress, by assignment index.
-type Collected = Vec<Option<(AssignmentResult, Bundle)>>;
+/// Per assignment: its result and the worker that returned it (the deltas go straight into
+/// the round's [`OrderedSum`]).
+type Collected = Vec<Option<(AssignmentResult, u64)>>;
 
 impl LoopState {
     fn new(
@@ -574,15 +578,16 @@ impl LoopState {
         rescaler: Option<LossRescaler>,
         policy: Option<TaskPolicy>,
     ) -> anyhow::Result<Self> {
-        let params = model::init_params(&job.model, config.seed);
+        let params = Arc::new(model::init_params(&job.model, config.seed));
         let spec = job.model.clone();
         let Prepared { test, meta, train, .. } = data;
         let meta_len = meta.as_ref().map_or(0, Dataset::len);
-        let eval = ComputeThread::spawn("metaloop-eval", move || Evaluator {
-            spec,
-            test,
-            meta,
-            train,
+        let eval = ComputeThread::spawn("metaloop-eval", move || {
+            // One intra-op thread: OpenMP's threads spin for a while after every parallel
+            // region, and on a small machine that spinning took the cores the network tasks
+            // needed (round overhead 100 ms → see BENCHMARKS.md, coordinator scaling).
+            tch::set_num_threads(1);
+            Evaluator { spec, test, meta, train }
         })?;
         Ok(Self {
             checksum: bundle_checksum(&params),
@@ -643,7 +648,7 @@ impl LoopState {
         let params = self.params.clone();
         let losses = self.eval.call(move |e| e.per_sample_losses(&params)).await??;
         self.strategy.set_reference(losses);
-        self.params = model::init_params(&self.model_spec, seed);
+        self.params = Arc::new(model::init_params(&self.model_spec, seed));
         self.outer.set_momentum(None);
         self.version += 1;
         self.checksum = bundle_checksum(&self.params);
@@ -784,6 +789,12 @@ impl LoopState {
             .as_ref()
             .map(|r| r.plan(round as f64 / config.rounds as f64));
         let mut collected: Collected = vec![None; assignments.len()];
+        let combine = match &self.round_policy {
+            Some(p) if p.finetune() => Combine::First,
+            Some(p) => Combine::Weighted(policy::reptile_weights(&p.weights, &p.sources)),
+            None => Combine::Mean,
+        };
+        let mut sum = OrderedSum::new(combine.clone(), assignments.len());
         let mut failures = vec![0u32; assignments.len()];
         let dispatches = self
             .scheduler
@@ -819,7 +830,7 @@ impl LoopState {
                     // closes when its outbox is dropped), and its work moves on.
                     let stuck = self.scheduler.overdue(Instant::now(), timeout);
                     for worker in stuck {
-                        let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, failures: &mut failures };
+                        let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, sum: &mut sum, failures: &mut failures };
                         tracing::warn!(worker, ?timeout, "dropping a worker that returned nothing within the assignment timeout");
                         self.peers.remove(&worker); // dropping its outbox closes the connection
                         self.lose("assignment_timeout");
@@ -833,22 +844,23 @@ impl LoopState {
                 round,
                 assignments: &assignments,
                 collected: &mut collected,
+                sum: &mut sum,
                 failures: &mut failures,
             };
             self.handle(event, Some(ctx))?;
         }
 
-        let mut deltas = Vec::with_capacity(collected.len());
         let mut results = Vec::with_capacity(collected.len());
         let (mut loss, mut trained, mut samples) = (0.0f64, 0usize, 0u64);
+        let mut compute: BTreeMap<u64, f64> = BTreeMap::new();
         for (slot, a) in collected.iter().zip(&assignments) {
-            let (result, delta) = slot.as_ref().context("round complete without every result")?;
+            let (result, worker) = slot.as_ref().context("round complete without every result")?;
+            *compute.entry(*worker).or_default() += f64::from(result.compute_seconds);
             if a.steps > 0 {
                 loss += f64::from(result.train_loss);
                 trained += 1;
             }
             samples += result.samples;
-            deltas.push(delta);
             results.push(result);
         }
         let meta: Vec<f64> = results.iter().filter_map(|r| r.meta_loss.map(f64::from)).collect();
@@ -858,27 +870,30 @@ impl LoopState {
             r.update(&results);
         }
         let mut policy_outcome = None;
-        let update = match (&mut self.policy, &self.round_policy) {
-            (Some(p), Some(plan)) => {
-                // The meta loss of a task-policy round is the target loss of θ before it (or
-                // after the fine-tuning step): the last assignment's.
-                meta_loss = meta.last().copied();
-                if plan.finetune() {
-                    deltas[0].clone()
-                } else {
-                    policy_outcome = Some(p.update(plan, &meta));
-                    let m = plan.sources.len();
-                    self.outer
-                        .step_weighted(&deltas[..m], &policy::reptile_weights(&plan.weights, &plan.sources))
-                }
+        if let (Some(p), Some(plan)) = (&mut self.policy, &self.round_policy) {
+            // The meta loss of a task-policy round is the target loss of θ before it (or
+            // after the fine-tuning step): the last assignment's.
+            meta_loss = meta.last().copied();
+            if !plan.finetune() {
+                policy_outcome = Some(p.update(plan, &meta));
             }
-            _ => self.outer.step(&deltas),
+        }
+        let combined = sum.finish().context("round complete without every delta")?;
+        let update = match combine {
+            // A fine-tuning round applies its one delta as it is.
+            Combine::First => combined,
+            Combine::Mean | Combine::Weighted(_) => self.outer.step(combined),
         };
         self.last_meta_loss = meta_loss;
-        self.params.add_assign(&update);
+        // Unique here (the evaluation and the last checkpoint have let go): no copy.
+        Arc::make_mut(&mut self.params).add_assign(&update);
         self.version += 1;
         self.checksum = bundle_checksum(&self.params);
-        self.last_step = Some(Arc::new(update));
+        // The old version's encodings are stale: free them before encoding the new step.
+        self.full = None;
+        self.last_step = None;
+        self.last_step = Some(net::EncodedBundle::new(&update));
+        drop(update);
         self.samples += samples;
         self.rounds_done = round + 1;
 
@@ -923,6 +938,7 @@ impl LoopState {
             test_loss,
             test_accuracy,
             seconds,
+            compute_seconds: compute.values().copied().fold(0.0, f64::max),
             samples_per_second: samples as f64 / seconds.max(1e-9),
             workers: self.peers.len(),
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed) - bytes_in,
@@ -1019,7 +1035,8 @@ impl LoopState {
                 {
                     Ok(()) => {
                         let i = result.assignment as usize;
-                        ctx.collected[i] = Some((result, delta));
+                        ctx.sum.add(i, delta);
+                        ctx.collected[i] = Some((result, worker));
                     }
                     Err(r) => self.reject(r.as_str()),
                 }
@@ -1111,7 +1128,7 @@ impl LoopState {
                     let full = match &self.full {
                         Some((v, b)) if *v == version => b.clone(),
                         _ => {
-                            let b = Arc::new(self.params.clone());
+                            let b = net::EncodedBundle::new(&self.params);
                             self.full = Some((version, b.clone()));
                             b
                         }
@@ -1155,5 +1172,6 @@ struct RoundCtx<'a> {
     round: u64,
     assignments: &'a [Assignment],
     collected: &'a mut Collected,
+    sum: &'a mut OrderedSum,
     failures: &'a mut Vec<u32>,
 }

@@ -279,6 +279,7 @@ mod tests {
             test_loss: 0.7,
             test_accuracy: 0.9,
             seconds: 0.1,
+            compute_seconds: 0.05,
             samples_per_second: 1.0,
             workers: 1,
             bytes_in: 0,

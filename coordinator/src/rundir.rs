@@ -36,6 +36,9 @@ pub struct RoundRecord {
     pub test_loss: f64,
     pub test_accuracy: f64,
     pub seconds: f64,
+    /// The round's critical path of worker compute: the most seconds any one worker spent
+    /// running this round's assignments (what a round cannot be shorter than).
+    pub compute_seconds: f64,
     pub samples_per_second: f64,
     pub workers: usize,
     pub bytes_in: u64,

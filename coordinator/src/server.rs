@@ -56,7 +56,7 @@ pub enum Outgoing {
     /// A round plan, preceded by the bundle it refers to (full model or update), if any.
     Plan {
         plan: Box<RoundPlan>,
-        bundle: Option<(u64, Arc<Bundle>)>,
+        bundle: Option<(u64, net::EncodedBundle)>,
     },
     Shutdown {
         reason: String,
@@ -293,7 +293,7 @@ async fn write_loop(
         match out {
             Outgoing::Plan { plan, bundle } => {
                 if let Some((transfer, b)) = bundle {
-                    let n = net::send_bundle(conn, transfer, &b).await?;
+                    let n = net::send_encoded(conn, transfer, &b).await?;
                     traffic.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 net::write_frame(send, &CoordinatorMsg::Round(*plan)).await?;

@@ -84,7 +84,7 @@ struct Omega {
 }
 
 impl Omega {
-    fn from_plan(plan: &RescalerPlan) -> Result<Self, TrainError> {
+    fn from_plan(plan: &RescalerPlan, device: Device) -> Result<Self, TrainError> {
         let tensors = plan
             .omega
             .iter()
@@ -100,7 +100,7 @@ impl Omega {
             .map(|&c| Feature::from_code(c).ok_or_else(|| TrainError::Mismatch(format!("unknown feature code {c}"))))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            model: Box::new(Mlp::from_bundle(&Bundle { tensors }, tch::Device::Cpu)?),
+            model: Box::new(Mlp::from_bundle(&Bundle { tensors }, device)?),
             mode: plan.mode,
             features,
             normalize: plan.normalize,
@@ -275,7 +275,7 @@ impl Trainer {
         if needs_meta && self.meta.is_none() {
             return Err(TrainError::NoMeta);
         }
-        let omega = asks.rescaler.as_ref().map(Omega::from_plan).transpose()?;
+        let omega = asks.rescaler.as_ref().map(|p| Omega::from_plan(p, self.device)).transpose()?;
         let mut batches = self.batches(a, &asks.weights)?;
         model::load_bundle(model.as_ref(), base)?;
         // Dropout draws from libtorch's generator: seeded by the assignment, like all else.

@@ -9,21 +9,7 @@ use metaloop_common::tensor::{Bundle, HostTensor};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[derive(Debug, clap::Subcommand)]
-pub enum BenchCommand {
-    /// QUIC (the project's bundle path) against raw TCP on loopback.
-    Transport {
-        /// Payload sizes in MiB of f32.
-        #[arg(long, value_delimiter = ',', default_value = "64,512")]
-        sizes: Vec<usize>,
-        /// Transfers per size and transport; the median is reported.
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-    },
-}
-
-pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Transport { sizes, repeats } = command;
+pub async fn run(sizes: Vec<usize>, repeats: usize) -> anyhow::Result<()> {
     println!("| payload | QUIC (metaloop bundle path) | raw TCP | QUIC / TCP |");
     println!("|---|---|---|---|");
     for mib in sizes {
@@ -68,7 +54,7 @@ fn median(v: &mut [Duration]) -> Duration {
 /// One bundle from a worker-side endpoint to a coordinator-side one: from the first byte sent
 /// to the decoded bundle in the receiver's hands.
 async fn quic_once(bundle: &Bundle) -> anyhow::Result<Duration> {
-    let dir = tempfile_dir()?;
+    let dir = super::scratch_dir("transport")?;
     let (coord, worker) = net::write_pki(&dir)?;
     let server = net::server_endpoint("127.0.0.1:0".parse()?, &coord)?;
     let addr = server.local_addr()?;
@@ -112,12 +98,4 @@ async fn tcp_once(bundle: &Bundle) -> anyhow::Result<Duration> {
     let (done, n) = receiver.await??;
     anyhow::ensure!(n == len, "short transfer");
     Ok(done - start)
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("metaloop-bench-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(dir)
 }
