@@ -83,6 +83,7 @@ async fn worker_refuses_a_coordinator_of_another_version() {
                 momentum: 0.0,
                 weight_decay: 0.0,
             },
+            delta_dtype: metaloop_common::proto::DType::F32,
         };
         let welcome = CoordinatorMsg::Welcome(Welcome {
             protocol_version: proto::PROTOCOL_VERSION + 1,

@@ -344,6 +344,9 @@ pub struct OuterConfig {
     pub lr: f64,
     /// Outer momentum; DiLoCo uses 0.9.
     pub momentum: f64,
+    /// How workers send their deltas: `f32` (exact) or `bf16` (half the bytes; each value
+    /// rounded to 8 significant bits).
+    pub delta_dtype: DeltaDType,
 }
 
 impl Default for OuterConfig {
@@ -352,8 +355,16 @@ impl Default for OuterConfig {
             method: OuterMethod::Nesterov,
             lr: 0.7,
             momentum: 0.9,
+            delta_dtype: DeltaDType::F32,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeltaDType {
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -323,10 +323,16 @@ pub struct EncodedBundle {
 }
 
 impl EncodedBundle {
+    /// Exact (f32).
     pub fn new(bundle: &Bundle) -> Self {
+        Self::with_dtype(bundle, proto::DType::F32)
+    }
+
+    /// Every value as `dtype` (bf16 halves the bytes and rounds).
+    pub fn with_dtype(bundle: &Bundle, dtype: proto::DType) -> Self {
         Self {
-            tensors: proto::BundleHeader::for_bundle(0, bundle).tensors,
-            payload: proto::encode_payload(bundle).into(),
+            tensors: proto::BundleHeader::for_bundle_as(0, bundle, dtype).tensors,
+            payload: proto::encode_payload_as(bundle, dtype).into(),
         }
     }
 }

@@ -14,7 +14,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// version fails the TLS handshake itself.
 pub const ALPN: &[u8] = b"metaloop/1";
 /// Version carried in the hello; checked on both sides after ALPN agreed.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `JobSpec::delta_dtype` and bf16 tensors.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Hard limit on one control frame. Control messages are small; anything big is a bundle.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
@@ -116,6 +117,8 @@ pub struct JobSpec {
     pub meta: Option<DataRef>,
     pub shards: u32,
     pub inner: InnerSpec,
+    /// How workers encode their deltas.
+    pub delta_dtype: DType,
 }
 
 /// A training domain: a file as the worker should open it, plus its seeded transforms.
@@ -397,14 +400,33 @@ pub fn check_version(theirs: u32) -> Result<(), ProtoError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DType {
     F32,
+    /// bfloat16: the top half of an f32, rounded to nearest even (workers' deltas, when the
+    /// job compresses them); decoded back to f32.
+    BF16,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
+            DType::BF16 => 2,
         }
     }
+}
+
+/// `v` rounded to the nearest bfloat16 (ties to even), as its bits; NaN stays NaN.
+pub fn bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) as u16) | 0x40;
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+/// The f32 a bfloat16 stands for (exact).
+pub fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -423,6 +445,11 @@ pub struct BundleHeader {
 
 impl BundleHeader {
     pub fn for_bundle(transfer: u64, bundle: &Bundle) -> Self {
+        Self::for_bundle_as(transfer, bundle, DType::F32)
+    }
+
+    /// The header of `bundle` sent as `dtype`.
+    pub fn for_bundle_as(transfer: u64, bundle: &Bundle, dtype: DType) -> Self {
         BundleHeader {
             transfer,
             tensors: bundle
@@ -430,7 +457,7 @@ impl BundleHeader {
                 .iter()
                 .map(|t| TensorMeta {
                     name: t.name.clone(),
-                    dtype: DType::F32,
+                    dtype,
                     shape: t.shape.iter().map(|&d| d as u64).collect(),
                 })
                 .collect(),
@@ -483,10 +510,16 @@ impl BundleHeader {
 
 /// Raw little-endian payload of a bundle, tensor after tensor.
 pub fn encode_payload(bundle: &Bundle) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bundle.byte_len());
+    encode_payload_as(bundle, DType::F32)
+}
+
+/// The payload with every value as `dtype` (bf16 rounds to nearest even).
+pub fn encode_payload_as(bundle: &Bundle, dtype: DType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bundle.numel() * dtype.size());
     for t in &bundle.tensors {
-        for v in &t.data {
-            out.extend_from_slice(&v.to_le_bytes());
+        match dtype {
+            DType::F32 => out.extend(t.data.iter().flat_map(|v| v.to_le_bytes())),
+            DType::BF16 => out.extend(t.data.iter().flat_map(|&v| bf16_bits(v).to_le_bytes())),
         }
     }
     out
@@ -510,6 +543,7 @@ pub struct PayloadDecoder {
     need: u64,
     got: u64,
     tensors: Vec<HostTensor>,
+    dtypes: Vec<DType>,
     /// Values each tensor still needs, in order.
     remaining: Vec<usize>,
     current: usize,
@@ -541,6 +575,7 @@ impl PayloadDecoder {
             need,
             got: 0,
             tensors,
+            dtypes: header.tensors.iter().map(|t| t.dtype).collect(),
             remaining,
             current: 0,
             carry: [0; 4],
@@ -561,47 +596,35 @@ impl PayloadDecoder {
             });
         }
         self.got = total;
-        if self.carry_len > 0 {
-            let take = (4 - self.carry_len).min(bytes.len());
-            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
-            self.carry_len += take;
-            bytes = &bytes[take..];
-            if self.carry_len < 4 {
-                return Ok(());
-            }
-            let v = f32::from_le_bytes(self.carry);
-            self.carry_len = 0;
-            self.extend(&[v]);
-        }
-        let whole = bytes.len() / 4 * 4;
-        let mut values = bytes[..whole].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-        while self.current < self.tensors.len() {
-            let room = self.remaining[self.current];
-            let before = self.tensors[self.current].data.len();
-            self.tensors[self.current].data.extend(values.by_ref().take(room));
-            let added = self.tensors[self.current].data.len() - before;
-            self.remaining[self.current] -= added;
-            if self.remaining[self.current] > 0 {
-                break;
-            }
-            self.current += 1;
-        }
-        let rest = &bytes[whole..];
-        self.carry[..rest.len()].copy_from_slice(rest);
-        self.carry_len = rest.len();
-        Ok(())
-    }
-
-    fn extend(&mut self, values: &[f32]) {
-        for &v in values {
-            while self.current < self.tensors.len() && self.remaining[self.current] == 0 {
+        while !bytes.is_empty() {
+            while self.remaining.get(self.current) == Some(&0) {
                 self.current += 1;
             }
-            if let Some(t) = self.tensors.get_mut(self.current) {
-                t.data.push(v);
-                self.remaining[self.current] -= 1;
+            let i = self.current;
+            // Cannot run out: the byte count was checked against the header above.
+            let Some(&dtype) = self.dtypes.get(i) else { break };
+            let size = dtype.size();
+            if self.carry_len > 0 || bytes.len() < size {
+                // A value split across chunks: gather its bytes first.
+                let take = (size - self.carry_len).min(bytes.len());
+                self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
+                self.carry_len += take;
+                bytes = &bytes[take..];
+                if self.carry_len == size {
+                    let value = decode_values(dtype, &self.carry[..size]).next().unwrap_or(0.0);
+                    self.tensors[i].data.push(value);
+                    self.remaining[i] -= 1;
+                    self.carry_len = 0;
+                }
+                continue;
             }
+            let count = (bytes.len() / size).min(self.remaining[i]);
+            let (now, rest) = bytes.split_at(count * size);
+            self.tensors[i].data.extend(decode_values(dtype, now));
+            self.remaining[i] -= count;
+            bytes = rest;
         }
+        Ok(())
     }
 
     /// The bundle, once every announced byte has arrived.
@@ -617,6 +640,14 @@ impl PayloadDecoder {
         }
         Ok(Bundle { tensors: self.tensors })
     }
+}
+
+/// The values whole little-endian elements of `dtype` in `bytes` stand for.
+fn decode_values(dtype: DType, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(dtype.size()).map(move |c| match dtype {
+        DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        DType::BF16 => bf16_value(u16::from_le_bytes([c[0], c[1]])),
+    })
 }
 
 /// A whole bundle stream as bytes (header frame, then payload): what `net` writes.
@@ -681,6 +712,7 @@ mod tests {
                 momentum: 0.9,
                 weight_decay: 1e-4,
             },
+            delta_dtype: DType::F32,
         }
     }
 
@@ -890,14 +922,39 @@ mod tests {
         );
     }
 
+    /// bf16 keeps the top 16 bits of an f32, rounding to nearest even; specials survive.
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16_value(bf16_bits(1.0)), 1.0);
+        assert_eq!(bf16_value(bf16_bits(-2.5)), -2.5);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even one, 1.
+        assert_eq!(bf16_value(bf16_bits(1.0 + 2f32.powi(-8))), 1.0);
+        // Just above halfway rounds up.
+        assert_eq!(bf16_value(bf16_bits(1.0 + 2f32.powi(-8) + 2f32.powi(-20))), 1.0 + 2f32.powi(-7));
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(-0.0)).to_bits(), (-0.0f32).to_bits());
+        // Relative error at most 2^-9 for normal numbers.
+        for v in [3.14159f32, 1e-20, 6.5e4, -7.77e-3] {
+            let r = bf16_value(bf16_bits(v));
+            assert!((r - v).abs() <= v.abs() * 2f32.powi(-9), "{v} -> {r}");
+        }
+    }
+
     proptest! {
         /// The streaming decoder gives the same bundle whatever the chunk boundaries (values
         /// split across chunks, empty chunks, empty tensors), and reports a short payload.
         #[test]
-        fn payload_decodes_the_same_in_any_chunks(cuts in proptest::collection::vec(0usize..200, 0..12)) {
-            let b = sample_bundle();
-            let header = BundleHeader::for_bundle(7, &b);
-            let payload = encode_payload(&b);
+        fn payload_decodes_the_same_in_any_chunks(cuts in proptest::collection::vec(0usize..200, 0..12), bf16 in any::<bool>()) {
+            let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+            let mut b = sample_bundle();
+            if bf16 {
+                for v in b.tensors.iter_mut().flat_map(|t| t.data.iter_mut()) {
+                    *v = bf16_value(bf16_bits(*v));
+                }
+            }
+            let header = BundleHeader::for_bundle_as(7, &b, dtype);
+            let payload = encode_payload_as(&b, dtype);
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(payload.len())).collect();
             cuts.sort_unstable();
             let mut d = PayloadDecoder::new(&header).expect("header");

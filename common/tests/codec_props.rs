@@ -252,6 +252,7 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
                     momentum,
                     weight_decay,
                 },
+                delta_dtype: DType::F32,
             },
         )
 }

@@ -13,14 +13,14 @@ use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
 use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
-use metaloop_common::config::{JobConfig, ModelConfig, PolicyMethod, StrategyKind, WeightMethod};
+use metaloop_common::config::{DeltaDType, JobConfig, ModelConfig, PolicyMethod, StrategyKind, WeightMethod};
 use metaloop_common::dataset::{self, Dataset};
 use metaloop_common::domains;
 use metaloop_common::features::{self, Feature};
 use metaloop_common::model::{self, Model};
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_common::proto::{
-    Assignment, AssignmentResult, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RescalerPlan,
+    Assignment, AssignmentResult, DType, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RescalerPlan,
     RoundPlan, TrainOn,
 };
 use metaloop_common::rng::derive_seed;
@@ -432,6 +432,10 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyho
             lr: config.inner.lr,
             momentum: config.inner.momentum,
             weight_decay: config.inner.weight_decay,
+        },
+        delta_dtype: match config.outer.delta_dtype {
+            DeltaDType::F32 => DType::F32,
+            DeltaDType::Bf16 => DType::BF16,
         },
     };
     Ok(Prepared {

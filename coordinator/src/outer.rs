@@ -211,6 +211,7 @@ mod tests {
             method: OuterMethod::Average,
             lr: 1.0,
             momentum: 0.0,
+            delta_dtype: metaloop_common::config::DeltaDType::F32,
         });
         assert_eq!(o.step(combine(Combine::Mean, vec![b(&[1.0, 2.0]), b(&[3.0, -2.0])])), b(&[2.0, 0.0]));
     }
@@ -221,6 +222,7 @@ mod tests {
             method: OuterMethod::Average,
             lr: 0.5,
             momentum: 0.0,
+            delta_dtype: metaloop_common::config::DeltaDType::F32,
         });
         // 0.5 · (0.25·(4, 0) + 0.75·(0, −8)) = (0.5, −3).
         let u = o.step(combine(
@@ -236,6 +238,7 @@ mod tests {
             method: OuterMethod::Nesterov,
             lr: 0.5,
             momentum: 0.9,
+            delta_dtype: metaloop_common::config::DeltaDType::F32,
         });
         // Round 1: Δ̄ = 2; b = 2; u = 0.5·(2 + 0.9·2) = 1.9.
         let u1 = o.step(combine(Combine::Mean, vec![b(&[1.0]), b(&[3.0])]));

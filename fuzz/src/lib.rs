@@ -151,6 +151,7 @@ fn job() -> JobSpec {
             momentum: 0.9,
             weight_decay: 1e-4,
         },
+        delta_dtype: DType::F32,
     }
 }
 

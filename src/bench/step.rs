@@ -249,6 +249,7 @@ impl Setup {
                     momentum: 0.9,
                     weight_decay: 5e-4,
                 },
+                delta_dtype: metaloop_common::proto::DType::F32,
             },
             domains,
             meta,

@@ -5,31 +5,40 @@
 
 use anyhow::Context;
 use metaloop_common::net;
+use metaloop_common::proto::DType;
 use metaloop_common::tensor::{Bundle, HostTensor};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub async fn run(sizes: Vec<usize>, repeats: usize) -> anyhow::Result<()> {
-    println!("| payload | QUIC (metaloop bundle path) | raw TCP | QUIC / TCP |");
-    println!("|---|---|---|---|");
+    println!(
+        "Median of {repeats}; rates in MB/s of f32 model bytes moved; {}.",
+        super::machine()
+    );
+    println!();
+    println!("| payload | QUIC f32 | QUIC bf16 deltas | raw TCP f32 | QUIC f32 / TCP | QUIC bf16 / TCP |");
+    println!("|---|---|---|---|---|---|");
     for mib in sizes {
         let bundle = payload(mib);
         let bytes = (mib as f64) * 1024.0 * 1024.0;
-        let mut quic = Vec::new();
-        let mut tcp = Vec::new();
+        let (mut quic, mut bf16, mut tcp) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..repeats.max(1) {
-            quic.push(quic_once(&bundle).await?);
+            quic.push(quic_once(&bundle, DType::F32).await?);
+            bf16.push(quic_once(&bundle, DType::BF16).await?);
             tcp.push(tcp_once(&bundle).await?);
         }
-        let (q, t) = (median(&mut quic), median(&mut tcp));
+        let (q, b, t) = (median(&mut quic), median(&mut bf16), median(&mut tcp));
         let rate = |d: Duration| bytes / d.as_secs_f64() / 1e6;
         println!(
-            "| {mib} MiB | {:.0} MB/s ({:.2} s) | {:.0} MB/s ({:.2} s) | {:.2} |",
+            "| {mib} MiB | {:.0} ({:.2} s) | {:.0} ({:.2} s) | {:.0} ({:.2} s) | {:.2} | {:.2} |",
             rate(q),
             q.as_secs_f64(),
+            rate(b),
+            b.as_secs_f64(),
             rate(t),
             t.as_secs_f64(),
-            rate(q) / rate(t)
+            rate(q) / rate(t),
+            rate(b) / rate(t)
         );
     }
     Ok(())
@@ -51,9 +60,9 @@ fn median(v: &mut [Duration]) -> Duration {
     v[v.len() / 2]
 }
 
-/// One bundle from a worker-side endpoint to a coordinator-side one: from the first byte sent
-/// to the decoded bundle in the receiver's hands.
-async fn quic_once(bundle: &Bundle) -> anyhow::Result<Duration> {
+/// One bundle from a worker-side endpoint to a coordinator-side one, sent as `dtype`: from
+/// encoding to the decoded bundle in the receiver's hands.
+async fn quic_once(bundle: &Bundle, dtype: DType) -> anyhow::Result<Duration> {
     let dir = super::scratch_dir("transport")?;
     let (coord, worker) = net::write_pki(&dir)?;
     let server = net::server_endpoint("127.0.0.1:0".parse()?, &coord)?;
@@ -70,7 +79,7 @@ async fn quic_once(bundle: &Bundle) -> anyhow::Result<Duration> {
     let client = net::client_endpoint(&worker, "127.0.0.1:0".parse()?)?;
     let conn = net::connect(&client, addr).await?;
     let start = Instant::now();
-    net::send_bundle(&conn, 1, bundle).await?;
+    net::send_encoded(&conn, 1, &net::EncodedBundle::with_dtype(bundle, dtype)).await?;
     let (done, n) = receiver.await??;
     anyhow::ensure!(n == bundle.tensors[0].data.len(), "short transfer");
     conn.close(0u32.into(), b"done");

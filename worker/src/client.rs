@@ -194,7 +194,7 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         };
         match msg {
             CoordinatorMsg::Round(plan) => {
-                if let Err(e) = round(conn, &mut send, &engine, &inbox, plan, &mut next_transfer).await {
+                if let Err(e) = round(conn, &mut send, &engine, &inbox, plan, welcome.job.delta_dtype, &mut next_transfer).await {
                     break Err(e);
                 }
             }
@@ -226,6 +226,7 @@ async fn round(
     engine: &ComputeThread<Result<Trainer, crate::TrainError>>,
     inbox: &Inbox,
     plan: RoundPlan,
+    delta_dtype: proto::DType,
     next_transfer: &mut u64,
 ) -> anyhow::Result<()> {
     let synced = match plan.model {
@@ -271,7 +272,7 @@ async fn round(
                 metrics::counter!(m::WORKER_SAMPLES).increment(out.samples);
                 metrics::gauge!(m::WORKER_INNER_LOSS).set(f64::from(out.mean_loss));
                 *next_transfer += 1;
-                net::send_bundle(conn, *next_transfer, &out.delta).await?;
+                net::send_encoded(conn, *next_transfer, &net::EncodedBundle::with_dtype(&out.delta, delta_dtype)).await?;
                 let result = AssignmentResult {
                     round: plan.round,
                     assignment: index,

@@ -728,6 +728,7 @@ mod tests {
                 momentum: 0.9,
                 weight_decay: 0.0,
             },
+            delta_dtype: metaloop_common::proto::DType::F32,
         }
     }
 

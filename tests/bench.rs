@@ -1,0 +1,74 @@
+//! The benchmarks run end to end on tiny settings and print their tables. Their numbers are
+//! for BENCHMARKS.md and never asserted: only that each runs, and where a benchmark checks
+//! correctness itself (the PyTorch reference computing the same function), that it passes.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_metaloop"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "metaloop bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The last column of the table row that starts with `prefix`.
+fn last_cell(text: &str, prefix: &str) -> String {
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no row {prefix} in\n{text}"));
+    row.trim_end_matches('|').rsplit('|').next().unwrap_or_default().trim().to_string()
+}
+
+#[test]
+fn the_transport_benchmark_prints_a_ratio() {
+    let text = bench(&["transport", "--sizes", "1", "--repeats", "1"]);
+    let ratio: f64 = last_cell(&text, "| 1 MiB").parse().expect("ratio");
+    assert!(ratio > 0.0 && ratio.is_finite(), "{text}");
+}
+
+/// Both sides of the step benchmark compute the same function: the benchmark itself fails
+/// when the reference's check results differ from the worker's by more than 1e-2 relative.
+#[test]
+fn the_step_benchmark_reference_computes_what_the_worker_computes() {
+    let text = bench(&[
+        "step",
+        "--models",
+        "digits",
+        "--cases",
+        "inner,hyper-exact",
+        "--assignments",
+        "2",
+        "--threads",
+        "1",
+    ]);
+    for case in ["| digits | (a)", "| digits | (b)"] {
+        let diff: f64 = last_cell(&text, case).parse().expect("check column");
+        assert!(diff <= 1e-4, "{case}: {diff}\n{text}");
+    }
+}
+
+/// Simulated workers join a real coordinator process, every round completes, and the table
+/// has its figures.
+#[test]
+fn the_coordinator_benchmark_runs_simulated_workers() {
+    let text = bench(&["coordinator", "--workers", "3", "--rounds", "3", "--model-mib", "0"]);
+    let rss = last_cell(&text, "| 3 |");
+    assert!(rss.ends_with("MiB"), "{text}");
+}
+
+#[test]
+fn the_overhead_benchmark_reads_a_local_run() {
+    let text = bench(&["overhead", "--config", "configs/local-sgd.toml", "--repeats", "1"]);
+    let share = last_cell(&text, "| rounds only");
+    let v: f64 = share.trim_end_matches('%').parse().expect("share");
+    assert!((0.0..100.0).contains(&v), "{text}");
+}
