@@ -49,6 +49,8 @@ fn the_step_benchmark_reference_computes_what_the_worker_computes() {
         "2",
         "--threads",
         "1",
+        "--trials",
+        "1",
     ]);
     for case in ["| digits | (a)", "| digits | (b)"] {
         let diff: f64 = last_cell(&text, case).parse().expect("check column");

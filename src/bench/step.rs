@@ -44,6 +44,10 @@ pub struct StepArgs {
     /// Timed assignments per case and side (default: 40 for digits, 4 for large).
     #[arg(long)]
     assignments: Option<usize>,
+    /// Timed runs per case and side, alternating between the sides; the best of each is
+    /// reported (the least disturbed by whatever else the machine is doing).
+    #[arg(long, default_value_t = 3)]
+    trials: usize,
     /// libtorch intra-op threads on both sides (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -127,6 +131,17 @@ impl Case {
 }
 
 pub fn run(args: &StepArgs) -> anyhow::Result<()> {
+    // OpenMP threads that spin-wait between parallel regions turn any other load on the machine
+    // into stalls of tens of milliseconds, on both sides alike. Both sides wait passively
+    // instead; it must be set before libtorch starts, so this process runs again with it.
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env("OMP_WAIT_POLICY", "PASSIVE")
+            .status()?;
+        ensure!(status.success(), "the benchmark failed ({status})");
+        return Ok(());
+    }
     let device = parse_device(&args.device)?;
     let threads = args
         .threads
@@ -140,9 +155,11 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
     let cases = args.cases.iter().map(|c| Case::parse(c)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut torch_version = String::from("?");
     println!(
-        "Device {}, {threads} threads on both sides, {}; an assignment = {STEPS} inner steps + its outer signal.",
+        "Device {}, {threads} threads on both sides (OMP_WAIT_POLICY={}), {}; an assignment = {STEPS} inner steps + its outer signal; best of {} alternating trials.",
         args.device,
-        super::machine()
+        std::env::var("OMP_WAIT_POLICY").unwrap_or_default(),
+        super::machine(),
+        args.trials.max(1)
     );
     println!();
     println!("| model | case | metaloop steps/s | PyTorch steps/s | metaloop / PyTorch | check (max rel. diff) |");
@@ -160,9 +177,13 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
             // The timed runs.
             let timed = Setup::new(&shape, case, false);
             let n = args.assignments.unwrap_or(shape.assignments).max(1);
-            let rust_seconds = timed.rust_timed(device, n)?;
-            let py = timed.python(&dir.join("timed"), args, device, threads, n)?;
-            let py_seconds = py["seconds"].as_f64().context("the reference printed no seconds")?;
+            let (mut rust_seconds, mut py_seconds) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..args.trials.max(1) {
+                rust_seconds = rust_seconds.min(timed.rust_timed(device, n)?);
+                let py = timed.python(&dir.join("timed"), args, device, threads, n)?;
+                py_seconds =
+                    py_seconds.min(py["seconds"].as_f64().context("the reference printed no seconds")?);
+            }
             // Steps per second: inner steps for (a), whole bi-level steps (one assignment) for
             // the others.
             let per = if case == Case::Inner { f64::from(STEPS) } else { 1.0 };
