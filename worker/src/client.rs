@@ -291,4 +291,3 @@ async fn round(
     }
     Ok(())
 }
-

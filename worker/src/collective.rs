@@ -288,11 +288,17 @@ mod tests {
     #[test]
     fn mismatched_or_malformed_buffers_are_errors_for_everyone() {
         for r in run(2, |rank| vec![1.0; rank + 2]) {
-            assert!(matches!(r, Err(CollectiveError::Mismatch(ref l)) if *l == vec![2, 3]), "{r:?}");
+            assert!(
+                matches!(r, Err(CollectiveError::Mismatch(ref l)) if *l == vec![2, 3]),
+                "{r:?}"
+            );
         }
         let [m] = <[InProcess; 1]>::try_from(InProcess::group(1)).expect("one");
         let mut doubles = Tensor::from_slice(&[1.0f64]);
-        assert!(matches!(m.all_reduce_sum(&mut doubles), Err(CollectiveError::Buffer(_))));
+        assert!(matches!(
+            m.all_reduce_sum(&mut doubles),
+            Err(CollectiveError::Buffer(_))
+        ));
         let mut matrix = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));
         assert!(matches!(m.all_reduce_sum(&mut matrix), Err(CollectiveError::Buffer(_))));
     }

@@ -2,7 +2,8 @@
 //! libtorch sees and what this binary was built with. [`parse`] is pure (the facts are an
 //! argument); [`resolve`] asks libtorch for them.
 
-use tch::Device;
+/// A device, as the list holds it (libtorch's).
+pub use tch::Device;
 
 /// What a device list is checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +146,10 @@ mod tests {
         assert_eq!(parse(" cpu , cpu ", CPU_ONLY), Ok(vec![Device::Cpu, Device::Cpu]));
         assert_eq!(parse("auto", CPU_ONLY), Ok(vec![Device::Cpu]));
         assert_eq!(parse("auto", TWO_GPUS), Ok(vec![Device::Cuda(0), Device::Cuda(1)]));
-        assert_eq!(parse("cuda:1,cuda:0", TWO_GPUS), Ok(vec![Device::Cuda(1), Device::Cuda(0)]));
+        assert_eq!(
+            parse("cuda:1,cuda:0", TWO_GPUS),
+            Ok(vec![Device::Cuda(1), Device::Cuda(0)])
+        );
         let one_gpu_no_nccl = Support {
             cuda_devices: 1,
             cuda: true,
@@ -169,7 +173,10 @@ mod tests {
             "cuda:3 is not available: libtorch sees 2 CUDA devices (cuda:0 to cuda:1)"
         );
         let e = err("cuda:0", CPU_ONLY);
-        assert!(e.starts_with("cuda:0 is not available: libtorch sees no CUDA device"), "{e}");
+        assert!(
+            e.starts_with("cuda:0 is not available: libtorch sees no CUDA device"),
+            "{e}"
+        );
         assert!(e.contains("without the `cuda` feature"), "{e}");
         let e = err("cuda:0", Support { cuda: true, ..CPU_ONLY });
         assert!(!e.contains("feature"), "{e}");

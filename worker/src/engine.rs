@@ -111,9 +111,7 @@ impl Engine {
             })?);
         }
         let engine = Engine { replicas };
-        let started = engine
-            .on_all(|_, t| t.as_ref().err().map(ToString::to_string))
-            .await?;
+        let started = engine.on_all(|_, t| t.as_ref().err().map(ToString::to_string)).await?;
         if let Some((rank, reason)) = started.into_iter().enumerate().find_map(|(r, e)| Some((r, e?))) {
             return Err(StartError::Replica {
                 device: devices::name(devices.get(rank).copied().unwrap_or(Device::Cpu)),
@@ -127,7 +125,12 @@ impl Engine {
     ///
     /// # Errors
     /// The first replica's error, in rank order; [`ComputeGone`] when a replica's thread died.
-    pub async fn set_model(&self, version: u64, checksum: [u8; 32], params: Bundle) -> Result<Result<(), TrainError>, ComputeGone> {
+    pub async fn set_model(
+        &self,
+        version: u64,
+        checksum: [u8; 32],
+        params: Bundle,
+    ) -> Result<Result<(), TrainError>, ComputeGone> {
         let params = Arc::new(params);
         let results = self
             .on_all(move |_, t| trainer(t)?.set_model(version, checksum, Bundle::clone(&params)))
@@ -139,7 +142,13 @@ impl Engine {
     ///
     /// # Errors
     /// As [`Engine::set_model`].
-    pub async fn apply_step(&self, base: u64, version: u64, checksum: [u8; 32], step: Bundle) -> Result<Result<(), TrainError>, ComputeGone> {
+    pub async fn apply_step(
+        &self,
+        base: u64,
+        version: u64,
+        checksum: [u8; 32],
+        step: Bundle,
+    ) -> Result<Result<(), TrainError>, ComputeGone> {
         let step = Arc::new(step);
         let results = self
             .on_all(move |_, t| trainer(t)?.apply_step(base, version, checksum, &step))
@@ -162,7 +171,11 @@ impl Engine {
     ///
     /// # Errors
     /// As [`Engine::set_model`].
-    pub async fn run(&self, a: Assignment, asks: Arc<RoundAsks>) -> Result<Result<AssignmentOutcome, TrainError>, ComputeGone> {
+    pub async fn run(
+        &self,
+        a: Assignment,
+        asks: Arc<RoundAsks>,
+    ) -> Result<Result<AssignmentOutcome, TrainError>, ComputeGone> {
         let a = Arc::new(a);
         let results = self.on_all(move |_, t| trainer(t)?.run_replica(&a, &asks)).await?;
         Ok(first_error(results).and_then(|mut outcomes| {
@@ -272,9 +285,14 @@ mod tests {
     }
 
     async fn engine(devices: &[Device], batch: u32) -> Engine {
-        let e = Engine::from_data(training_data(batch), devices, 1).await.expect("start");
+        let e = Engine::from_data(training_data(batch), devices, 1)
+            .await
+            .expect("start");
         let p = params();
-        e.set_model(0, bundle_checksum(&p), p).await.expect("alive").expect("set");
+        e.set_model(0, bundle_checksum(&p), p)
+            .await
+            .expect("alive")
+            .expect("set");
         e
     }
 
@@ -320,7 +338,11 @@ mod tests {
             ..RoundAsks::weights(&weights)
         };
         vec![
-            ("hypergradient, exact", a(TrainOn::Mixture, 6), hyper(DirectionalMethod::Exact)),
+            (
+                "hypergradient, exact",
+                a(TrainOn::Mixture, 6),
+                hyper(DirectionalMethod::Exact),
+            ),
             (
                 "hypergradient, finite difference",
                 a(TrainOn::Mixture, 6),
@@ -464,8 +486,14 @@ mod tests {
         let mut next = p.clone();
         next.add_assign(&out.delta);
         let sum = bundle_checksum(&next);
-        e.apply_step(0, 1, sum, out.delta.clone()).await.expect("alive").expect("step");
-        e.check_version(1, sum).await.expect("alive").expect("every replica holds version 1");
+        e.apply_step(0, 1, sum, out.delta.clone())
+            .await
+            .expect("alive")
+            .expect("step");
+        e.check_version(1, sum)
+            .await
+            .expect("alive")
+            .expect("every replica holds version 1");
         let err = e.check_version(0, bundle_checksum(&p)).await.expect("alive");
         assert!(err.is_err(), "version 0 is gone everywhere");
         let err = e.apply_step(7, 8, sum, out.delta).await.expect("alive");

@@ -319,7 +319,11 @@ impl Trainer {
     ///
     /// # Errors
     /// As [`Trainer::run`], and `Collective` when the replicas cannot sum their gradients.
-    pub(crate) fn run_replica(&mut self, a: &Assignment, asks: &RoundAsks) -> Result<Option<AssignmentOutcome>, TrainError> {
+    pub(crate) fn run_replica(
+        &mut self,
+        a: &Assignment,
+        asks: &RoundAsks,
+    ) -> Result<Option<AssignmentOutcome>, TrainError> {
         let start = Instant::now();
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
             return Err(TrainError::NoModel);
@@ -778,8 +782,8 @@ fn shared_step(
     let rows = collective::share(y.size()[0] as usize, collective.rank(), collective.size());
     let (start, len) = (rows.start as i64, rows.len() as i64);
     let logits = model.forward(&x.narrow(0, start, len));
-    let loss = (primitives::cross_entropy(&logits, &y.narrow(0, start, len)) * w.narrow(0, start, len))
-        .sum(tch::Kind::Float);
+    let loss =
+        (primitives::cross_entropy(&logits, &y.narrow(0, start, len)) * w.narrow(0, start, len)).sum(tch::Kind::Float);
     loss.backward();
     let params = model.parameters();
     let mut parts: Vec<Tensor> = params

@@ -25,7 +25,7 @@ use super::{Collective, CollectiveError, Connect};
 use cudarc::driver::{sys::CUdeviceptr, CudaContext, CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex, PoisonError};
 use tch::{Device, Kind, Tensor};
 
 /// One rank's member: its communicator and NCCL's stream on its GPU.
@@ -56,13 +56,12 @@ pub(super) fn group(ordinals: &[usize]) -> Vec<Connect> {
             Box::new(move || {
                 let ready = prepare(ordinal).and_then(|stream| Ok((stream, id_source.get()?)));
                 let (barrier, failures) = &*gate;
-                let failed = |f: &Mutex<Vec<String>>| f.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                let failures_now = || failures.lock().unwrap_or_else(PoisonError::into_inner);
                 if let Err(e) = &ready {
-                    let mut f = failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    f.push(format!("rank {rank} (cuda:{ordinal}): {e}"));
+                    failures_now().push(format!("rank {rank} (cuda:{ordinal}): {e}"));
                 }
                 barrier.wait();
-                let failures = failed(failures);
+                let failures = failures_now().clone();
                 let (stream, id) = ready?;
                 if !failures.is_empty() {
                     return Err(CollectiveError::Nccl(format!(
@@ -70,7 +69,8 @@ pub(super) fn group(ordinals: &[usize]) -> Vec<Connect> {
                         failures.join("; ")
                     )));
                 }
-                let comm = Comm::from_rank(stream, rank, size, id).map_err(|e| nccl_error("joining the communicator", &e))?;
+                let comm =
+                    Comm::from_rank(stream, rank, size, id).map_err(|e| nccl_error("joining the communicator", &e))?;
                 Ok(Box::new(Nccl { comm, ordinal }) as Box<dyn Collective>)
             }) as Connect
         })
@@ -107,7 +107,12 @@ impl IdSource {
 fn prepare(ordinal: usize) -> Result<Arc<CudaStream>, CollectiveError> {
     // SAFETY: these only try to open the libraries (dlopen) and report whether that worked;
     // nothing from them is called.
-    let (driver, nccl) = unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::nccl::sys::is_culib_present()) };
+    let (driver, nccl) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nccl::sys::is_culib_present(),
+        )
+    };
     if !driver {
         return Err(CollectiveError::Nccl(
             "the NVIDIA driver's libcuda.so could not be loaded".into(),
@@ -192,5 +197,30 @@ impl DeviceSlice<f32> for TorchBuffer {
 impl DevicePtrMut<f32> for TorchBuffer {
     fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
         (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a GPU (here: no driver), every rank fails to start and says why; none waits
+    /// forever for the others. (With GPUs, `engine::tests::gpu` exercises the real thing.)
+    #[test]
+    fn ranks_that_cannot_start_all_return_an_error() {
+        if tch::Cuda::device_count() > 0 {
+            return;
+        }
+        let errors: Vec<Option<String>> = std::thread::scope(|s| {
+            let ranks: Vec<_> = group(&[0, 1])
+                .into_iter()
+                .map(|connect| s.spawn(move || connect().err().map(|e| e.to_string())))
+                .collect();
+            ranks.into_iter().map(|r| r.join().expect("rank thread")).collect()
+        });
+        for e in errors {
+            let e = e.expect("a rank started without a GPU");
+            assert!(e.starts_with("NCCL: ") && e.contains("could not be loaded"), "{e}");
+        }
     }
 }
