@@ -148,7 +148,17 @@ fn bad_devices_are_refused_naming_the_value_before_anything_starts() {
     // A worker reads METALOOP_DEVICES when --devices is not given, and checks it before it
     // reads its certificates or dials the coordinator.
     let out = metaloop()
-        .args(["worker", "--coordinator", "127.0.0.1:9", "--ca", "x", "--cert", "x", "--key", "x"])
+        .args([
+            "worker",
+            "--coordinator",
+            "127.0.0.1:9",
+            "--ca",
+            "x",
+            "--cert",
+            "x",
+            "--key",
+            "x",
+        ])
         .env("METALOOP_DEVICES", "tpu:0")
         .output()
         .expect("run metaloop");

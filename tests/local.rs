@@ -104,7 +104,10 @@ fn two_cpu_replicas_in_a_worker_train_like_one() {
     // The replicas split every batch and sum their gradients: only float rounding differs.
     let close = |x: &Value, y: &Value, what: &str| {
         let (x, y) = (x.as_f64().expect(what), y.as_f64().expect(what));
-        assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{what}: {x} with one replica, {y} with two");
+        assert!(
+            (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+            "{what}: {x} with one replica, {y} with two"
+        );
     };
     close(&one["test_loss"], &two["test_loss"], "test loss");
     let acc = |s: &Value| s["test_accuracy"].as_f64().expect("test accuracy");
