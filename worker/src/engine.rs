@@ -111,7 +111,7 @@ impl Engine {
             })?);
         }
         let engine = Engine { replicas };
-        let started = engine.on_all(|_, t| t.as_ref().err().map(ToString::to_string)).await?;
+        let started = engine.on_all(|t| t.as_ref().err().map(ToString::to_string)).await?;
         if let Some((rank, reason)) = started.into_iter().enumerate().find_map(|(r, e)| Some((r, e?))) {
             return Err(StartError::Replica {
                 device: devices::name(devices.get(rank).copied().unwrap_or(Device::Cpu)),
@@ -133,7 +133,7 @@ impl Engine {
     ) -> Result<Result<(), TrainError>, ComputeGone> {
         let params = Arc::new(params);
         let results = self
-            .on_all(move |_, t| trainer(t)?.set_model(version, checksum, Bundle::clone(&params)))
+            .on_all(move |t| trainer(t)?.set_model(version, checksum, Bundle::clone(&params)))
             .await?;
         Ok(first_error(results).map(|_| ()))
     }
@@ -151,7 +151,7 @@ impl Engine {
     ) -> Result<Result<(), TrainError>, ComputeGone> {
         let step = Arc::new(step);
         let results = self
-            .on_all(move |_, t| trainer(t)?.apply_step(base, version, checksum, &step))
+            .on_all(move |t| trainer(t)?.apply_step(base, version, checksum, &step))
             .await?;
         Ok(first_error(results).map(|_| ()))
     }
@@ -162,7 +162,7 @@ impl Engine {
     /// As [`Engine::set_model`].
     pub async fn check_version(&self, version: u64, checksum: [u8; 32]) -> Result<Result<(), TrainError>, ComputeGone> {
         let results = self
-            .on_all(move |_, t| trainer(t)?.check_version(version, checksum))
+            .on_all(move |t| trainer(t)?.check_version(version, checksum))
             .await?;
         Ok(first_error(results).map(|_| ()))
     }
@@ -177,7 +177,7 @@ impl Engine {
         asks: Arc<RoundAsks>,
     ) -> Result<Result<AssignmentOutcome, TrainError>, ComputeGone> {
         let a = Arc::new(a);
-        let results = self.on_all(move |_, t| trainer(t)?.run_replica(&a, &asks)).await?;
+        let results = self.on_all(move |t| trainer(t)?.run_replica(&a, &asks)).await?;
         Ok(first_error(results).and_then(|mut outcomes| {
             outcomes
                 .swap_remove(0)
@@ -185,21 +185,17 @@ impl Engine {
         }))
     }
 
-    /// Gives every replica `f` (with its rank) before awaiting any, since replicas in an
-    /// all-reduce wait for each other; their results in rank order.
+    /// Gives every replica `f` before awaiting any, since replicas in an all-reduce wait for
+    /// each other; their results in rank order.
     async fn on_all<R, F>(&self, f: F) -> Result<Vec<R>, ComputeGone>
     where
         R: Send + 'static,
-        F: Fn(usize, &mut Result<Trainer, TrainError>) -> R + Clone + Send + 'static,
+        F: Fn(&mut Result<Trainer, TrainError>) -> R + Clone + Send + 'static,
     {
         let pending = self
             .replicas
             .iter()
-            .enumerate()
-            .map(|(rank, r)| {
-                let f = f.clone();
-                r.submit(move |t| f(rank, t))
-            })
+            .map(|r| r.submit(f.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(pending.len());
         for p in pending {
