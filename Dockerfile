@@ -18,11 +18,15 @@ ARG TORCH_VERSION=2.11.0
 # so they stay next to it, in /opt/torch/nvidia. No LD_LIBRARY_PATH is needed.
 FROM python:3.12-slim-bookworm AS torch
 ARG TORCH_VERSION
+# The wheel names NCCL only libnccl.so.2; cudarc, which the binary's multi-GPU collective uses,
+# loads it as libnccl.so, from the nccl/lib directory the binary's rpath names (build.rs).
 RUN pip install --no-cache-dir --disable-pip-version-check --target /opt/torch "torch==${TORCH_VERSION}" \
  && test -f /opt/torch/torch/lib/libtorch_cuda.so \
- && grep -q "cu130" /opt/torch/torch/version.py
+ && grep -q "cu130" /opt/torch/torch/version.py \
+ && ln -s libnccl.so.2 /opt/torch/nvidia/nccl/lib/libnccl.so
 
 # --- 2. the binary ----------------------------------------------------------------------------
+# With `nccl`: libtorch's CUDA library linked (GPUs for `--devices`) and NCCL between GPUs.
 FROM rust:1.95-bookworm AS build
 COPY --from=torch /opt/torch /opt/torch
 # As ./dev does: torch-sys links the libtorch at $LIBTORCH (C++11 ABI, like the wheel).
@@ -31,7 +35,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin metaloop \
+    cargo build --release --locked --bin metaloop --features nccl \
  && cp target/release/metaloop /usr/local/bin/metaloop
 
 # --- 3. runtime -------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ SECRET_KEYS = {
 TLS_ENV = {"--ca": "METALOOP_CA", "--cert": "METALOOP_CERT", "--key": "METALOOP_KEY"}
 BOOLEAN_FLAGS = {"--resume"}
 # Flags the manifests pass that the program does not have yet, with why; reported, not failed.
-PENDING_FLAGS = {"--devices": "GPU selection for workers (gpu overlay), added to the CLI later"}
+# (None now: `--devices`, which the gpu overlay passes, is in `metaloop worker --help`.)
+PENDING_FLAGS = {}
 MIN_COORDINATOR_GRACE = 45
 MIN_RECONNECT_FOR = 300
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}

@@ -29,9 +29,12 @@ pub struct LocalArgs {
     /// Run directory [default: runs/<config name>-<unix time>]
     #[arg(long)]
     run_dir: Option<PathBuf>,
-    /// libtorch threads per worker.
+    /// libtorch threads per model replica.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Each worker's devices, one model replica each (see `metaloop worker --help`).
+    #[arg(long, default_value = "cpu")]
+    devices: String,
     #[command(flatten)]
     overrides: crate::Overrides,
     /// Skip the uniform-weights baseline run.
@@ -56,6 +59,11 @@ pub async fn run(args: LocalArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     };
     if args.workers == 0 {
         bail!("--workers must be at least 1");
+    }
+    // Checked here too, so a bad value stops the run before any worker process starts.
+    if let Err(e) = metaloop_worker::devices::resolve(&args.devices) {
+        eprintln!("error: --devices: {e}");
+        return Ok(ExitCode::from(crate::EXIT_USAGE));
     }
     let run_dir = match &args.run_dir {
         Some(d) => d.clone(),
@@ -187,6 +195,8 @@ async fn run_job(
                 &format!("worker-{i}"),
                 "--threads",
                 &args.threads.to_string(),
+                "--devices",
+                &args.devices,
             ])
             .arg("--ca")
             .arg(&tls.worker.ca)

@@ -183,9 +183,14 @@ struct WorkerArgs {
     /// Name shown in the coordinator's logs (default: the host name and process id).
     #[arg(long)]
     name: Option<String>,
-    /// libtorch threads for this worker.
+    /// libtorch threads for each model replica.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Devices to train on, one model replica each: cpu, cuda:N, a comma-separated list
+    /// (cuda:0,cuda:1; cpu,cpu), or auto (every CUDA device libtorch sees, else cpu). Replicas
+    /// split every batch and sum their gradients (NCCL between GPUs).
+    #[arg(long, default_value = "cpu", env = "METALOOP_DEVICES")]
+    devices: String,
     /// Seconds to keep trying to reach a coordinator that went away (it may be restarting).
     #[arg(long, default_value_t = 60)]
     reconnect_for: u64,
@@ -310,6 +315,13 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
         }
         Command::Worker(args) => {
             init_stderr_logs(log_format);
+            let devices = match metaloop_worker::devices::resolve(&args.devices) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: --devices: {e}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
             let ready = serve_telemetry(args.metrics_listen).await?;
             let name = args.name.unwrap_or_else(|| format!("worker-{}", std::process::id()));
             let opts = metaloop_worker::WorkerOptions {
@@ -317,6 +329,7 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
                 tls: args.tls.files(),
                 name,
                 threads: args.threads,
+                devices,
                 reconnect_for: Duration::from_secs(args.reconnect_for),
                 ready,
             };

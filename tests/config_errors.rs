@@ -124,3 +124,45 @@ fn local_refuses_a_bad_config_before_starting_anything() {
         "nothing may start on a bad config, but the run directory was made"
     );
 }
+
+#[test]
+fn bad_devices_are_refused_naming_the_value_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let run_dir = dir.path().join("run");
+    // No GPU in CI (and the default build does not link libtorch's CUDA library).
+    for (devices, named) in [
+        ("gpu", "`gpu` is not a device list"),
+        ("cuda:3", "cuda:3 is not available"),
+        ("cpu,", "`cpu,` is not a device list"),
+    ] {
+        let out = metaloop()
+            .args(["local", "--quiet", "--workers", "1", "--devices", devices, "--run-dir"])
+            .arg(&run_dir)
+            .output()
+            .expect("run metaloop");
+        let (stderr, code) = stderr_and_code(&out);
+        assert_eq!(code, Some(EXIT_USAGE), "{devices}: {stderr}");
+        assert!(stderr.contains(named), "{devices}: {stderr}");
+        assert!(!run_dir.exists(), "nothing may start with bad devices");
+    }
+    // A worker reads METALOOP_DEVICES when --devices is not given, and checks it before it
+    // reads its certificates or dials the coordinator.
+    let out = metaloop()
+        .args([
+            "worker",
+            "--coordinator",
+            "127.0.0.1:9",
+            "--ca",
+            "x",
+            "--cert",
+            "x",
+            "--key",
+            "x",
+        ])
+        .env("METALOOP_DEVICES", "tpu:0")
+        .output()
+        .expect("run metaloop");
+    let (stderr, code) = stderr_and_code(&out);
+    assert_eq!(code, Some(EXIT_USAGE), "{stderr}");
+    assert!(stderr.contains("--devices: `tpu:0` is not a device list"), "{stderr}");
+}

@@ -93,6 +93,33 @@ fn same_seed_gives_the_same_state_whatever_the_number_of_workers() {
 }
 
 #[test]
+fn two_cpu_replicas_in_a_worker_train_like_one() {
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let args = |devices: &'static str| ["--workers", "1", "--rounds", "4", "--no-baseline", "--devices", devices];
+    let one = run_local(a.path(), &args("cpu"));
+    let two = run_local(b.path(), &args("cpu,cpu"));
+    let log = std::fs::read_to_string(b.path().join("worker-0.log")).expect("worker log");
+    assert!(log.contains("one model replica per device"), "{log}");
+    // The replicas split every batch and sum their gradients: only float rounding differs.
+    let close = |x: &Value, y: &Value, what: &str| {
+        let (x, y) = (x.as_f64().expect(what), y.as_f64().expect(what));
+        assert!(
+            (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+            "{what}: {x} with one replica, {y} with two"
+        );
+    };
+    close(&one["test_loss"], &two["test_loss"], "test loss");
+    let acc = |s: &Value| s["test_accuracy"].as_f64().expect("test accuracy");
+    // A test sample within rounding of the decision boundary may flip: at most one.
+    assert!((acc(&one) - acc(&two)).abs() <= 0.005, "{} vs {}", acc(&one), acc(&two));
+    for name in ["clean", "noisy-50", "permuted", "feature-noise"] {
+        close(&one["domain_weights"][name], &two["domain_weights"][name], name);
+    }
+    assert_eq!(one["samples"], two["samples"]);
+}
+
+#[test]
 fn quickstart_learns_domain_weights_that_beat_uniform_weights() {
     let dir = tempfile::tempdir().expect("tmp");
     let s = run_local(dir.path(), &["--workers", "2"]);

@@ -98,6 +98,7 @@ async fn worker_refuses_a_coordinator_of_another_version() {
         tls: worker_tls,
         name: "w".into(),
         threads: 1,
+        devices: vec![metaloop_worker::devices::Device::Cpu],
         reconnect_for: std::time::Duration::from_secs(5),
         ready: Default::default(),
     };

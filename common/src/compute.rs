@@ -55,6 +55,22 @@ impl<S: 'static> ComputeThread<S> {
         R: Send + 'static,
         F: FnOnce(&mut S) -> R + Send + 'static,
     {
+        self.submit(f)?.await
+    }
+
+    /// Queues `f` on the compute thread now and returns its pending result. Unlike [`call`],
+    /// whose future sends nothing until it is polled, several threads can be given work this
+    /// way before any is awaited (replicas that wait for each other in a collective).
+    ///
+    /// # Errors
+    /// [`ComputeGone`] when the thread has died (now, or before it replies).
+    ///
+    /// [`call`]: ComputeThread::call
+    pub fn submit<R, F>(&self, f: F) -> Result<impl std::future::Future<Output = Result<R, ComputeGone>>, ComputeGone>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut S) -> R + Send + 'static,
+    {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job: Job<S> = Box::new(move |s| {
             let _ = reply.send(f(s));
@@ -64,7 +80,7 @@ impl<S: 'static> ComputeThread<S> {
             .ok_or(ComputeGone)?
             .send(job)
             .map_err(|_| ComputeGone)?;
-        rx.await.map_err(|_| ComputeGone)
+        Ok(async move { rx.await.map_err(|_| ComputeGone) })
     }
 }
 

@@ -1,9 +1,8 @@
 //! The worker's QUIC side: connect, hello, then serve rounds until the coordinator says stop.
-//! All compute happens on the trainer's compute thread; this task only moves bytes.
+//! All compute happens on the engine's compute threads; this task only moves bytes.
 
-use crate::train::Trainer;
+use crate::engine::Engine;
 use anyhow::{bail, Context};
-use metaloop_common::compute::ComputeThread;
 use metaloop_common::metrics as m;
 use metaloop_common::net::{self, Inbox, TlsFiles};
 use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, RoundPlan, WorkerMsg};
@@ -23,9 +22,11 @@ pub struct WorkerOptions {
     pub tls: TlsFiles,
     /// Shown in the coordinator's logs.
     pub name: String,
-    /// libtorch intra-op threads (1 keeps several local workers from oversubscribing cores and
-    /// keeps results bit-for-bit reproducible).
+    /// libtorch intra-op threads per replica (1 keeps several local workers from
+    /// oversubscribing cores and keeps results bit-for-bit reproducible).
     pub threads: usize,
+    /// One model replica per device, in rank order (`devices::resolve` makes the list).
+    pub devices: Vec<tch::Device>,
     /// How long to keep trying to reach a coordinator that went away before giving up.
     pub reconnect_for: Duration,
     /// Raised while this worker has joined a job (`/readyz`).
@@ -168,16 +169,11 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     opts.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     metrics::gauge!(m::WORKER_CONNECTED).set(1.0);
 
-    let threads = opts.threads.max(1) as i32;
-    let job = welcome.job.clone();
-    let engine = ComputeThread::spawn("metaloop-compute", move || {
-        tch::set_num_threads(threads);
-        Trainer::new(job, tch::Device::Cpu)
-    })?;
-    engine
-        .call(|t| t.as_ref().map(|_| ()).map_err(|e| e.to_string()))
-        .await?
-        .map_err(|e| fatal(anyhow::Error::msg(e).context("loading the job's training data")))?;
+    let engine = match Engine::start(welcome.job.clone(), &opts.devices, opts.threads).await {
+        Ok(e) => e,
+        Err(e) if e.is_permanent() => return Err(fatal(e)),
+        Err(e) => return Err(e.into()),
+    };
 
     let inbox = Arc::new(Inbox::default());
     let bytes_in = Arc::new(AtomicU64::new(0));
@@ -223,7 +219,7 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
 async fn round(
     conn: &Connection,
     send: &mut SendStream,
-    engine: &ComputeThread<Result<Trainer, crate::TrainError>>,
+    engine: &Engine,
     inbox: &Inbox,
     plan: RoundPlan,
     delta_dtype: proto::DType,
@@ -236,9 +232,7 @@ async fn round(
             transfer,
         } => {
             let params = inbox.take(transfer).await?;
-            engine
-                .call(move |t| trainer(t)?.set_model(version, checksum, params))
-                .await?
+            engine.set_model(version, checksum, params).await?
         }
         ModelSource::Step {
             base,
@@ -247,22 +241,16 @@ async fn round(
             transfer,
         } => {
             let step = inbox.take(transfer).await?;
-            engine
-                .call(move |t| trainer(t)?.apply_step(base, version, checksum, &step))
-                .await?
+            engine.apply_step(base, version, checksum, step).await?
         }
-        ModelSource::Unchanged { version, checksum } => {
-            engine
-                .call(move |t| trainer(t)?.check_version(version, checksum))
-                .await?
-        }
+        ModelSource::Unchanged { version, checksum } => engine.check_version(version, checksum).await?,
     };
     let asks = Arc::new(crate::train::RoundAsks::of(&plan));
     for a in plan.assignments {
         let index = a.index;
         let asks = asks.clone();
         let outcome = match &synced {
-            Ok(()) => engine.call(move |t| trainer(t)?.run(&a, &asks)).await?,
+            Ok(()) => engine.run(a, asks).await?,
             Err(e) => Err(crate::TrainError::Mismatch(e.to_string())),
         };
         match outcome {
@@ -303,9 +291,4 @@ async fn round(
         }
     }
     Ok(())
-}
-
-fn trainer(t: &mut Result<Trainer, crate::TrainError>) -> Result<&mut Trainer, crate::TrainError> {
-    t.as_mut()
-        .map_err(|e| crate::TrainError::Mismatch(format!("trainer unavailable: {e}")))
 }

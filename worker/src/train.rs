@@ -1,6 +1,8 @@
 //! The inner loop on one device: hold the current model version and run assignments on it.
-//! Synchronous and socket-free; the client drives it from a compute thread.
+//! Synchronous and socket-free; the engine drives it from a compute thread, one `Trainer` per
+//! replica when a worker has several devices.
 
+use crate::collective::{self, Collective, CollectiveError};
 use crate::primitives;
 use crate::rescaler::{self, Batch, Validation, VirtualStep};
 use metaloop_common::checksum::{bundle_checksum, hex};
@@ -17,6 +19,7 @@ use metaloop_common::proto::{
 use metaloop_common::rng::{derive_seed, SplitMix64};
 use metaloop_common::tensor::Bundle;
 use metaloop_common::tensor::HostTensor;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
@@ -52,6 +55,8 @@ pub enum TrainError {
     },
     #[error("training diverged: non-finite loss at inner step {step}")]
     Diverged { step: u32 },
+    #[error("summing gradients across the replicas: {0}")]
+    Collective(#[from] CollectiveError),
 }
 
 /// What one assignment produced.
@@ -134,17 +139,65 @@ impl Omega {
     }
 }
 
-/// The worker's model state and data.
+/// A job's training data, loaded once per worker and shared by its replicas.
+#[derive(Clone)]
+pub(crate) struct TrainingData {
+    job: JobSpec,
+    domains: Arc<[Dataset]>,
+    meta: Option<Arc<Dataset>>,
+}
+
+impl TrainingData {
+    /// Builds the job's domains and loads its meta set, checking both against the
+    /// coordinator's checksums.
+    ///
+    /// # Errors
+    /// A missing or malformed file, or data that differs from the coordinator's.
+    pub(crate) fn load(job: JobSpec) -> Result<Self, TrainError> {
+        let ModelSpec::Mlp { classes, .. } = job.model;
+        let mut built = Vec::with_capacity(job.domains.len());
+        for (i, spec) in job.domains.iter().enumerate() {
+            let d = domains::build(&domains::from_spec(spec), i, classes, job.seed)?;
+            same_data(&format!("domain `{}`", spec.name), &spec.source, &d.data, spec.checksum)?;
+            built.push(d.data);
+        }
+        let meta = match &job.meta {
+            Some(r) => {
+                let ds = dataset::load(std::path::Path::new(&r.path), classes)?;
+                same_data("the meta set", &r.path, &ds, r.checksum)?;
+                Some(ds)
+            }
+            None => None,
+        };
+        Ok(Self::new(job, built, meta))
+    }
+
+    pub(crate) fn new(job: JobSpec, domains: Vec<Dataset>, meta: Option<Dataset>) -> Self {
+        Self {
+            job,
+            domains: domains.into(),
+            meta: meta.map(Arc::new),
+        }
+    }
+
+    pub(crate) fn job(&self) -> &JobSpec {
+        &self.job
+    }
+}
+
+/// The worker's model state and data: the whole worker, or one replica of it.
 pub struct Trainer {
     job: JobSpec,
     /// One dataset per training domain, in job order.
-    domains: Vec<Dataset>,
-    meta: Option<Dataset>,
+    domains: Arc<[Dataset]>,
+    meta: Option<Arc<Dataset>>,
     device: Device,
     /// Host copy of the current version: the base every assignment starts from.
     params: Option<Bundle>,
     version: Option<u64>,
     model: Option<Box<dyn Model>>,
+    /// With several replicas, this one's member of their collective; `None` when alone.
+    collective: Option<Box<dyn Collective>>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -162,33 +215,24 @@ impl Trainer {
     /// # Errors
     /// A missing or malformed file, or data that differs from the coordinator's.
     pub fn new(job: JobSpec, device: Device) -> Result<Self, TrainError> {
-        let ModelSpec::Mlp { classes, .. } = job.model;
-        let mut built = Vec::with_capacity(job.domains.len());
-        for (i, spec) in job.domains.iter().enumerate() {
-            let d = domains::build(&domains::from_spec(spec), i, classes, job.seed)?;
-            same_data(&format!("domain `{}`", spec.name), &spec.source, &d.data, spec.checksum)?;
-            built.push(d.data);
-        }
-        let meta = match &job.meta {
-            Some(r) => {
-                let ds = dataset::load(std::path::Path::new(&r.path), classes)?;
-                same_data("the meta set", &r.path, &ds, r.checksum)?;
-                Some(ds)
-            }
-            None => None,
-        };
-        Ok(Self::with_data(job, built, meta, device))
+        Ok(Self::replica(TrainingData::load(job)?, device, None))
     }
 
     pub fn with_data(job: JobSpec, domains: Vec<Dataset>, meta: Option<Dataset>, device: Device) -> Self {
+        Self::replica(TrainingData::new(job, domains, meta), device, None)
+    }
+
+    /// One replica on `device`; `collective` joins it to the others (`None`: it is alone).
+    pub(crate) fn replica(data: TrainingData, device: Device, collective: Option<Box<dyn Collective>>) -> Self {
         Self {
-            job,
-            domains,
-            meta,
+            job: data.job,
+            domains: data.domains,
+            meta: data.meta,
             device,
             params: None,
             version: None,
             model: None,
+            collective,
         }
     }
 
@@ -257,6 +301,29 @@ impl Trainer {
     /// `NoModel`, `EmptyShard`, `Diverged`, `Weights`, `NoMeta`, `Mismatch` for a domain or
     /// target row that does not exist, or a libtorch failure.
     pub fn run(&mut self, a: &Assignment, asks: &RoundAsks) -> Result<AssignmentOutcome, TrainError> {
+        self.run_replica(a, asks)?
+            .ok_or_else(|| TrainError::Mismatch("only the first replica returns a result".into()))
+    }
+
+    /// [`Trainer::run`] as one replica of several. Every replica draws the same batches (they
+    /// are functions of the assignment), runs each inner step on its share of the rows
+    /// (`collective::share`) and takes the same SGD step with the gradients summed over the
+    /// replicas, so the replicas stay bit-identical. Ω's per-sample weights are computed on
+    /// the whole batch by every replica (a no-grad pass; normalising them needs the whole
+    /// batch). The meta signals (the meta loss, the domains' d_k, DoReMi's probe losses, Ω's
+    /// meta-gradient) and the delta are computed by the first replica (rank 0) alone, on its
+    /// copy of the trained model, exactly as a lone trainer does; the others return `None`.
+    ///
+    /// Against one replica on the whole batch, only the order of floating-point additions
+    /// differs (each replica's partial sums, then their sum).
+    ///
+    /// # Errors
+    /// As [`Trainer::run`], and `Collective` when the replicas cannot sum their gradients.
+    pub(crate) fn run_replica(
+        &mut self,
+        a: &Assignment,
+        asks: &RoundAsks,
+    ) -> Result<Option<AssignmentOutcome>, TrainError> {
         let start = Instant::now();
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
             return Err(TrainError::NoModel);
@@ -275,7 +342,11 @@ impl Trainer {
         if needs_meta && self.meta.is_none() {
             return Err(TrainError::NoMeta);
         }
-        let omega = asks.rescaler.as_ref().map(|p| Omega::from_plan(p, self.device)).transpose()?;
+        let omega = asks
+            .rescaler
+            .as_ref()
+            .map(|plan| Omega::from_plan(plan, self.device))
+            .transpose()?;
         let mut batches = self.batches(a, &asks.weights)?;
         model::load_bundle(model.as_ref(), base)?;
         // Dropout draws from libtorch's generator: seeded by the assignment, like all else.
@@ -294,16 +365,25 @@ impl Trainer {
             if let Some(o) = &omega {
                 w *= o.weights(model.as_ref(), &x, &y);
             }
-            let logits = model.forward(&x);
-            let loss = (primitives::cross_entropy(&logits, &y) * w).sum(tch::Kind::Float);
-            let value = loss.f_double_value(&[]).map_err(model::ModelError::from)?;
+            let (value, grads) = match &self.collective {
+                None => {
+                    let logits = model.forward(&x);
+                    let loss = (primitives::cross_entropy(&logits, &y) * w).sum(tch::Kind::Float);
+                    let value = loss.f_double_value(&[]).map_err(model::ModelError::from)?;
+                    if value.is_finite() {
+                        loss.backward();
+                    }
+                    (value, model.parameters().iter().map(Tensor::grad).collect())
+                }
+                Some(c) => shared_step(model.as_ref(), c.as_ref(), &x, &y, &w)?,
+            };
             if !value.is_finite() {
                 return Err(TrainError::Diverged { step });
             }
             loss_sum += value;
-            loss.backward();
             sgd_step(
                 model.parameters(),
+                &grads,
                 &mut momentum,
                 inner.lr,
                 inner.momentum,
@@ -311,6 +391,9 @@ impl Trainer {
             );
         }
         model.set_train(false);
+        if self.collective.as_ref().is_some_and(|c| c.rank() > 0) {
+            return Ok(None);
+        }
         let mut delta = model::to_bundle(model.as_ref())?;
         for (d, b) in delta.tensors.iter_mut().zip(&base.tensors) {
             for (x, y) in d.data.iter_mut().zip(&b.data) {
@@ -327,7 +410,7 @@ impl Trainer {
             Some(o) => self.omega_gradient(model.as_ref(), o, a)?,
             None => Vec::new(),
         };
-        Ok(AssignmentOutcome {
+        Ok(Some(AssignmentOutcome {
             delta,
             mean_loss: (loss_sum / f64::from(a.steps.max(1))) as f32,
             samples,
@@ -336,7 +419,7 @@ impl Trainer {
             domains: domain_stats,
             omega_grad,
             probes,
-        })
+        }))
     }
 
     /// The batch stream of an assignment, from the data it names.
@@ -683,14 +766,62 @@ fn verify(params: &Bundle, checksum: [u8; 32], version: u64) -> Result<(), Train
     }
 }
 
-/// PyTorch's SGD: g ← ∇ + wd·θ; b ← μ·b + g (b = g on the first step); θ ← θ − lr·b.
-fn sgd_step(params: &[Tensor], momentum: &mut [Option<Tensor>], lr: f64, mu: f64, wd: f64) {
+/// One inner step's loss and gradients when the batch is shared among replicas. This
+/// replica's rows' part of the weighted loss Σ_i w_i ℓ_i is backpropagated; then its gradients
+/// and its loss, flattened into one buffer (the loss last), are summed over the replicas in
+/// one all-reduce, so every replica gets the whole batch's gradient and loss and takes the
+/// same decision on divergence. Returns the total loss and the summed gradients (views of the
+/// buffer, shaped like the parameters).
+fn shared_step(
+    model: &dyn Model,
+    collective: &dyn Collective,
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+) -> Result<(f64, Vec<Tensor>), TrainError> {
+    let rows = collective::share(y.size()[0] as usize, collective.rank(), collective.size());
+    let (start, len) = (rows.start as i64, rows.len() as i64);
+    let logits = model.forward(&x.narrow(0, start, len));
+    let loss =
+        (primitives::cross_entropy(&logits, &y.narrow(0, start, len)) * w.narrow(0, start, len)).sum(tch::Kind::Float);
+    loss.backward();
+    let params = model.parameters();
+    let mut parts: Vec<Tensor> = params
+        .iter()
+        .map(|p| {
+            let g = p.grad();
+            // A replica with no rows (a batch smaller than the replica count) adds nothing.
+            let g = if g.defined() { g } else { p.zeros_like() };
+            g.reshape([-1])
+        })
+        .collect();
+    parts.push(loss.detach().reshape([1]));
+    let mut flat = Tensor::f_cat(&parts, 0).map_err(model::ModelError::from)?;
+    collective.all_reduce_sum(&mut flat)?;
+    let total = flat.numel() as i64;
+    let value = flat.f_double_value(&[total - 1]).map_err(model::ModelError::from)?;
+    let mut offset = 0;
+    let grads = params
+        .iter()
+        .map(|p| {
+            let n = p.numel() as i64;
+            let g = flat.narrow(0, offset, n).view_as(p);
+            offset += n;
+            g
+        })
+        .collect();
+    Ok((value, grads))
+}
+
+/// PyTorch's SGD: g ← ∇ + wd·θ; b ← μ·b + g (b = g on the first step); θ ← θ − lr·b. `grads`
+/// are the parameters' gradients, in their order (undefined ones are skipped).
+fn sgd_step(params: &[Tensor], grads: &[Tensor], momentum: &mut [Option<Tensor>], lr: f64, mu: f64, wd: f64) {
     tch::no_grad(|| {
-        for (p, buf) in params.iter().zip(momentum.iter_mut()) {
-            let mut g = p.grad();
+        for ((p, g), buf) in params.iter().zip(grads).zip(momentum.iter_mut()) {
             if !g.defined() {
                 continue;
             }
+            let mut g = g.shallow_clone();
             if wd != 0.0 {
                 g += p * wd;
             }
