@@ -25,7 +25,12 @@ fn last_cell(text: &str, prefix: &str) -> String {
         .lines()
         .find(|l| l.starts_with(prefix))
         .unwrap_or_else(|| panic!("no row {prefix} in\n{text}"));
-    row.trim_end_matches('|').rsplit('|').next().unwrap_or_default().trim().to_string()
+    row.trim_end_matches('|')
+        .rsplit('|')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 #[test]

@@ -439,7 +439,17 @@ fn bf16_deltas_halve_the_bytes_in_and_still_train() {
         let cfg = cfg_dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, text).expect("write");
         let dir = cfg_dir.path().join(name);
-        run_local(&dir, &["--workers", "2", "--rounds", "10", "--config", cfg.to_str().expect("path")])
+        run_local(
+            &dir,
+            &[
+                "--workers",
+                "2",
+                "--rounds",
+                "10",
+                "--config",
+                cfg.to_str().expect("path"),
+            ],
+        )
     };
     let (f32_run, bf16_run) = (run("f32", &exact), run("bf16", &compressed));
     let bytes = |s: &Value| s["bytes_in"].as_f64().expect("bytes_in");
@@ -447,7 +457,10 @@ fn bf16_deltas_halve_the_bytes_in_and_still_train() {
     assert!((0.45..0.6).contains(&ratio), "bf16 bytes in / f32 bytes in = {ratio}");
     let acc = bf16_run["test_accuracy"].as_f64().expect("accuracy");
     let exact_acc = f32_run["test_accuracy"].as_f64().expect("accuracy");
-    assert!(acc > 0.8 && (acc - exact_acc).abs() < 0.05, "bf16 {acc} vs f32 {exact_acc}");
+    assert!(
+        acc > 0.8 && (acc - exact_acc).abs() < 0.05,
+        "bf16 {acc} vs f32 {exact_acc}"
+    );
     assert_ne!(
         bf16_run["final_state_checksum"], f32_run["final_state_checksum"],
         "bf16 deltas must actually be rounded"

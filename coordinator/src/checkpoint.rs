@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use metaloop_common::tensor::{Bundle, HostTensor};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything needed to continue a job exactly where it stopped.

@@ -20,8 +20,8 @@ use metaloop_common::features::{self, Feature};
 use metaloop_common::model::{self, Model};
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_common::proto::{
-    Assignment, AssignmentResult, DType, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, RescalerPlan,
-    RoundPlan, TrainOn,
+    Assignment, AssignmentResult, DType, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec,
+    RescalerPlan, RoundPlan, TrainOn,
 };
 use metaloop_common::rng::derive_seed;
 use metaloop_common::tensor::Bundle;
@@ -591,7 +591,12 @@ impl LoopState {
             // region, and on a small machine that spinning took the cores the network tasks
             // needed (round overhead 100 ms → see BENCHMARKS.md, coordinator scaling).
             tch::set_num_threads(1);
-            Evaluator { spec, test, meta, train }
+            Evaluator {
+                spec,
+                test,
+                meta,
+                train,
+            }
         })?;
         Ok(Self {
             checksum: bundle_checksum(&params),

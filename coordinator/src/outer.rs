@@ -182,7 +182,11 @@ mod tests {
         let deltas: Vec<Bundle> = (0..5)
             .map(|i| b(&[0.1 * i as f32 + 1e-7, -0.0, 3.3e-3 / (i as f32 + 1.0)]))
             .collect();
-        for how in [Combine::Mean, Combine::Weighted(vec![0.1, 0.2, 0.3, 0.4]), Combine::First] {
+        for how in [
+            Combine::Mean,
+            Combine::Weighted(vec![0.1, 0.2, 0.3, 0.4]),
+            Combine::First,
+        ] {
             let in_order = combine(how.clone(), deltas.clone());
             for order in [[4, 3, 2, 1, 0], [2, 0, 4, 1, 3], [1, 2, 3, 4, 0]] {
                 let mut s = OrderedSum::new(how.clone(), deltas.len());
@@ -198,7 +202,10 @@ mod tests {
             }
         }
         // The mean adds into zeros: −0 + −0 gives +0, as the plain loop did.
-        assert_eq!(combine(Combine::Mean, vec![b(&[-0.0]), b(&[-0.0])]).tensors[0].data[0].to_bits(), 0);
+        assert_eq!(
+            combine(Combine::Mean, vec![b(&[-0.0]), b(&[-0.0])]).tensors[0].data[0].to_bits(),
+            0
+        );
         let mut s = OrderedSum::new(Combine::Mean, 3);
         s.add(0, b(&[1.0]));
         s.add(2, b(&[1.0]));
@@ -213,7 +220,10 @@ mod tests {
             momentum: 0.0,
             delta_dtype: metaloop_common::config::DeltaDType::F32,
         });
-        assert_eq!(o.step(combine(Combine::Mean, vec![b(&[1.0, 2.0]), b(&[3.0, -2.0])])), b(&[2.0, 0.0]));
+        assert_eq!(
+            o.step(combine(Combine::Mean, vec![b(&[1.0, 2.0]), b(&[3.0, -2.0])])),
+            b(&[2.0, 0.0])
+        );
     }
 
     #[test]

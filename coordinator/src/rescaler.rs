@@ -95,16 +95,7 @@ impl LossRescaler {
     pub fn plan(&self, progress: f64) -> RescalerPlan {
         RescalerPlan {
             mode: self.mode,
-            omega: self
-                .omega()
-                .tensors
-                .into_iter()
-                .map(|t| SmallTensor {
-                    name: t.name,
-                    shape: t.shape.iter().map(|&d| d as u32).collect(),
-                    data: t.data,
-                })
-                .collect(),
+            omega: SmallTensor::from_bundle(self.omega()),
             features: self.features.iter().map(|f| f.code()).collect(),
             normalize: self.normalize,
             directional: self.directional,

@@ -67,7 +67,8 @@ struct Cost {
 
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     ensure!(args.rounds >= 2, "--rounds must be at least 2");
-    let data = std::fs::canonicalize(&args.data).with_context(|| format!("the data directory {}", args.data.display()))?;
+    let data =
+        std::fs::canonicalize(&args.data).with_context(|| format!("the data directory {}", args.data.display()))?;
     let digits = "hidden = [256]";
     println!(
         "Simulated workers (no compute) on loopback, digits MLP (64→256→10, {} KiB), {} rounds, first round not counted; {}.",
@@ -96,7 +97,13 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         // Two hidden layers of h: about h² parameters.
         let h = ((args.model_mib as f64 * 1024.0 * 1024.0 / 4.0).sqrt()) as u32;
         let bytes = model_bytes(&[h, h]);
-        let c = one_run(&data, args.memory_workers, args.memory_rounds, &format!("hidden = [{h}, {h}]")).await?;
+        let c = one_run(
+            &data,
+            args.memory_workers,
+            args.memory_rounds,
+            &format!("hidden = [{h}, {h}]"),
+        )
+        .await?;
         println!();
         println!(
             "Memory: MLP 64→{h}→{h}→10 ({} MiB of f32), {} simulated workers, {} rounds.",
@@ -167,7 +174,9 @@ async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str) -> anyho
         .args(["--min-workers", &workers.to_string(), "--max-handshakes", "1024"])
         .args(tls_args(&coord_tls))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        // A file, not a pipe: a pipe nobody reads fills up with join logs and stalls the
+        // coordinator until its connections time out.
+        .stderr(std::fs::File::create(dir.join("coordinator.log"))?)
         .spawn()
         .context("starting the coordinator")?;
     let mut sims = Command::new(&exe)
@@ -175,7 +184,7 @@ async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str) -> anyho
         .args(["--count", &workers.to_string()])
         .args(tls_args(&worker_tls))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("sim-workers.log"))?)
         .spawn()
         .context("starting the simulated workers")?;
     let cost = watch(&mut coordinator, &mut sims, &dir.join("run/metrics.jsonl"), rounds);
@@ -186,8 +195,8 @@ async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str) -> anyho
             let _ = sims.kill();
             return Err(e.context(format!(
                 "coordinator: {}; simulated workers: {}",
-                stderr_of(coordinator),
-                stderr_of(sims)
+                log_tail(&dir.join("coordinator.log")),
+                log_tail(&dir.join("sim-workers.log"))
             )));
         }
     };
@@ -196,8 +205,8 @@ async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str) -> anyho
     if !status.success() || !sim_status.success() {
         bail!(
             "coordinator exited {status}: {}; simulated workers exited {sim_status}: {}",
-            stderr_of(coordinator),
-            stderr_of(sims)
+            log_tail(&dir.join("coordinator.log")),
+            log_tail(&dir.join("sim-workers.log"))
         );
     }
     let run: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl"))?
@@ -212,11 +221,9 @@ async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str) -> anyho
     })
 }
 
-fn stderr_of(mut child: Child) -> String {
-    let mut s = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut s);
-    }
+/// The last lines of a log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     s.trim().lines().rev().take(5).collect::<Vec<_>>().join(" | ")
 }
 

@@ -82,7 +82,9 @@ fn overhead(compute: f64, wall: f64) -> f64 {
 
 fn read(dir: &std::path::Path, process: f64) -> anyhow::Result<Shares> {
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
-    let job = summary["wall_seconds"].as_f64().context("summary.json has no wall_seconds")?;
+    let job = summary["wall_seconds"]
+        .as_f64()
+        .context("summary.json has no wall_seconds")?;
     let mut s = Shares {
         process,
         job,
@@ -91,7 +93,9 @@ fn read(dir: &std::path::Path, process: f64) -> anyhow::Result<Shares> {
     for line in std::fs::read_to_string(dir.join("metrics.jsonl"))?.lines() {
         let r: serde_json::Value = serde_json::from_str(line)?;
         s.rounds += r["seconds"].as_f64().context("a round without seconds")?;
-        s.compute += r["compute_seconds"].as_f64().context("a round without compute_seconds")?;
+        s.compute += r["compute_seconds"]
+            .as_f64()
+            .context("a round without compute_seconds")?;
         s.n_rounds += 1;
     }
     Ok(s)

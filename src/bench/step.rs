@@ -152,7 +152,11 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         "the reference script {} is missing (run from the repository root, or pass --script)",
         args.script.display()
     );
-    let cases = args.cases.iter().map(|c| Case::parse(c)).collect::<anyhow::Result<Vec<_>>>()?;
+    let cases = args
+        .cases
+        .iter()
+        .map(|c| Case::parse(c))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut torch_version = String::from("?");
     println!(
         "Device {}, {threads} threads on both sides (OMP_WAIT_POLICY={}), {}; an assignment = {STEPS} inner steps + its outer signal; best of {} alternating trials.",
@@ -181,8 +185,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
             for _ in 0..args.trials.max(1) {
                 rust_seconds = rust_seconds.min(timed.rust_timed(device, n)?);
                 let py = timed.python(&dir.join("timed"), args, device, threads, n)?;
-                py_seconds =
-                    py_seconds.min(py["seconds"].as_f64().context("the reference printed no seconds")?);
+                py_seconds = py_seconds.min(py["seconds"].as_f64().context("the reference printed no seconds")?);
             }
             // Steps per second: inner steps for (a), whole bi-level steps (one assignment) for
             // the others.
@@ -324,7 +327,14 @@ impl Setup {
     }
 
     /// Writes the spec and data into `dir`, runs the reference and returns its JSON line.
-    fn python(&self, dir: &Path, args: &StepArgs, device: tch::Device, threads: usize, n: usize) -> anyhow::Result<Value> {
+    fn python(
+        &self,
+        dir: &Path,
+        args: &StepArgs,
+        device: tch::Device,
+        threads: usize,
+        n: usize,
+    ) -> anyhow::Result<Value> {
         std::fs::create_dir_all(dir)?;
         let write_data = |name: &str, ds: &Dataset| -> anyhow::Result<String> {
             let path = dir.join(name);
@@ -348,22 +358,13 @@ impl Setup {
             classes,
             ..
         } = &self.job.model;
-        let hyper = self.asks.hypergradient.map(|h| {
-            json!({"directional": directional_name(h.directional), "probe": h.probe})
-        });
+        let hyper = self
+            .asks
+            .hypergradient
+            .map(|h| json!({"directional": directional_name(h.directional), "probe": h.probe}));
         let rescaler = match &self.asks.rescaler {
             Some(r) => {
-                let omega = Bundle {
-                    tensors: r
-                        .omega
-                        .iter()
-                        .map(|t| metaloop_common::tensor::HostTensor {
-                            name: t.name.clone(),
-                            shape: t.shape.iter().map(|&d| d as usize).collect(),
-                            data: t.data.clone(),
-                        })
-                        .collect(),
-                };
+                let omega = SmallTensor::to_bundle(&r.omega);
                 let features: Vec<&str> = r
                     .features
                     .iter()
@@ -406,7 +407,10 @@ impl Setup {
         std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
         let mut cmd = Command::new(&args.python);
         cmd.arg(&args.script).arg(&spec_path);
-        if let Some(site) = std::env::var_os("LIBTORCH").map(PathBuf::from).and_then(|t| t.parent().map(Path::to_path_buf)) {
+        if let Some(site) = std::env::var_os("LIBTORCH")
+            .map(PathBuf::from)
+            .and_then(|t| t.parent().map(Path::to_path_buf))
+        {
             let mut paths = vec![site];
             if let Some(old) = std::env::var_os("PYTHONPATH") {
                 paths.extend(std::env::split_paths(&old));
@@ -462,15 +466,7 @@ fn rescaler_plan() -> RescalerPlan {
     };
     RescalerPlan {
         mode: RescaleMode::SelfTaught,
-        omega: model::init_params(&spec, 2)
-            .tensors
-            .into_iter()
-            .map(|t| SmallTensor {
-                name: t.name,
-                shape: t.shape.iter().map(|&d| d as u32).collect(),
-                data: t.data,
-            })
-            .collect(),
+        omega: SmallTensor::from_bundle(model::init_params(&spec, 2)),
         features: features.iter().map(|f| f.code()).collect(),
         normalize: true,
         directional: DirectionalMethod::Exact,
@@ -514,7 +510,12 @@ fn bundle_safetensors(b: &Bundle) -> anyhow::Result<Vec<u8>> {
         .tensors
         .iter()
         .zip(&bytes)
-        .map(|(t, data)| Ok((t.name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), data)?)))
+        .map(|(t, data)| {
+            Ok((
+                t.name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), data)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     Ok(safetensors::serialize(views, None)?)
 }

@@ -190,7 +190,17 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         };
         match msg {
             CoordinatorMsg::Round(plan) => {
-                if let Err(e) = round(conn, &mut send, &engine, &inbox, plan, welcome.job.delta_dtype, &mut next_transfer).await {
+                if let Err(e) = round(
+                    conn,
+                    &mut send,
+                    &engine,
+                    &inbox,
+                    plan,
+                    welcome.job.delta_dtype,
+                    &mut next_transfer,
+                )
+                .await
+                {
                     break Err(e);
                 }
             }
@@ -260,7 +270,12 @@ async fn round(
                 metrics::counter!(m::WORKER_SAMPLES).increment(out.samples);
                 metrics::gauge!(m::WORKER_INNER_LOSS).set(f64::from(out.mean_loss));
                 *next_transfer += 1;
-                net::send_encoded(conn, *next_transfer, &net::EncodedBundle::with_dtype(&out.delta, delta_dtype)).await?;
+                net::send_encoded(
+                    conn,
+                    *next_transfer,
+                    &net::EncodedBundle::with_dtype(&out.delta, delta_dtype),
+                )
+                .await?;
                 let result = AssignmentResult {
                     round: plan.round,
                     assignment: index,

@@ -303,15 +303,7 @@ mod tests {
         };
         RescalerPlan {
             mode,
-            omega: model::init_params(&spec, 8)
-                .tensors
-                .into_iter()
-                .map(|t| SmallTensor {
-                    name: t.name,
-                    shape: t.shape.iter().map(|&d| d as u32).collect(),
-                    data: t.data,
-                })
-                .collect(),
+            omega: SmallTensor::from_bundle(model::init_params(&spec, 8)),
             features: features.iter().map(|f| f.code()).collect(),
             normalize: true,
             directional,

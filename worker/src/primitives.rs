@@ -31,13 +31,21 @@ pub fn directional_exact(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor]
     let w = Tensor::ones_like(&losses).set_requires_grad(true);
     let total = (&w * &losses).sum(losses.kind());
     let g = Tensor::run_backward(&[&total], model.parameters(), true, true);
+    // A dot product per tensor: no model-sized temporary for g ⊙ u.
     let dot = g
         .iter()
         .zip(u)
-        .map(|(g, u)| (g * u).sum(g.kind()))
+        .map(|(g, u)| g.reshape([-1]).dot(&u.reshape([-1])))
         .reduce(|a, b| a + b)
         .unwrap_or_else(|| Tensor::zeros([], (losses.kind(), losses.device())));
     Tensor::run_backward(&[&dot], &[&w], false, false).remove(0)
+}
+
+/// x ← x + a·y in place, without a temporary the size of `y` (libtorch's `add_` with alpha
+/// is not bound by tch; `addcmul_` with a 0-dim factor is the same operation).
+pub fn axpy(x: &mut Tensor, a: f64, y: &Tensor) {
+    let a = Tensor::scalar_tensor(a, (x.kind(), x.device()));
+    let _ = x.addcmul_(y, &a);
 }
 
 /// Central finite difference c_i ≈ (ℓ_i(θ + εu) − ℓ_i(θ − εu)) / 2ε with ε = R/‖u‖: two
@@ -59,7 +67,8 @@ pub fn directional_fd(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor], r
         let shift = |sign: f64| {
             for ((p, s), u) in model.parameters().iter().zip(&saved).zip(u) {
                 let mut p = p.shallow_clone();
-                p.copy_(&(s + u * (sign * eps)));
+                p.copy_(s);
+                axpy(&mut p, sign * eps, u);
             }
         };
         shift(1.0);

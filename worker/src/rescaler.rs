@@ -79,7 +79,8 @@ pub fn meta_gradient(
     tch::no_grad(|| {
         for ((p, s), g) in model.parameters().iter().zip(&saved).zip(&g) {
             let mut p = p.shallow_clone();
-            p.copy_(&(s - g * alpha));
+            p.copy_(s);
+            primitives::axpy(&mut p, -alpha, g);
         }
     });
     let (val_loss, u, direct) = match val {

@@ -18,7 +18,6 @@ use metaloop_common::proto::{
 };
 use metaloop_common::rng::{derive_seed, SplitMix64};
 use metaloop_common::tensor::Bundle;
-use metaloop_common::tensor::HostTensor;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
@@ -90,22 +89,13 @@ struct Omega {
 
 impl Omega {
     fn from_plan(plan: &RescalerPlan, device: Device) -> Result<Self, TrainError> {
-        let tensors = plan
-            .omega
-            .iter()
-            .map(|t| HostTensor {
-                name: t.name.clone(),
-                shape: t.shape.iter().map(|&d| d as usize).collect(),
-                data: t.data.clone(),
-            })
-            .collect();
         let features = plan
             .features
             .iter()
             .map(|&c| Feature::from_code(c).ok_or_else(|| TrainError::Mismatch(format!("unknown feature code {c}"))))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            model: Box::new(Mlp::from_bundle(&Bundle { tensors }, device)?),
+            model: Box::new(Mlp::from_bundle(&SmallTensor::to_bundle(&plan.omega), device)?),
             mode: plan.mode,
             features,
             normalize: plan.normalize,
@@ -361,7 +351,6 @@ impl Trainer {
             samples += ys.len() as u64;
             let (x, y) = model::batch_tensors(&xs, &ys, batches.features(), self.device);
             let mut w = Tensor::from_slice(&ws).to_device(self.device);
-            zero_grads(model.parameters());
             if let Some(o) = &omega {
                 w *= o.weights(model.as_ref(), &x, &y);
             }
@@ -370,10 +359,14 @@ impl Trainer {
                     let logits = model.forward(&x);
                     let loss = (primitives::cross_entropy(&logits, &y) * w).sum(tch::Kind::Float);
                     let value = loss.f_double_value(&[]).map_err(model::ModelError::from)?;
-                    if value.is_finite() {
-                        loss.backward();
-                    }
-                    (value, model.parameters().iter().map(Tensor::grad).collect())
+                    // Fresh gradients, as torch's zero_grad(set_to_none) then backward: no
+                    // pass to zero them and none to accumulate into them.
+                    let grads = if value.is_finite() {
+                        primitives::gradient(model.as_ref(), &loss)
+                    } else {
+                        Vec::new()
+                    };
+                    (value, grads)
                 }
                 Some(c) => shared_step(model.as_ref(), c.as_ref(), &x, &y, &w)?,
             };
@@ -779,6 +772,7 @@ fn shared_step(
     y: &Tensor,
     w: &Tensor,
 ) -> Result<(f64, Vec<Tensor>), TrainError> {
+    zero_grads(model.parameters());
     let rows = collective::share(y.size()[0] as usize, collective.rank(), collective.size());
     let (start, len) = (rows.start as i64, rows.len() as i64);
     let logits = model.forward(&x.narrow(0, start, len));
@@ -821,16 +815,20 @@ fn sgd_step(params: &[Tensor], grads: &[Tensor], momentum: &mut [Option<Tensor>]
             if !g.defined() {
                 continue;
             }
+            // In place, as torch.optim.SGD: no temporary the size of the model.
             let mut g = g.shallow_clone();
             if wd != 0.0 {
-                g += p * wd;
+                primitives::axpy(&mut g, wd, p);
             }
             let b = match buf.take() {
-                Some(b) if mu != 0.0 => b * mu + &g,
+                Some(mut b) if mu != 0.0 => {
+                    let _ = b.f_mul_scalar_(mu).and_then(|_| b.f_add_(&g));
+                    b
+                }
                 _ => g.copy(),
             };
             let mut p = p.shallow_clone();
-            let _ = p.f_sub_(&(&b * lr));
+            primitives::axpy(&mut p, -lr, &b);
             *buf = Some(b);
         }
     });
