@@ -11,9 +11,8 @@
 
 use anyhow::{bail, ensure, Context};
 use metaloop_common::model;
-use metaloop_common::net::{self, Inbox, TlsFiles};
+use metaloop_common::net::{self, EncodedBundle, Inbox, TlsFiles};
 use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, WorkerMsg};
-use metaloop_common::tensor::Bundle;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicU64;
@@ -295,7 +294,7 @@ pub async fn sim_workers(args: SimArgs) -> anyhow::Result<()> {
         key: args.key,
     };
     let endpoint = net::client_endpoint(&tls, "127.0.0.1:0".parse()?)?;
-    let zero: Arc<tokio::sync::OnceCell<Bundle>> = Arc::default();
+    let zero: Arc<tokio::sync::OnceCell<EncodedBundle>> = Arc::default();
     // Joins go a few at a time, as the handshakes of a real fleet would be spread out; each
     // connection attempt is retried like a real worker's.
     let joining = Arc::new(tokio::sync::Semaphore::new(16));
@@ -315,7 +314,7 @@ async fn sim_worker(
     endpoint: &quinn::Endpoint,
     addr: std::net::SocketAddr,
     i: usize,
-    zero: &tokio::sync::OnceCell<Bundle>,
+    zero: &tokio::sync::OnceCell<EncodedBundle>,
     joining: &tokio::sync::Semaphore,
 ) -> anyhow::Result<()> {
     let (conn, mut send, mut recv, welcome) = {
@@ -330,9 +329,10 @@ async fn sim_worker(
             }
         }
     };
-    // One zero delta of the model's layout, shared by every simulated worker.
+    // One zero delta of the model's layout, encoded once and shared by every simulated worker
+    // (their process shares the cores with the coordinator: it should spend nothing per send).
     let delta = zero
-        .get_or_init(|| async { model::init_params(&welcome.job.model, 0).zeros_like() })
+        .get_or_init(|| async { EncodedBundle::new(&model::init_params(&welcome.job.model, 0).zeros_like()) })
         .await;
     let inbox = Arc::new(Inbox::default());
     let filler = {
@@ -351,7 +351,7 @@ async fn sim_worker(
                 }
                 for a in plan.assignments {
                     transfer += 1;
-                    net::send_bundle(&conn, transfer, delta).await?;
+                    net::send_encoded(&conn, transfer, delta).await?;
                     let result = AssignmentResult {
                         round: plan.round,
                         assignment: a.index,
