@@ -49,7 +49,13 @@ fn recorded_rounds(run: &Path) -> Vec<u64> {
 fn coordinator_alone(dir: &Path, extra: &[&str]) -> Output {
     Command::new(BIN)
         .current_dir(ROOT)
-        .args(["coordinator", "--config", "configs/quickstart.toml", "--listen", "127.0.0.1:0"])
+        .args([
+            "coordinator",
+            "--config",
+            "configs/quickstart.toml",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .arg("--run-dir")
         .arg(dir.join("run"))
         .args(tls_args(&dir.join("certs"), "coordinator"))
@@ -123,9 +129,16 @@ fn a_resume_over_torn_newer_checkpoints_keeps_its_own_and_records_each_round_onc
     assert!(log.contains("no valid checkpoint"), "{log}");
     let named = log
         .lines()
-        .find_map(|l| l.split("; checkpoint ").nth(1)?.strip_suffix(" (continue with --resume)"))
+        .find_map(|l| {
+            l.split("; checkpoint ")
+                .nth(1)?
+                .strip_suffix(" (continue with --resume)")
+        })
         .unwrap_or_else(|| panic!("no stop message: {log}"));
-    assert!(Path::new(named).exists(), "the stop message names {named}, which is gone");
+    assert!(
+        Path::new(named).exists(),
+        "the stop message names {named}, which is gone"
+    );
     assert!(
         ckpt.join("round-00000010.safetensors").exists(),
         "the resumed run's own checkpoint was pruned"
@@ -162,19 +175,27 @@ fn a_resume_over_torn_newer_checkpoints_keeps_its_own_and_records_each_round_onc
     assert!(lost >= 1, "the worker lost before the restart is still counted: {got}");
 }
 
-/// `--resume` on a job that is complete says so and exits 0 without waiting for workers;
-/// another job (here another seed) in the same directory is refused with what differs, with
-/// or without `--resume`, and the directory is left exactly as it was.
+/// A coordinator SIGKILLed after its round-10 checkpoint and resumed records every round once
+/// (the rounds after the checkpoint used to be appended twice). Then `--resume` on the job,
+/// now complete, says so and exits 0 without waiting for workers; another job (here another
+/// seed) in the same directory is refused with what differs, with or without `--resume`, and
+/// the directory is left exactly as it was.
 #[test]
-fn a_finished_job_is_not_run_again_and_another_job_is_refused() {
-    let job = ["--rounds", "20", "--seed", "7"];
+fn a_killed_job_records_each_round_once_then_is_not_run_again_and_another_job_is_refused() {
+    let job = ["--rounds", "30", "--seed", "7"];
     let dir = tempfile::tempdir().expect("tmp");
     metaloop_common::net::write_pki(&dir.path().join("certs")).expect("pki");
     let run = dir.path().join("run");
     let (mut first, addr) = coordinator(dir.path(), &job);
     let mut w = worker(dir.path(), &addr, "w");
-    assert!(wait_for(&mut first, Duration::from_secs(120)).success());
+    wait_for_rounds(&run, 15);
+    first.kill().expect("SIGKILL the coordinator");
+    first.wait().expect("reap");
+    assert!(rounds_done(&run) < 30, "killed mid-run");
+    let (mut second, _) = coordinator_on(dir.path(), &addr, "second.stderr", &[&job[..], &["--resume"]].concat());
+    assert!(wait_for(&mut second, Duration::from_secs(120)).success());
     wait_for(&mut w, Duration::from_secs(30));
+    assert_eq!(recorded_rounds(&run), (0..30).collect::<Vec<u64>>());
     let before = snapshot(&run);
 
     let started = Instant::now();
@@ -184,17 +205,23 @@ fn a_finished_job_is_not_run_again_and_another_job_is_refused() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("is complete") && stdout.contains("nothing to resume"), "{stdout}");
+    assert!(
+        stdout.contains("is complete") && stdout.contains("nothing to resume"),
+        "{stdout}"
+    );
     assert!(started.elapsed() < Duration::from_secs(15), "it waited for workers");
 
     for extra in [&["--resume", "--worker-wait", "2"][..], &["--worker-wait", "2"][..]] {
-        let out = coordinator_alone(dir.path(), &[&["--rounds", "20", "--seed", "8"][..], extra].concat());
+        let out = coordinator_alone(dir.path(), &[&["--rounds", "30", "--seed", "8"][..], extra].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{stderr}");
         assert!(stderr.contains("belongs to another job"), "{stderr}");
         assert!(stderr.contains("seed: 7 in the run directory, 8 now"), "{stderr}");
     }
-    assert!(snapshot(&run) == before, "a refused or complete job changed the run directory");
+    assert!(
+        snapshot(&run) == before,
+        "a refused or complete job changed the run directory"
+    );
 }
 
 /// A disk too full for the record (here a file-size limit that `metrics.jsonl` reaches
@@ -211,7 +238,14 @@ fn a_disk_too_full_for_the_record_does_not_stop_training() {
     // A quickstart line is ~800 bytes: the limit comes after 20-odd rounds.
     let mut coord = Command::new("prlimit")
         .current_dir(ROOT)
-        .args(["--fsize=20000", "--", BIN, "coordinator", "--config", "configs/quickstart.toml"])
+        .args([
+            "--fsize=20000",
+            "--",
+            BIN,
+            "coordinator",
+            "--config",
+            "configs/quickstart.toml",
+        ])
         .args(["--listen", "127.0.0.1:0", "--run-dir"])
         .arg(&run)
         .args(tls_args(&dir.path().join("certs"), "coordinator"))
@@ -244,9 +278,15 @@ fn a_disk_too_full_for_the_record_does_not_stop_training() {
     assert_eq!(rounds, (0..rounds.len() as u64).collect::<Vec<_>>(), "a clean prefix");
     assert!(got["record_failures"].as_u64().expect("record_failures") >= 1, "{got}");
     assert_eq!(got["checkpoint_failures"], 5, "{got}");
-    assert!(stderr.contains("could not be recorded") && stderr.contains("metrics.jsonl"), "{stderr}");
+    assert!(
+        stderr.contains("could not be recorded") && stderr.contains("metrics.jsonl"),
+        "{stderr}"
+    );
     let messages = stderr.replace(&dir.path().display().to_string(), "DIR");
-    assert!(!messages.contains(".tmp"), "a message names a temporary file: {messages}");
+    assert!(
+        !messages.contains(".tmp"),
+        "a message names a temporary file: {messages}"
+    );
     let leftovers: Vec<_> = snapshot(&run)
         .into_iter()
         .map(|(p, _)| p)

@@ -282,7 +282,10 @@ impl Coordinator {
                 run_dir.metrics_pending()
             );
         }
-        state.record("plot.svg", run_dir.write_text("plot.svg", &crate::plot::render(&records)));
+        state.record(
+            "plot.svg",
+            run_dir.write_text("plot.svg", &crate::plot::render(&records)),
+        );
         let stopped = match outcome {
             Ok(()) => false,
             Err(e) if e.is::<Stopped>() => true,
@@ -292,7 +295,13 @@ impl Coordinator {
                 if state.rounds_done > 0 {
                     let snapshot = state.snapshot(config.seed, &traffic);
                     let previous = state.last_checkpoint.as_deref();
-                    match save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO, previous) {
+                    match save_checkpoint(
+                        &checkpoints,
+                        &snapshot,
+                        config.checkpoint.keep,
+                        Duration::ZERO,
+                        previous,
+                    ) {
                         Ok(path) => eprintln!(
                             "checkpoint after round {}: {} (continue with --resume)",
                             state.rounds_done,
@@ -310,7 +319,13 @@ impl Coordinator {
         let mut final_error = None;
         if stopped {
             let previous = state.last_checkpoint.as_deref();
-            let path = save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO, previous)?;
+            let path = save_checkpoint(
+                &checkpoints,
+                &snapshot,
+                config.checkpoint.keep,
+                Duration::ZERO,
+                previous,
+            )?;
             eprintln!(
                 "stopped after round {}; checkpoint {} (continue with --resume)",
                 state.rounds_done,
@@ -373,13 +388,15 @@ impl Coordinator {
             checkpoint_failures: state.checkpoint_failures,
             record_failures: state.record_failures,
         };
-        run_dir.write_summary(&summary).map_err(|e| match (&final_error, stopped) {
-            (None, false) => e.context(format!(
-                "summary.json could not be written; the final state is saved in {}",
-                self.options.run_dir.join("final.safetensors").display()
-            )),
-            _ => e.context("summary.json could not be written"),
-        })?;
+        run_dir
+            .write_summary(&summary)
+            .map_err(|e| match (&final_error, stopped) {
+                (None, false) => e.context(format!(
+                    "summary.json could not be written; the final state is saved in {}",
+                    self.options.run_dir.join("final.safetensors").display()
+                )),
+                _ => e.context("summary.json could not be written"),
+            })?;
         match final_error {
             Some(e) => Err(e),
             None => Ok(summary),
@@ -423,7 +440,8 @@ fn job_identity(config: &JobConfig, data: &Prepared) -> JobIdentity {
         h.bytes(b"meta").bytes(&m.checksum);
     }
     h.bytes(b"test").bytes(&data.test_checksum);
-    h.bytes(&config.data.classes.to_le_bytes()).bytes(&job.shards.to_le_bytes());
+    h.bytes(&config.data.classes.to_le_bytes())
+        .bytes(&job.shards.to_le_bytes());
     let section = |debug: String| hex(&StateHasher::new().bytes(debug.as_bytes()).finish());
     JobIdentity {
         seed: config.seed,
@@ -761,14 +779,14 @@ impl LoopState {
             connections_refused: self.refused.clone(),
             checkpoint_failures: self.checkpoint_failures,
             record_failures: self.record_failures,
-            best_meta: self.best_meta.map(|(round, meta_accuracy, meta_loss, test_accuracy)| {
-                checkpoint::BestMeta {
+            best_meta: self.best_meta.map(
+                |(round, meta_accuracy, meta_loss, test_accuracy)| checkpoint::BestMeta {
                     round,
                     meta_accuracy,
                     meta_loss,
                     test_accuracy,
-                }
-            }),
+                },
+            ),
         }
     }
 

@@ -126,10 +126,16 @@ impl JobIdentity {
             out.push(format!("seed: {} in the run directory, {} now", self.seed, other.seed));
         }
         if self.rounds != other.rounds {
-            out.push(format!("rounds: {} in the run directory, {} now", self.rounds, other.rounds));
+            out.push(format!(
+                "rounds: {} in the run directory, {} now",
+                self.rounds, other.rounds
+            ));
         }
         if self.model != other.model {
-            out.push(format!("model: {} in the run directory, {} now", self.model, other.model));
+            out.push(format!(
+                "model: {} in the run directory, {} now",
+                self.model, other.model
+            ));
         }
         if self.data != other.data {
             out.push("data: the training, meta or test data (or classes, shards) differ".to_string());
@@ -254,7 +260,10 @@ impl RunDir {
         if self.pending.len() + line.len() <= PENDING_LIMIT {
             self.pending.extend_from_slice(&line);
         } else {
-            tracing::warn!(round = record.round, "metrics.jsonl: too many unwritten lines; dropping this round's");
+            tracing::warn!(
+                round = record.round,
+                "metrics.jsonl: too many unwritten lines; dropping this round's"
+            );
         }
         self.flush_metrics()
     }
@@ -276,7 +285,11 @@ impl RunDir {
         let len = f.metadata().with_context(|| format!("reading {}", p.display()))?.len();
         if let Err(e) = f.write_all(&self.pending).and_then(|()| f.flush()) {
             // Never leave half a line: cut the file back to where this write began.
-            let cut = f.set_len(len).err().map(|c| format!(" (and cutting it back failed: {c})")).unwrap_or_default();
+            let cut = f
+                .set_len(len)
+                .err()
+                .map(|c| format!(" (and cutting it back failed: {c})"))
+                .unwrap_or_default();
             return Err(e).with_context(|| format!("writing {}{cut}", p.display()));
         }
         self.pending.clear();
@@ -358,7 +371,10 @@ mod tests {
     use super::*;
 
     fn lines(rounds: &[u64]) -> String {
-        rounds.iter().map(|r| format!("{{\"round\":{r},\"test_loss\":0.5}}\n")).collect()
+        rounds
+            .iter()
+            .map(|r| format!("{{\"round\":{r},\"test_loss\":0.5}}\n"))
+            .collect()
     }
 
     /// The defect this guards against: a resume after a crash appended the rounds since the
@@ -411,6 +427,9 @@ mod tests {
         let e = format!("{:#}", run.claim(&other).expect_err("another job"));
         assert!(e.contains("belongs to another job") && e.contains("job.json"), "{e}");
         assert!(e.contains("seed: 1 in the run directory, 2 now"), "{e}");
-        assert!(e.contains("[strategy]: the settings differ") && !e.contains("[inner]"), "{e}");
+        assert!(
+            e.contains("[strategy]: the settings differ") && !e.contains("[inner]"),
+            "{e}"
+        );
     }
 }
