@@ -283,7 +283,7 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
             })?;
             // The first line on stdout is the bound address, for scripts that listen on port 0.
             println!("listening on {}", coordinator.local_addr()?);
-            let summary = coordinator
+            let outcome = coordinator
                 .run(
                     config,
                     |r| {
@@ -297,7 +297,15 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
                     },
                     shutdown,
                 )
-                .await?;
+                .await;
+            let summary = match outcome {
+                // `--resume` on a finished job: nothing to do, and not a failure.
+                Err(e) if e.is::<metaloop_coordinator::Complete>() => {
+                    println!("{e}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                other => other?,
+            };
             if !summary.completed {
                 println!(
                     "stopped after {} rounds; run again with --resume to continue",

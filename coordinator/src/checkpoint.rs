@@ -1,12 +1,14 @@
 //! Durable coordinator state: the model, the outer optimizer's momentum, the strategy's state,
-//! the model version and the round, as one safetensors file per checkpoint. Written atomically
-//! (temporary file, fsync, rename, fsync of the directory); the newest `keep` are kept; reading
-//! skips torn or corrupt files with a message saying why.
+//! the model version, the round and the run's counters, as one safetensors file per checkpoint.
+//! Written atomically (temporary file, fsync, rename, fsync of the directory); pruning keeps the
+//! newest `keep` up to the one just written and never touches a newer file; reading skips torn,
+//! corrupt or foreign files, says why and moves them into `unusable/`.
 
 use anyhow::{bail, Context};
 use metaloop_common::tensor::{Bundle, HostTensor};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
-use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +28,45 @@ pub struct State {
     pub seed: u64,
     /// Hex state checksum of the above, recomputed on load to catch corruption.
     pub checksum: String,
+    /// The run's cumulative counts, so a summary after a restart covers the whole run. Not part
+    /// of the state checksum: they do not change what the job computes.
+    pub counters: Counters,
+}
+
+/// Cumulative counts of a run, carried through checkpoints (metadata `counters`, JSON) so that
+/// `summary.json` after a coordinator restart reports the whole run, not the last process.
+/// Checkpoints written before this existed have none: they resume with zero counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub samples: u64,
+    pub reassigned: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Results not applied, by reason.
+    pub rejected: BTreeMap<String, u64>,
+    pub workers_lost: BTreeMap<String, u64>,
+    pub connections_refused: BTreeMap<String, u64>,
+    pub checkpoint_failures: u64,
+    /// Writes to the run's record (`metrics.jsonl`, plots) that failed.
+    pub record_failures: u64,
+    /// The round whose model did best on the meta set so far.
+    pub best_meta: Option<BestMeta>,
+}
+
+/// The round whose model did best on the meta set (accuracy, then loss), and its test accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestMeta {
+    pub round: u64,
+    pub meta_accuracy: f64,
+    /// JSON has no NaN (a diverged model's loss): written as `null`, read back as NaN.
+    #[serde(deserialize_with = "nan_from_null")]
+    pub meta_loss: f64,
+    pub test_accuracy: f64,
+}
+
+fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 const MOMENTUM: &str = "outer.momentum.";
@@ -117,6 +158,7 @@ pub fn encode(state: &State) -> anyhow::Result<Vec<u8>> {
         ("rounds_done".to_string(), state.rounds_done.to_string()),
         ("seed".to_string(), state.seed.to_string()),
         ("state_checksum".to_string(), state.checksum.clone()),
+        ("counters".to_string(), serde_json::to_string(&state.counters)?),
     ]);
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
@@ -195,6 +237,10 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<State> {
         rounds_done: number("rounds_done")?,
         seed: number("seed")?,
         checksum: field("state_checksum")?,
+        counters: match meta.get("counters") {
+            Some(json) => serde_json::from_str(json).context("metadata `counters` is not valid")?,
+            None => Counters::default(),
+        },
     })
 }
 
@@ -251,7 +297,21 @@ fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-/// Writes a checkpoint into `dir` and removes all but the newest `keep`. `pause` (zero outside
+/// Which checkpoints to delete after writing the one for round `written`: of those for earlier
+/// rounds, all but the newest `keep − 1` (so `keep` remain with the new one). A file for a later
+/// round is never deleted: it is not this run's (a resume moves such files aside first), and
+/// a number in a file name proves nothing about what the file holds.
+fn prune_plan(found: &[(u64, PathBuf)], written: u64, keep: usize) -> Vec<PathBuf> {
+    let mut older: Vec<&(u64, PathBuf)> = found.iter().filter(|(r, _)| *r < written).collect();
+    older.sort_by_key(|f| std::cmp::Reverse(f.0));
+    older
+        .into_iter()
+        .skip(keep.max(1) - 1)
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+/// Writes a checkpoint into `dir` and prunes older ones ([`prune_plan`]). `pause` (zero outside
 /// tests) widens the window between writing and renaming.
 ///
 /// # Errors
@@ -259,19 +319,21 @@ fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
 pub fn save(dir: &Path, state: &State, keep: usize, pause: Duration) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = write_atomic_slowly(dir, &file_name(state.rounds_done), &encode(state)?, pause)?;
-    for (_, old) in list(dir).into_iter().skip(keep.max(1)) {
-        let _ = std::fs::remove_file(old);
+    for old in prune_plan(&list(dir), state.rounds_done, keep) {
+        if let Err(e) = std::fs::remove_file(&old) {
+            tracing::warn!(path = %old.display(), error = %e, "could not remove an old checkpoint");
+        }
     }
     Ok(path)
 }
 
-/// The newest checkpoint file in `dir` by round (not checked), if any.
-pub fn newest(dir: &Path) -> Option<PathBuf> {
-    list(dir).into_iter().next().map(|(_, p)| p)
-}
+/// Where [`newest_valid`] moves the files it cannot use, inside the checkpoint directory.
+pub const UNUSABLE: &str = "unusable";
 
 /// The newest checkpoint in `dir` that decodes and that `accept` takes (it recomputes the state
-/// checksum); every skipped file is reported with its reason.
+/// checksum and checks the checkpoint is this job's). Every newer file it skips is reported with
+/// its reason and moved into `dir/unusable/`, so that it can neither be taken by a later resume
+/// nor outrank the checkpoints this run writes; nothing is deleted.
 pub fn newest_valid<T>(dir: &Path, mut accept: impl FnMut(State) -> anyhow::Result<T>) -> Option<(PathBuf, T)> {
     for (_, path) in list(dir) {
         let outcome = std::fs::read(&path)
@@ -281,12 +343,30 @@ pub fn newest_valid<T>(dir: &Path, mut accept: impl FnMut(State) -> anyhow::Resu
         match outcome {
             Ok(t) => return Some((path, t)),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "skipping a torn or corrupt checkpoint");
-                eprintln!("skipping checkpoint {}: {e:#}", path.display());
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "skipping an unusable checkpoint");
+                let moved = set_aside(dir, &path)
+                    .map(|to| format!("moved to {}", to.display()))
+                    .unwrap_or_else(|m| format!("could not move it aside: {m:#}"));
+                eprintln!("skipping checkpoint {}: {e:#}; {moved}", path.display());
             }
         }
     }
     None
+}
+
+/// Moves `path` into `dir/unusable/` under a name not taken yet.
+fn set_aside(dir: &Path, path: &Path) -> anyhow::Result<PathBuf> {
+    let aside = dir.join(UNUSABLE);
+    std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    let name = path.file_name().context("no file name")?.to_string_lossy().into_owned();
+    let mut to = aside.join(&name);
+    let mut n = 1;
+    while to.exists() {
+        to = aside.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &to).with_context(|| format!("renaming {} to {}", path.display(), to.display()))?;
+    Ok(to)
 }
 
 #[cfg(test)]
@@ -314,6 +394,7 @@ mod tests {
             rounds_done: round,
             seed: 7,
             checksum: "abc".into(),
+            counters: Counters::default(),
         }
     }
 
@@ -332,6 +413,75 @@ mod tests {
     }
 
     #[test]
+    fn counters_roundtrip_and_old_checkpoints_have_none() {
+        let mut s = state(4);
+        s.counters.workers_lost.insert("disconnected".into(), 2);
+        s.counters.connections_refused.insert("tls_handshake".into(), 5);
+        s.counters.checkpoint_failures = 3;
+        s.counters.record_failures = 1;
+        s.counters.best_meta = Some(BestMeta {
+            round: 3,
+            meta_accuracy: 0.5,
+            meta_loss: f64::NAN,
+            test_accuracy: 0.25,
+        });
+        let back = decode(&encode(&s).expect("encode")).expect("decode");
+        let best = back.counters.best_meta.expect("best");
+        assert!(best.meta_loss.is_nan(), "NaN survives JSON as null");
+        assert_eq!(back.counters.workers_lost, s.counters.workers_lost);
+        assert_eq!(back.counters.connections_refused, s.counters.connections_refused);
+        assert_eq!(back.counters.checkpoint_failures, 3);
+
+        // A checkpoint from before the counters existed: no `counters` metadata at all.
+        let old = state(2);
+        let bytes = encode(&old).expect("encode");
+        let (_, header) = SafeTensors::read_metadata(&bytes).expect("header");
+        let mut meta = header.metadata().clone().expect("metadata");
+        meta.remove("counters");
+        let st = SafeTensors::deserialize(&bytes).expect("st");
+        let views: Vec<(String, TensorView<'_>)> = st.tensors();
+        let without = safetensors::serialize(views, Some(meta)).expect("serialize");
+        assert_eq!(decode(&without).expect("old checkpoints stay readable"), old);
+    }
+
+    #[test]
+    fn pruning_never_deletes_what_was_just_written_nor_a_later_file() {
+        let p = |r: u64| (r, PathBuf::from(file_name(r)));
+        // Unusable files with higher numbers (torn, another job's) and the run's own.
+        let found = vec![p(390), p(380), p(370), p(30), p(20), p(10), p(5)];
+        // Keep 3: the one just written (30) and the two before it.
+        assert_eq!(prune_plan(&found, 30, 3), vec![PathBuf::from(file_name(5))]);
+        let all_older: Vec<PathBuf> = [20, 10, 5].map(|r| PathBuf::from(file_name(r))).into();
+        assert_eq!(prune_plan(&found, 30, 1), all_older);
+        assert_eq!(prune_plan(&found, 30, 0), all_older, "keep 0 still keeps the new one");
+        assert_eq!(prune_plan(&[p(10)], 10, 3), Vec::<PathBuf>::new());
+    }
+
+    /// The defect this guards against: torn checkpoints numbered above the resumed round used to
+    /// win "keep the newest K", so the checkpoints the resumed run wrote were deleted at once.
+    #[test]
+    fn a_resume_past_torn_newer_files_keeps_its_own_checkpoints() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for r in [370, 380, 390] {
+            save(dir.path(), &state(r), 3, Duration::ZERO).expect("save");
+            let path = dir.path().join(file_name(r));
+            let bytes = std::fs::read(&path).expect("read");
+            std::fs::write(&path, &bytes[..bytes.len() / 3]).expect("tear");
+        }
+        assert!(newest_valid(dir.path(), Ok).is_none(), "all torn");
+        let aside: Vec<_> = std::fs::read_dir(dir.path().join(UNUSABLE))
+            .expect("unusable/")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(aside.len(), 3, "moved aside, not deleted: {aside:?}");
+        let written = save(dir.path(), &state(10), 3, Duration::ZERO).expect("save");
+        assert!(written.exists(), "the checkpoint just written survives its own pruning");
+        let (path, s) = newest_valid(dir.path(), Ok).expect("valid");
+        assert_eq!((path, s.rounds_done), (written, 10));
+    }
+
+    #[test]
     fn keeps_the_newest_and_skips_torn_files() {
         let dir = tempfile::tempdir().expect("tmp");
         for r in [5, 10, 15, 20] {
@@ -339,13 +489,14 @@ mod tests {
         }
         let rounds: Vec<u64> = list(dir.path()).iter().map(|(r, _)| *r).collect();
         assert_eq!(rounds, vec![20, 15, 10], "only the newest 3 are kept");
-        // Tear the newest: the one before it is used instead.
+        // Tear the newest: the one before it is used instead, and the torn one is set aside.
         let newest = dir.path().join(file_name(20));
         let bytes = std::fs::read(&newest).expect("read");
         std::fs::write(&newest, &bytes[..bytes.len() / 2]).expect("tear");
         let (path, s) = newest_valid(dir.path(), Ok).expect("an older one survives");
         assert_eq!(s.rounds_done, 15);
         assert!(path.ends_with(file_name(15)));
+        assert!(dir.path().join(UNUSABLE).join(file_name(20)).exists());
         // A checkpoint the caller rejects (say, a checksum mismatch) is skipped too.
         let (_, s) = newest_valid(dir.path(), |s| {
             if s.rounds_done == 15 {

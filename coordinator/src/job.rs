@@ -6,7 +6,7 @@ use crate::checkpoint;
 use crate::outer::{Combine, OrderedSum, OuterOptimizer};
 use crate::policy::{self, PolicyRound, TaskPolicy};
 use crate::rescaler::LossRescaler;
-use crate::rundir::{RoundRecord, RunDir, Summary};
+use crate::rundir::{JobIdentity, RoundRecord, RunDir, Summary};
 use crate::scheduler::{Dispatch, Rejection, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
 use crate::strategy::DomainWeights;
@@ -27,7 +27,7 @@ use metaloop_common::rng::derive_seed;
 use metaloop_common::tensor::Bundle;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +65,21 @@ pub struct CoordinatorOptions {
 #[error("stopped on request")]
 pub struct Stopped;
 
+/// `--resume` found the job complete in its run directory: there is nothing to do, and that
+/// is not a failure (the CLI exits 0).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the job in {} is complete: all {rounds} rounds done, final state in {} (final_state_checksum {checksum}); nothing to resume",
+    dir.display(),
+    final_state.display()
+)]
+pub struct Complete {
+    pub dir: PathBuf,
+    pub rounds: u64,
+    pub final_state: PathBuf,
+    pub checksum: String,
+}
+
 /// A failed assignment is retried this often in one round before the job stops.
 const MAX_FAILURES_PER_ASSIGNMENT: u32 = 3;
 
@@ -96,8 +111,9 @@ impl Coordinator {
     /// Runs the whole job; `observe` sees every finished round (progress display).
     ///
     /// # Errors
-    /// Bad data, no workers within the wait, an assignment failing repeatedly, or I/O on the
-    /// run directory.
+    /// Bad data, a run directory that belongs to another job, no workers within the wait, an
+    /// assignment failing repeatedly, or I/O on the run directory; [`Complete`] when resuming a
+    /// job that is already complete.
     pub async fn run(
         self,
         config: JobConfig,
@@ -105,10 +121,13 @@ impl Coordinator {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Summary> {
         let started = Instant::now();
-        let run_dir = RunDir::create(&self.options.run_dir, self.options.resume)?;
+        let mut run_dir = RunDir::create(&self.options.run_dir)?;
         let rescaler = LossRescaler::new(&config.strategy, config.seed);
         let keep_train = rescaler.is_some() || config.strategy.method == WeightMethod::Doremi;
-        let data = prepare_data(&config, &run_dir, keep_train)?;
+        let data = prepare_data(&config, keep_train)?;
+        // Before anything in the directory changes: is it this job's?
+        run_dir.claim(&job_identity(&config, &data))?;
+        run_dir.write_json("domains.json", &data.records)?;
         let job = data.job.clone();
         let policy = (config.strategy.kind == StrategyKind::TaskPolicy)
             .then(|| TaskPolicy::new(&config, job.domains.iter().map(|d| d.name.clone()).collect()));
@@ -116,10 +135,14 @@ impl Coordinator {
         state.assignment_timeout = self.options.assignment_timeout;
         let checkpoints = self.options.run_dir.join("checkpoints");
         if self.options.resume {
+            if let Some(complete) = state.completed_result(&run_dir, &self.options.run_dir, &config) {
+                return Err(complete.into());
+            }
             match checkpoint::newest_valid(&checkpoints, |c| state.restore(c, config.seed)) {
                 Some((path, ())) => {
                     tracing::info!(path = %path.display(), round = state.rounds_done, "resumed from checkpoint");
                     eprintln!("resuming from {} (round {})", path.display(), state.rounds_done);
+                    state.last_checkpoint = Some(path);
                 }
                 None => eprintln!(
                     "no valid checkpoint in {}; starting from round 0",
@@ -127,11 +150,15 @@ impl Coordinator {
                 ),
             }
         }
+        run_dir.start_metrics(state.rounds_done)?;
 
         crate::telemetry::job_started(&strategy_name(&config), config.rounds, state.rounds_done);
         self.options.ready.store(true, Ordering::Relaxed);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let traffic = Arc::new(Traffic::default());
+        // Cumulative over the whole run, restarts included.
+        traffic.bytes_in.store(state.bytes_before.0, Ordering::Relaxed);
+        traffic.bytes_out.store(state.bytes_before.1, Ordering::Relaxed);
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         tracker.spawn(server::accept_loop(
@@ -158,7 +185,7 @@ impl Coordinator {
                 )
                 .await?;
             for round in state.rounds_done..config.rounds {
-                let reassigned_before = state.scheduler.reassigned();
+                let reassigned_before = state.reassigned();
                 let record = state
                     .round(
                         round,
@@ -169,19 +196,34 @@ impl Coordinator {
                         &shutdown,
                     )
                     .await?;
-                run_dir.append_metrics(&record)?;
+                let waiting = run_dir.metrics_pending() > 0;
+                match run_dir.append_metrics(&record) {
+                    // A record that cannot be written must not stop a run that can still make
+                    // progress: the line waits for the next round's write.
+                    Err(e) => {
+                        state.record_failures += 1;
+                        tracing::warn!(round, error = %format!("{e:#}"), "could not record a round");
+                        if !waiting {
+                            eprintln!("round {round} could not be recorded: {e:#}; training continues, and the line is written with a later round's");
+                        }
+                    }
+                    Ok(()) if waiting => eprintln!("metrics.jsonl written again from round {round}"),
+                    Ok(()) => {}
+                }
                 crate::telemetry::round(&record, reassigned_before);
                 observe(&record);
                 records.push(record);
                 let every = config.checkpoint.every;
                 if every > 0 && state.rounds_done % every == 0 && state.rounds_done < config.rounds {
-                    let snapshot = state.snapshot(config.seed);
+                    let snapshot = state.snapshot(config.seed, &traffic);
                     let pause = self.options.checkpoint_pause;
+                    let previous = state.last_checkpoint.clone();
                     let saved = tokio::task::block_in_place(|| {
-                        save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, pause)
+                        save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, pause, previous.as_deref())
                     });
-                    if saved.is_ok() {
+                    if let Ok(path) = &saved {
                         crate::telemetry::checkpoint_written();
+                        state.last_checkpoint = Some(path.clone());
                     }
                     if let Err(e) = saved {
                         crate::telemetry::checkpoint_failed();
@@ -233,7 +275,17 @@ impl Coordinator {
         tracker.close();
         self.endpoint.close(0u32.into(), b"job finished");
         tracker.wait().await;
-        run_dir.write_text("plot.svg", &crate::plot::render(&records))?;
+        if let Err(e) = run_dir.flush_metrics() {
+            state.record_failures += 1;
+            eprintln!(
+                "{} bytes of metrics.jsonl lines could not be written: {e:#}",
+                run_dir.metrics_pending()
+            );
+        }
+        state.record(
+            "plot.svg",
+            run_dir.write_text("plot.svg", &crate::plot::render(&records)),
+        );
         let stopped = match outcome {
             Ok(()) => false,
             Err(e) if e.is::<Stopped>() => true,
@@ -241,8 +293,15 @@ impl Coordinator {
                 // Lose nothing: the state after the last completed round is consistent, so
                 // keep it for --resume before reporting the failure.
                 if state.rounds_done > 0 {
-                    let snapshot = state.snapshot(config.seed);
-                    match save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO) {
+                    let snapshot = state.snapshot(config.seed, &traffic);
+                    let previous = state.last_checkpoint.as_deref();
+                    match save_checkpoint(
+                        &checkpoints,
+                        &snapshot,
+                        config.checkpoint.keep,
+                        Duration::ZERO,
+                        previous,
+                    ) {
                         Ok(path) => eprintln!(
                             "checkpoint after round {}: {} (continue with --resume)",
                             state.rounds_done,
@@ -256,10 +315,17 @@ impl Coordinator {
         };
         // The state after the last completed round: a checkpoint to resume from when stopped,
         // the final state otherwise.
-        let snapshot = state.snapshot(config.seed);
+        let snapshot = state.snapshot(config.seed, &traffic);
         let mut final_error = None;
         if stopped {
-            let path = save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, Duration::ZERO)?;
+            let previous = state.last_checkpoint.as_deref();
+            let path = save_checkpoint(
+                &checkpoints,
+                &snapshot,
+                config.checkpoint.keep,
+                Duration::ZERO,
+                previous,
+            )?;
             eprintln!(
                 "stopped after round {}; checkpoint {} (continue with --resume)",
                 state.rounds_done,
@@ -270,7 +336,7 @@ impl Coordinator {
             "final.safetensors",
             &checkpoint::encode(&snapshot)?,
         ) {
-            final_error = Some(match checkpoint::newest(&checkpoints) {
+            final_error = Some(match &state.last_checkpoint {
                 Some(p) => e.context(format!(
                     "the final state could not be saved; the newest checkpoint {} is intact (continue from it with --resume)",
                     p.display()
@@ -287,7 +353,8 @@ impl Coordinator {
                     .eval
                     .call(move |e| e.omega_weights(&params, &omega, &features, passes))
                     .await??;
-                run_dir.write_text("weights.svg", &crate::plot::histogram(&clean, &corrupted))?;
+                let written = run_dir.write_text("weights.svg", &crate::plot::histogram(&clean, &corrupted));
+                state.record("weights.svg", written);
                 crate::rescaler::separation(&clean, &corrupted)
             }
             None => None,
@@ -301,7 +368,7 @@ impl Coordinator {
             workers: state.workers_seen,
             seed: config.seed,
             samples: state.samples,
-            reassigned: state.scheduler.reassigned(),
+            reassigned: state.reassigned(),
             rejected: state.rejected.clone(),
             workers_lost: state.lost.clone(),
             connections_refused: state.refused.clone(),
@@ -319,8 +386,17 @@ impl Coordinator {
             rescaler: separation,
             completed: !stopped && state.rounds_done == config.rounds,
             checkpoint_failures: state.checkpoint_failures,
+            record_failures: state.record_failures,
         };
-        run_dir.write_summary(&summary)?;
+        run_dir
+            .write_summary(&summary)
+            .map_err(|e| match (&final_error, stopped) {
+                (None, false) => e.context(format!(
+                    "summary.json could not be written; the final state is saved in {}",
+                    self.options.run_dir.join("final.safetensors").display()
+                )),
+                _ => e.context("summary.json could not be written"),
+            })?;
         match final_error {
             Some(e) => Err(e),
             None => Ok(summary),
@@ -340,15 +416,44 @@ fn strategy_name(config: &JobConfig) -> String {
 /// Saves a checkpoint; when that fails, the error says which earlier checkpoint is still intact
 /// (writes are atomic, so a failed one never touches it).
 fn save_checkpoint(
-    dir: &std::path::Path,
+    dir: &Path,
     state: &checkpoint::State,
     keep: usize,
     pause: Duration,
+    previous: Option<&Path>,
 ) -> anyhow::Result<PathBuf> {
-    checkpoint::save(dir, state, keep, pause).map_err(|e| match checkpoint::newest(dir) {
+    checkpoint::save(dir, state, keep, pause).map_err(|e| match previous {
         Some(p) => e.context(format!("the previous checkpoint {} is kept", p.display())),
         None => e.context("there is no earlier checkpoint"),
     })
+}
+
+/// What decides this job's results ([`JobIdentity`]), for the run directory to be checked
+/// against: the config sections as parsed (a default made explicit is the same job).
+fn job_identity(config: &JobConfig, data: &Prepared) -> JobIdentity {
+    let job = &data.job;
+    let mut h = StateHasher::new();
+    for d in &job.domains {
+        h.bytes(b"domain").bytes(d.name.as_bytes()).bytes(&d.checksum);
+    }
+    if let Some(m) = &job.meta {
+        h.bytes(b"meta").bytes(&m.checksum);
+    }
+    h.bytes(b"test").bytes(&data.test_checksum);
+    h.bytes(&config.data.classes.to_le_bytes())
+        .bytes(&job.shards.to_le_bytes());
+    let section = |debug: String| hex(&StateHasher::new().bytes(debug.as_bytes()).finish());
+    JobIdentity {
+        seed: config.seed,
+        rounds: config.rounds,
+        model: format!("{:?}", job.model),
+        data: hex(&h.finish()),
+        settings: BTreeMap::from([
+            ("inner".to_string(), section(format!("{:?}", config.inner))),
+            ("outer".to_string(), section(format!("{:?}", config.outer))),
+            ("strategy".to_string(), section(format!("{:?}", config.strategy))),
+        ]),
+    }
 }
 
 /// The data the coordinator itself needs, beside the spec workers rebuild theirs from.
@@ -359,11 +464,14 @@ struct Prepared {
     /// Training domains with their corrupted rows, kept only when Ω's separation of clean from
     /// corrupted samples is to be measured.
     train: Vec<(Dataset, Vec<usize>)>,
+    /// What was done to each domain, for `domains.json`.
+    records: Vec<domains::DomainRecord>,
+    test_checksum: [u8; 32],
 }
 
-/// Builds every domain and the meta set once, checks they fit together, records what was done
-/// to them in `domains.json`, and returns the job spec workers rebuild the same data from.
-fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyhow::Result<Prepared> {
+/// Builds every domain and the meta set once, checks they fit together, and returns the job
+/// spec workers rebuild the same data from, with what was done to each domain.
+fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared> {
     let d = &config.data;
     let test = dataset::load(&d.test, d.classes)?;
     let mut specs = Vec::new();
@@ -414,7 +522,6 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyho
         }
         None => None,
     };
-    run_dir.write_json("domains.json", &records)?;
     let ModelConfig::Mlp { hidden, dropout } = &config.model;
     let job = JobSpec {
         seed: config.seed,
@@ -440,9 +547,11 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyho
     };
     Ok(Prepared {
         job,
+        test_checksum: domains::dataset_checksum(&test),
         test,
         meta: meta_data,
         train,
+        records,
     })
 }
 
@@ -567,6 +676,14 @@ struct LoopState {
     refused: BTreeMap<String, u64>,
     /// Periodic checkpoints that could not be written (a full disk, say).
     checkpoint_failures: u64,
+    /// Writes to the run's record that failed (a full disk, say).
+    record_failures: u64,
+    /// Counts carried over from the checkpoint this process resumed from: assignments
+    /// reassigned, and tensor bytes (in, out).
+    reassigned_before: u64,
+    bytes_before: (u64, u64),
+    /// The checkpoint this job last wrote or resumed from: what a failed save leaves intact.
+    last_checkpoint: Option<PathBuf>,
 }
 
 /// Results of the round in progress, by assignment index.
@@ -629,7 +746,99 @@ impl LoopState {
             lost: BTreeMap::new(),
             refused: BTreeMap::new(),
             checkpoint_failures: 0,
+            record_failures: 0,
+            reassigned_before: 0,
+            bytes_before: (0, 0),
+            last_checkpoint: None,
         })
+    }
+
+    /// Assignments reassigned over the whole run, restarts included.
+    fn reassigned(&self) -> u64 {
+        self.reassigned_before + self.scheduler.reassigned()
+    }
+
+    /// Counts a failed write to the run's record (`what`), which the run survives.
+    fn record(&mut self, what: &str, written: anyhow::Result<()>) {
+        if let Err(e) = written {
+            self.record_failures += 1;
+            tracing::warn!(file = what, error = %format!("{e:#}"), "could not write to the run's record");
+            eprintln!("{what} could not be written: {e:#}");
+        }
+    }
+
+    /// The run's cumulative counts, for a checkpoint.
+    fn counters(&self, traffic: &Traffic) -> checkpoint::Counters {
+        checkpoint::Counters {
+            samples: self.samples,
+            reassigned: self.reassigned(),
+            bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
+            bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
+            rejected: self.rejected.clone(),
+            workers_lost: self.lost.clone(),
+            connections_refused: self.refused.clone(),
+            checkpoint_failures: self.checkpoint_failures,
+            record_failures: self.record_failures,
+            best_meta: self.best_meta.map(
+                |(round, meta_accuracy, meta_loss, test_accuracy)| checkpoint::BestMeta {
+                    round,
+                    meta_accuracy,
+                    meta_loss,
+                    test_accuracy,
+                },
+            ),
+        }
+    }
+
+    /// Takes over the counts a checkpoint carries (those of every earlier process of the run).
+    fn restore_counters(&mut self, c: checkpoint::Counters) {
+        self.samples = c.samples;
+        self.reassigned_before = c.reassigned;
+        self.bytes_before = (c.bytes_in, c.bytes_out);
+        self.rejected = c.rejected;
+        self.lost = c.workers_lost;
+        self.refused = c.connections_refused;
+        self.checkpoint_failures = c.checkpoint_failures;
+        self.record_failures = c.record_failures;
+        self.best_meta = c
+            .best_meta
+            .map(|b| (b.round, b.meta_accuracy, b.meta_loss, b.test_accuracy));
+    }
+
+    /// The job's completed result, when the run directory holds it: `summary.json` says the
+    /// job completed all of this config's rounds, and `final.safetensors` is this job's intact
+    /// state with the same checksum. Anything less: `None`, and the job resumes from its
+    /// checkpoints.
+    fn completed_result(&mut self, run_dir: &RunDir, dir: &Path, config: &JobConfig) -> Option<Complete> {
+        let (rounds, checksum) = run_dir.completed()?;
+        let final_state = dir.join("final.safetensors");
+        let usable = std::fs::read(&final_state)
+            .context("cannot read it")
+            .and_then(|b| checkpoint::decode(&b))
+            .and_then(|c| {
+                if rounds != config.rounds || c.rounds_done != rounds {
+                    bail!("it holds round {} of {}", c.rounds_done, config.rounds);
+                }
+                if c.checksum != checksum {
+                    bail!("its checksum differs from summary.json's");
+                }
+                self.restore(c, config.seed)
+            });
+        match usable {
+            Ok(()) => Some(Complete {
+                dir: dir.to_owned(),
+                rounds,
+                final_state,
+                checksum,
+            }),
+            Err(e) => {
+                eprintln!(
+                    "summary.json says the job completed, but {} is not its final state ({e:#}); resuming from the checkpoints",
+                    final_state.display()
+                );
+                None
+            }
+        }
     }
 
     /// Hash of the model, the outer optimizer's state and the version: equal across runs only
@@ -671,7 +880,7 @@ impl LoopState {
     }
 
     /// The state after the last completed round, for a checkpoint.
-    fn snapshot(&self, seed: u64) -> checkpoint::State {
+    fn snapshot(&self, seed: u64, traffic: &Traffic) -> checkpoint::State {
         checkpoint::State {
             params: self.params.clone(),
             momentum: self.outer.momentum().cloned(),
@@ -686,6 +895,7 @@ impl LoopState {
             rounds_done: self.rounds_done,
             seed,
             checksum: hex(&self.state_checksum()),
+            counters: self.counters(traffic),
         }
     }
 
@@ -736,6 +946,7 @@ impl LoopState {
         }
         self.checksum = bundle_checksum(&self.params);
         self.rounds_done = c.rounds_done;
+        self.restore_counters(c.counters);
         self.last_step = None;
         self.full = None;
         Ok(())
@@ -952,7 +1163,7 @@ impl LoopState {
             workers: self.peers.len(),
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed) - bytes_in,
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed) - bytes_out,
-            reassigned: self.scheduler.reassigned(),
+            reassigned: self.reassigned(),
         })
     }
 

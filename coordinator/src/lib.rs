@@ -14,7 +14,7 @@ mod server;
 mod strategy;
 mod telemetry;
 
-pub use job::{Coordinator, CoordinatorOptions, Stopped};
+pub use job::{Complete, Coordinator, CoordinatorOptions, Stopped};
 pub use outer::OuterOptimizer;
 pub use rundir::{RoundRecord, RunDir, Summary};
 pub use scheduler::{Dispatch, Rejection, Scheduler};
