@@ -374,16 +374,19 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyho
         let built = domains::build(cfg, i, d.classes, config.seed)?;
         if built.data.features != test.features {
             bail!(
-                "domain `{}` has {} features but the test data has {}",
+                "domain `{}` ({}) has {} features per row but the test data ({}) has {}",
                 cfg.name,
+                cfg.source.display(),
                 built.data.features,
+                d.test.display(),
                 test.features
             );
         }
         if (built.data.len() as u32) < d.shards {
             bail!(
-                "domain `{}` has {} samples, fewer than data.shards = {}",
+                "domain `{}` ({}) has {} samples, fewer than data.shards = {}",
                 cfg.name,
+                cfg.source.display(),
                 built.data.len(),
                 d.shards
             );
@@ -399,9 +402,10 @@ fn prepare_data(config: &JobConfig, run_dir: &RunDir, keep_train: bool) -> anyho
             let m = dataset::load(path, d.classes)?;
             if m.features != test.features {
                 bail!(
-                    "the meta set {} has {} features but the test data has {}",
+                    "the meta set {} has {} features per row but the test data ({}) has {}",
                     path.display(),
                     m.features,
+                    d.test.display(),
                     test.features
                 );
             }
