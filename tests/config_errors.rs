@@ -187,7 +187,11 @@ fn write_raw(path: &Path, dtype: safetensors::Dtype, x_shape: Vec<usize>, n: usi
     let (xb, yb) = (vec![0u8; x_len], vec![0u8; n * 8]);
     let x = safetensors::tensor::TensorView::new(dtype, x_shape, &xb).expect("x");
     let y = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![n], &yb).expect("y");
-    std::fs::write(path, safetensors::serialize([("x", x), ("y", y)], None).expect("serialise")).expect("write");
+    std::fs::write(
+        path,
+        safetensors::serialize([("x", x), ("y", y)], None).expect("serialise"),
+    )
+    .expect("write");
 }
 
 /// A job whose every data file is wrong in a different way (and one right): not safetensors,
@@ -207,9 +211,10 @@ fn bad_data_job(dir: &Path) -> (PathBuf, Vec<Vec<String>>) {
     write_data(&file("labels.safetensors"), &labels);
     write_data(&file("narrow.safetensors"), &rows(30, 6));
     write_data(&file("meta.safetensors"), &rows(20, 9));
-    let mut text = "rounds = 3\n[data]\ntest = \"test.safetensors\"\nmeta = \"meta.safetensors\"\nclasses = 10\nshards = 1\n\
+    let mut text =
+        "rounds = 3\n[data]\ntest = \"test.safetensors\"\nmeta = \"meta.safetensors\"\nclasses = 10\nshards = 1\n\
                     [strategy]\nmethod = \"hypergradient\"\n"
-        .to_string();
+            .to_string();
     for name in ["good", "text", "f64", "shape", "labels", "narrow"] {
         text += &format!("[[data.domains]]\nname = \"{name}\"\nsource = \"{name}.safetensors\"\n");
     }
@@ -317,9 +322,10 @@ fn settings_larger_than_the_data_are_named_in_one_warning_line_each() {
     write_data(&d.join("train.safetensors"), &rows(144, 8));
     // Four domains of 36 rows against the default probe of 64; a task policy's default target
     // batch of 64 against a 15-row target.
-    let mut text = "rounds = 10\n[data]\ntest = \"test.safetensors\"\nmeta = \"meta.safetensors\"\nclasses = 10\nshards = 1\n\
+    let mut text =
+        "rounds = 10\n[data]\ntest = \"test.safetensors\"\nmeta = \"meta.safetensors\"\nclasses = 10\nshards = 1\n\
                     [strategy]\nmethod = \"hypergradient\"\nprobe = 64\n"
-        .to_string();
+            .to_string();
     for i in 0..4 {
         text += &format!(
             "[[data.domains]]\nname = \"d{i}\"\nsource = \"train.safetensors\"\nsubset = {{ start = {}, count = 36 }}\n",
@@ -336,15 +342,14 @@ fn settings_larger_than_the_data_are_named_in_one_warning_line_each() {
     assert_eq!(probe.len(), 1, "{stderr}");
     assert!(
         probe[0].starts_with("warning: ")
-            && probe[0].contains(&format!("strategy.probe: 64 is more than the 36 rows of domain `d0` ({train})")),
+            && probe[0].contains(&format!(
+                "strategy.probe: 64 is more than the 36 rows of domain `d0` ({train})"
+            )),
         "{stderr}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok, with 1 warning(s)"));
 
-    let policy = text.replace(
-        "method = \"hypergradient\"\nprobe = 64\n",
-        "kind = \"task-policy\"\n",
-    );
+    let policy = text.replace("method = \"hypergradient\"\nprobe = 64\n", "kind = \"task-policy\"\n");
     std::fs::write(&cfg, policy).expect("write");
     let out = metaloop().arg("validate").arg(&cfg).output().expect("run metaloop");
     let (stderr, code) = stderr_and_code(&out);
@@ -381,7 +386,17 @@ fn local_and_coordinator_refuse_bad_data_before_anything_starts() {
     assert!(!run_dir.exists(), "no run directory, no worker log, no worker process");
 
     let out = metaloop()
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--ca", "ca", "--cert", "c", "--key", "k"])
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--ca",
+            "ca",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+        ])
         .arg("--config")
         .arg(&cfg)
         .arg("--run-dir")
@@ -409,7 +424,10 @@ fn usage_errors_exit_64_and_help_and_version_exit_0() {
         .expect("run metaloop");
     let (stderr, code) = stderr_and_code(&out);
     assert_eq!(code, Some(EXIT_USAGE), "{stderr}");
-    assert!(stderr.contains("--workers") && stderr.contains("at least 1"), "{stderr}");
+    assert!(
+        stderr.contains("--workers") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
     assert!(!run_dir.exists());
     for args in [
         &[][..],
@@ -427,7 +445,12 @@ fn usage_errors_exit_64_and_help_and_version_exit_0() {
         assert_eq!(code, Some(EXIT_USAGE), "{args:?}: {stderr}");
         assert!(!stderr.is_empty(), "{args:?}: clap says what was wrong");
     }
-    for args in [&["--help"][..], &["--version"], &["local", "--help"], &["validate", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["local", "--help"],
+        &["validate", "--help"],
+    ] {
         let out = metaloop().args(args).output().expect("run metaloop");
         let (stderr, code) = stderr_and_code(&out);
         assert_eq!(code, Some(0), "{args:?}: {stderr}");

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 /// A problem with a config file; `Display` lists every finding with its key path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The io error's text is in the message, not a `source` a chain printer would repeat.
+    #[error("cannot read config {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("config {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
@@ -410,9 +411,9 @@ impl JobConfig {
     }
 
     fn load_with(path: &Path, depth: Depth) -> Result<Checked, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse_with(&text, base, depth).map_err(|e| match e {
@@ -489,9 +490,9 @@ impl JobConfig {
             warnings = data.warnings;
         }
         let stands = |f: &Finding| {
-            !structural.iter().any(|p| {
-                structure::within(&f.key, &p.key) || f.uses.iter().any(|u| structure::overlaps(u, &p.key))
-            })
+            !structural
+                .iter()
+                .any(|p| structure::within(&f.key, &p.key) || f.uses.iter().any(|u| structure::overlaps(u, &p.key)))
         };
         problems.extend(findings.into_iter().filter(stands).map(|f| f.to_string()));
         if problems.is_empty() {

@@ -28,11 +28,13 @@ impl Dataset {
     }
 }
 
-/// What was wrong with a data file; every variant names the file (and tensor).
+/// What was wrong with a data file; every variant names the file (and tensor). The message is
+/// whole in `Display`, so no variant has an error `source` (a chain printer such as anyhow's
+/// `{:#}` would print the cause twice).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read data file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read data file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("data file {path} is not a valid safetensors file: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("data file {path} has no tensor `{tensor}` (it has: {found})")]
@@ -104,9 +106,9 @@ pub struct Inspection {
 /// A [`DataError`] naming the file and tensor at fault (the first of them; [`inspect`] gives
 /// them all).
 pub fn load(path: &Path, classes: u32) -> Result<Dataset, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+    let bytes = std::fs::read(path).map_err(|error| DataError::Read {
         path: path.into(),
-        source,
+        error,
     })?;
     parse(&bytes, path, classes)
 }
@@ -128,13 +130,13 @@ pub fn parse(bytes: &[u8], path: &Path, classes: u32) -> Result<Dataset, DataErr
 pub fn inspect(path: &Path, classes: u32) -> Inspection {
     match std::fs::read(path) {
         Ok(bytes) => examine(&bytes, path, classes),
-        Err(source) => Inspection {
+        Err(error) => Inspection {
             data: None,
             rows: None,
             features: None,
             problems: vec![DataError::Read {
                 path: path.into(),
-                source,
+                error,
             }],
         },
     }
@@ -245,10 +247,7 @@ fn examine(bytes: &[u8], path: &Path, classes: u32) -> Inspection {
         }
     }
     if let Some(yv) = &yv {
-        let mut bad = yv
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| l < 0 || l >= i64::from(classes));
+        let mut bad = yv.iter().enumerate().filter(|(_, &l)| l < 0 || l >= i64::from(classes));
         if let Some((row, &label)) = bad.next() {
             out.problems.push(DataError::LabelOutOfRange {
                 path: path.into(),
@@ -323,6 +322,47 @@ mod tests {
             .map(|s| load(&root.join(format!("{s}.safetensors")), 10).expect("digits").len())
             .collect();
         assert_eq!(sizes, vec![1358, 100, 339]);
+    }
+
+    #[test]
+    fn inspect_reports_every_problem_of_a_file_with_its_numbers() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let yb: Vec<u8> = [0i64, 12, 1, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let p = write(
+            &dir,
+            "two.safetensors",
+            &raw(vec![
+                ("x", Dtype::F64, vec![4, 3], vec![0; 96]),
+                ("y", Dtype::I64, vec![4], yb),
+            ]),
+        );
+        let found = inspect(&p, 3);
+        let text: Vec<String> = found.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text[0].contains("`x`") && text[0].contains("dtype F64, expected F32"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains("label 12 at row 1 is outside 0..3 (2 labels in all)"),
+            "{text:?}"
+        );
+        assert_eq!(
+            (found.rows, found.features),
+            (Some(4), Some(3)),
+            "sizes from the shapes"
+        );
+        assert!(found.data.is_none());
+
+        let mut bad = tiny();
+        bad.x[1] = f32::NAN;
+        bad.x[4] = f32::NEG_INFINITY;
+        let p = write(&dir, "nan2.safetensors", &to_safetensors(&bad).expect("ser"));
+        let m = load(&p, 3).expect_err("non-finite").to_string();
+        assert!(m.contains("non-finite value NaN at row 0 (2 values in all)"), "{m}");
+        let ok = write(&dir, "ok.safetensors", &to_safetensors(&tiny()).expect("ser"));
+        let found = inspect(&ok, 3);
+        assert!(found.problems.is_empty() && found.data == Some(tiny()), "{found:?}");
     }
 
     #[test]

@@ -222,8 +222,8 @@ fn sizes_fit(cfg: &JobConfig, domains: &[DomainRows<'_>], meta: Option<(&Path, u
             )
         }
     };
-    let probes = s.kind == StrategyKind::DomainWeights
-        && matches!(s.method, WeightMethod::Hypergradient | WeightMethod::Doremi);
+    let probes =
+        s.kind == StrategyKind::DomainWeights && matches!(s.method, WeightMethod::Hypergradient | WeightMethod::Doremi);
     if let Some(dom) = smallest_shard.filter(|_| probes) {
         let rows = dom.rows / shards;
         if s.probe as usize > rows {
@@ -359,7 +359,8 @@ mod tests {
         };
         std::fs::write(d.join("shape.st"), shape).expect("write");
         write(d, "meta.st", &data(10, 5, 3));
-        let mut text = "rounds = 2\n[data]\ntest = \"test.st\"\nmeta = \"meta.st\"\nclasses = 3\nshards = 1\n".to_string();
+        let mut text =
+            "rounds = 2\n[data]\ntest = \"test.st\"\nmeta = \"meta.st\"\nclasses = 3\nshards = 1\n".to_string();
         for (name, file) in [
             ("good", "good.st"),
             ("text", "text.st"),
@@ -374,7 +375,12 @@ mod tests {
         let joined = p.join("\n");
         let expect: [&[&str]; 6] = [
             &["data.domains[1].source: ", "text.st", "not a valid safetensors file"],
-            &["data.domains[2].source: ", "tensor `x`", "f64.st", "dtype F64, expected F32"],
+            &[
+                "data.domains[2].source: ",
+                "tensor `x`",
+                "f64.st",
+                "dtype F64, expected F32",
+            ],
             &[
                 "data.domains[3].source: ",
                 "labels.st",
@@ -387,16 +393,27 @@ mod tests {
                 "data.test (",
                 "test.st) has 4",
             ],
-            &["data.domains[5].source: ", "shape.st", "shape [5, 4], expected [6, features]"],
+            &[
+                "data.domains[5].source: ",
+                "shape.st",
+                "shape [5, 4], expected [6, features]",
+            ],
             &["data.meta: ", "meta.st has 5 features per row", "test.st) has 4"],
         ];
         for parts in expect {
-            assert!(p.iter().any(|l| contains_all(l, parts)), "no line with {parts:?} in:\n{joined}");
+            assert!(
+                p.iter().any(|l| contains_all(l, parts)),
+                "no line with {parts:?} in:\n{joined}"
+            );
         }
         assert_eq!(p.len(), expect.len(), "{joined}");
         // Each line names its key once and never the domain twice.
         for line in &p {
-            assert_eq!(line.matches("data.").count(), line.matches("data.test").count() + 1, "{line}");
+            assert_eq!(
+                line.matches("data.").count(),
+                line.matches("data.test").count() + 1,
+                "{line}"
+            );
         }
     }
 
@@ -430,13 +447,16 @@ mod tests {
         let p = problems(text, d);
         let joined = p.join("\n");
         assert!(
-            p.iter().any(|l| l.starts_with("data.shards: 4 shards, but domain `small` (")
-                && l.contains("small.st) has only 3 rows")),
+            p.iter()
+                .any(|l| l.starts_with("data.shards: 4 shards, but domain `small` (")
+                    && l.contains("small.st) has only 3 rows")),
             "{joined}"
         );
         assert!(
-            p.iter().any(|l| l.starts_with("data.domains[1].subset: rows 40..60 are past the end of ")
-                && l.ends_with("big.st, which has 50 rows")),
+            p.iter().any(
+                |l| l.starts_with("data.domains[1].subset: rows 40..60 are past the end of ")
+                    && l.ends_with("big.st, which has 50 rows")
+            ),
             "{joined}"
         );
         assert_eq!(p.len(), 2, "{joined}");
@@ -495,7 +515,9 @@ mod tests {
                 ),
             ]
         );
-        let fits = format!("{head}shards = 2\n{domains}[inner]\nbatch_size = 64\n[strategy]\nmethod = \"doremi\"\nprobe = 36\n");
+        let fits = format!(
+            "{head}shards = 2\n{domains}[inner]\nbatch_size = 64\n[strategy]\nmethod = \"doremi\"\nprobe = 36\n"
+        );
         assert_eq!(warnings(&fits, d), Vec::<String>::new());
     }
 
@@ -514,7 +536,10 @@ mod tests {
         assert!(p[0].starts_with("data.classes: wrong type"), "{p:?}");
         // Without data checks, parse does not open the files.
         std::fs::write(d.join("train.st"), "x").expect("write");
-        JobConfig::parse("rounds = 2\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 3\n", d)
-            .expect("parse only checks that files exist");
+        JobConfig::parse(
+            "rounds = 2\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 3\n",
+            d,
+        )
+        .expect("parse only checks that files exist");
     }
 }
