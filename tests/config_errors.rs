@@ -244,7 +244,7 @@ fn bad_data_job(dir: &Path) -> (PathBuf, Vec<Vec<String>>) {
             "label 10 at row 4 is outside 0..10 (3 labels in all)".into(),
         ],
         vec![
-            "data.domains[5].source: ".into(),
+            "data.domains[5].source: domain `narrow`: ".into(),
             format!("{} has 6 features per row", shown("narrow.safetensors")),
             format!("data.test ({}) has 8", shown("test.safetensors")),
         ],

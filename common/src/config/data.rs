@@ -30,6 +30,9 @@ struct File {
     /// The key paths that name this file, in config order (a domain's source, `data.meta`,
     /// `data.test`).
     keys: Vec<String>,
+    /// `domain `name`: ` when the first key is a domain's source (else empty), to begin a
+    /// message with.
+    what: String,
     found: Inspection,
 }
 
@@ -67,18 +70,18 @@ pub(super) fn check(cfg: &JobConfig) -> DataFindings {
             format!("data.domains[{i}].source")
         }
     };
-    let mut named: Vec<(String, &Path)> = d
+    let mut named: Vec<(String, &Path, String)> = d
         .domains
         .iter()
         .enumerate()
-        .map(|(i, dom)| (domain_key(i), dom.source.as_path()))
+        .map(|(i, dom)| (domain_key(i), dom.source.as_path(), format!("domain `{}`: ", dom.name)))
         .collect();
     if let Some(meta) = &d.meta {
-        named.push(("data.meta".into(), meta));
+        named.push(("data.meta".into(), meta, String::new()));
     }
-    named.push(("data.test".into(), &d.test));
+    named.push(("data.test".into(), &d.test, String::new()));
     let mut files: Vec<File> = Vec::new();
-    for (key, path) in named {
+    for (key, path, what) in named {
         if !path.is_file() {
             continue;
         }
@@ -87,6 +90,7 @@ pub(super) fn check(cfg: &JobConfig) -> DataFindings {
             None => files.push(File {
                 path: path.to_owned(),
                 keys: vec![key],
+                what,
                 found: dataset::inspect(path, d.classes),
             }),
         }
@@ -103,7 +107,7 @@ pub(super) fn check(cfg: &JobConfig) -> DataFindings {
             out.problems.push(Finding {
                 key: key.clone(),
                 uses,
-                why: format!("{problem}{others}"),
+                why: format!("{}{problem}{others}", f.what),
             });
         }
     }
@@ -186,8 +190,9 @@ fn features_agree(files: &[File], out: &mut DataFindings) {
             key,
             uses: Vec::new(),
             why: format!(
-                "{} has {got} features per row, but {ref_key} ({}) has {want}; every file of a job \
+                "{}{} has {got} features per row, but {ref_key} ({}) has {want}; every file of a job \
                  needs the same features{others}",
+                f.what,
                 f.path.display(),
                 reference.path.display()
             ),
@@ -374,7 +379,11 @@ mod tests {
         let p = problems(&text, d);
         let joined = p.join("\n");
         let expect: [&[&str]; 6] = [
-            &["data.domains[1].source: ", "text.st", "not a valid safetensors file"],
+            &[
+                "data.domains[1].source: domain `text`: data file ",
+                "text.st",
+                "not a valid safetensors file",
+            ],
             &[
                 "data.domains[2].source: ",
                 "tensor `x`",
@@ -414,6 +423,7 @@ mod tests {
                 line.matches("data.test").count() + 1,
                 "{line}"
             );
+            assert!(line.matches("domain `").count() <= 1, "{line}");
         }
     }
 
