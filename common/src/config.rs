@@ -1,7 +1,8 @@
 //! Job configuration: TOML read into one typed struct per section, then validated with every
 //! problem collected (each with its key path) before anything starts: the structural ones
 //! (unknown keys, wrong types, missing keys; `structure`) and the semantic ones (ranges, missing
-//! files, settings that contradict each other; `JobConfig::problems`) together.
+//! files, settings that contradict each other; `JobConfig::problems`) together, and with
+//! `JobConfig::load_checked` those of the data files themselves (`data`).
 
 mod data;
 mod structure;
