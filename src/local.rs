@@ -23,8 +23,8 @@ pub struct LocalArgs {
     /// Job config (TOML) [default: configs/quickstart.toml]
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Number of worker processes.
-    #[arg(long, default_value_t = 2)]
+    /// Number of worker processes (at least 1).
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     workers: usize,
     /// Run directory [default: runs/<config name>-<unix time>]
     #[arg(long)]
@@ -57,9 +57,6 @@ pub async fn run(args: LocalArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    if args.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
     // Checked here too, so a bad value stops the run before any worker process starts.
     if let Err(e) = metaloop_worker::devices::resolve(&args.devices) {
         eprintln!("error: --devices: {e}");
@@ -116,6 +113,16 @@ pub async fn run(args: LocalArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     }
     print_summary(&summary, &run_dir);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--workers`: a job needs at least one worker process. Checked by clap, so a 0 is a usage
+/// error (exit 64) before the config is read.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (the job needs a worker process)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The baselines a job is compared with (same seed, same rounds): uniform domain weights after

@@ -101,13 +101,16 @@ pub(crate) struct Overrides {
     seed: Option<u64>,
 }
 
-/// Loads and validates a config, applies the overrides; on a bad config prints every problem
-/// and returns the usage exit code.
+/// Loads and validates a config and its data files (all of it, before anything starts),
+/// prints the warnings and applies the overrides; on a bad config or bad data prints every
+/// problem and returns the usage exit code.
 pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Result<JobConfig, ExitCode> {
-    let mut config = JobConfig::load(path).map_err(|e| {
+    let checked = JobConfig::load_checked(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(EXIT_USAGE)
     })?;
+    print_warnings(path, &checked.warnings);
+    let mut config = checked.config;
     if let Some(r) = overrides.rounds {
         config.rounds = r;
     }
@@ -128,6 +131,13 @@ pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Resu
         return Err(ExitCode::from(EXIT_USAGE));
     }
     Ok(config)
+}
+
+/// Prints a config's warnings (settings the job clamps to its data) on stderr.
+fn print_warnings(path: &std::path::Path, warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -200,7 +210,10 @@ struct WorkerArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -217,8 +230,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// Exit code for a usage error (bad config), as sysexits' EX_USAGE.
+/// Exit code for a usage error (bad arguments, bad config or data), as sysexits' EX_USAGE.
 pub(crate) const EXIT_USAGE: u8 = 64;
+
+/// Prints what clap says about the command line; `--help` and `--version` exit 0, every usage
+/// error EX_USAGE (clap's own default is 2), as for a bad config.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
 
 async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<ExitCode> {
     match command {
@@ -249,9 +273,13 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { config } => match JobConfig::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
+        Command::Validate { config } => match JobConfig::load_checked(&config) {
+            Ok(checked) => {
+                print_warnings(&config, &checked.warnings);
+                match checked.warnings.len() {
+                    0 => println!("{}: ok", config.display()),
+                    n => println!("{}: ok, with {n} warning(s)", config.display()),
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {

@@ -1,4 +1,5 @@
-//! Every job config shipped in `configs/` must parse and validate.
+//! Every job config shipped in `configs/` must parse and validate, data files included, without
+//! a warning.
 
 use metaloop_common::config::JobConfig;
 
@@ -9,7 +10,13 @@ fn every_shipped_config_is_valid() {
     for entry in std::fs::read_dir(&dir).expect("configs/") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
-            JobConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            let checked = JobConfig::load_checked(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                checked.warnings.is_empty(),
+                "{}: {:?}",
+                path.display(),
+                checked.warnings
+            );
             n += 1;
         }
     }

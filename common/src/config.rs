@@ -1,8 +1,10 @@
 //! Job configuration: TOML read into one typed struct per section, then validated with every
 //! problem collected (each with its key path) before anything starts: the structural ones
 //! (unknown keys, wrong types, missing keys; `structure`) and the semantic ones (ranges, missing
-//! files, settings that contradict each other; `JobConfig::problems`) together.
+//! files, settings that contradict each other; `JobConfig::problems`) together, and with
+//! `JobConfig::load_checked` those of the data files themselves (`data`).
 
+mod data;
 mod structure;
 
 pub use crate::domains::DomainConfig;
@@ -13,8 +15,9 @@ use std::path::{Path, PathBuf};
 /// A problem with a config file; `Display` lists every finding with its key path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The io error's text is in the message, not a `source` a chain printer would repeat.
+    #[error("cannot read config {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("config {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
@@ -387,18 +390,34 @@ mod defaults {
 
 impl JobConfig {
     /// Reads, parses and validates a config; relative data paths are resolved against the
-    /// config file's directory.
+    /// config file's directory. The data files are only checked to exist ([`Self::load_checked`]
+    /// opens them).
     ///
     /// # Errors
     /// `Read`, `Parse` (not TOML at all; the message gives the line and column) or `Invalid`
     /// with every problem found, structural and semantic, each with its key path.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        Self::load_with(path, Depth::Config).map(|c| c.config)
+    }
+
+    /// As [`Self::load`], and also opens every data file the config names and checks it whole
+    /// and against the settings (what `validate` and the commands that run a job do before
+    /// anything starts); the warnings are settings the job clamps to the data.
+    ///
+    /// # Errors
+    /// As [`Self::load`]; `Invalid` also lists every problem with the data (format, dtype,
+    /// shape, labels, features, rows), each with its key path, its file and the numbers.
+    pub fn load_checked(path: &Path) -> Result<Checked, ConfigError> {
+        Self::load_with(path, Depth::Data)
+    }
+
+    fn load_with(path: &Path, depth: Depth) -> Result<Checked, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|e| match e {
+        Self::parse_with(&text, base, depth).map_err(|e| match e {
             ParseFailure::Syntax(message) => ConfigError::Parse {
                 path: path.to_owned(),
                 message,
@@ -416,6 +435,18 @@ impl JobConfig {
     /// `Syntax` when the text is not TOML; otherwise `Invalid` with every unknown key, wrong
     /// type and missing key, and every semantic problem that does not depend on one of those.
     pub fn parse(text: &str, base: &Path) -> Result<Self, ParseFailure> {
+        Self::parse_with(text, base, Depth::Config).map(|c| c.config)
+    }
+
+    /// As [`Self::parse`], and also checks the data files (see [`Self::load_checked`]).
+    ///
+    /// # Errors
+    /// As [`Self::parse`], with the data's problems among the others.
+    pub fn parse_checked(text: &str, base: &Path) -> Result<Checked, ParseFailure> {
+        Self::parse_with(text, base, Depth::Data)
+    }
+
+    fn parse_with(text: &str, base: &Path, depth: Depth) -> Result<Checked, ParseFailure> {
         let table: toml::Table = toml::from_str(text).map_err(|e| ParseFailure::Syntax(e.to_string()))?;
         let (cfg, structural) = structure::deserialize::<JobConfig>(table);
         let mut problems: Vec<String> = structural.iter().map(|p| format!("{}: {}", p.key, p.why)).collect();
@@ -452,18 +483,24 @@ impl JobConfig {
         // Where a value was wrong or missing a placeholder stands in, so a semantic finding
         // about that key (or a key under it), or one whose check read it, would only repeat the
         // problem or be spurious.
-        problems.extend(
-            cfg.findings()
-                .into_iter()
-                .filter(|f| {
-                    !structural.iter().any(|p| {
-                        structure::within(&f.key, &p.key) || f.uses.iter().any(|u| structure::overlaps(u, &p.key))
-                    })
-                })
-                .map(|f| f.to_string()),
-        );
+        let mut findings = cfg.findings();
+        let mut warnings = Vec::new();
+        if depth == Depth::Data {
+            let data = data::check(&cfg);
+            findings.extend(data.problems);
+            warnings = data.warnings;
+        }
+        let stands = |f: &Finding| {
+            !structural
+                .iter()
+                .any(|p| structure::within(&f.key, &p.key) || f.uses.iter().any(|u| structure::overlaps(u, &p.key)))
+        };
+        problems.extend(findings.into_iter().filter(stands).map(|f| f.to_string()));
         if problems.is_empty() {
-            Ok(cfg)
+            Ok(Checked {
+                config: cfg,
+                warnings: warnings.into_iter().map(|f| f.to_string()).collect(),
+            })
         } else {
             Err(ParseFailure::Invalid(problems))
         }
@@ -843,6 +880,23 @@ impl JobConfig {
     }
 }
 
+/// A config whose data files were opened and checked too.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub config: JobConfig,
+    /// Settings larger than the data they draw from, which the job clamps (`key: why`); worth
+    /// printing, not refusing.
+    pub warnings: Vec<String>,
+}
+
+/// How far a config is checked: its text alone (data files only checked to exist), or also
+/// every data file opened and read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    Config,
+    Data,
+}
+
 /// Why config text was refused.
 #[derive(Debug)]
 pub enum ParseFailure {
@@ -856,7 +910,7 @@ pub enum ParseFailure {
 #[derive(Debug)]
 struct Finding {
     key: String,
-    uses: &'static [&'static str],
+    uses: Vec<String>,
     why: String,
 }
 
@@ -875,11 +929,11 @@ impl Findings {
     }
 
     /// A check that also read `uses`, so that a structural problem there voids it.
-    fn check_using(&mut self, ok: bool, key: &str, uses: &'static [&'static str], why: String) {
+    fn check_using(&mut self, ok: bool, key: &str, uses: &[&str], why: String) {
         if !ok {
             self.0.push(Finding {
                 key: key.to_string(),
-                uses,
+                uses: uses.iter().map(|u| (*u).to_string()).collect(),
                 why,
             });
         }

@@ -28,11 +28,13 @@ impl Dataset {
     }
 }
 
-/// What was wrong with a data file; every variant names the file (and tensor).
+/// What was wrong with a data file; every variant names the file (and tensor). The message is
+/// whole in `Display`, so no variant has an error `source` (a chain printer such as anyhow's
+/// `{:#}` would print the cause twice).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read data file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read data file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("data file {path} is not a valid safetensors file: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("data file {path} has no tensor `{tensor}` (it has: {found})")]
@@ -55,27 +57,58 @@ pub enum DataError {
         found: Vec<usize>,
         expected: String,
     },
-    #[error("tensor `y` in {path}: label {label} at row {row} is outside 0..{classes}")]
+    #[error("tensor `y` in {path}: label {label} at row {row} is outside 0..{classes}{}", also(*count, "labels"))]
     LabelOutOfRange {
         path: PathBuf,
         row: usize,
         label: i64,
         classes: u32,
+        /// Labels outside the range in all, this one included.
+        count: usize,
     },
-    #[error("tensor `x` in {path}: non-finite value {value} at row {row}")]
-    NonFinite { path: PathBuf, row: usize, value: f32 },
+    #[error("tensor `x` in {path}: non-finite value {value} at row {row}{}", also(*count, "values"))]
+    NonFinite {
+        path: PathBuf,
+        row: usize,
+        value: f32,
+        /// Non-finite values in all, this one included.
+        count: usize,
+    },
     #[error("data file {path} holds no samples")]
     Empty { path: PathBuf },
+}
+
+/// The tail of a message about the first of `count` faults.
+fn also(count: usize, what: &str) -> String {
+    if count > 1 {
+        format!(" ({count} {what} in all)")
+    } else {
+        String::new()
+    }
+}
+
+/// Everything found in one data file: its size where the shapes could be read, and every
+/// problem (not just the first), so a check of a whole job can report them all at once.
+#[derive(Debug)]
+pub struct Inspection {
+    /// The data, when there was no problem.
+    pub data: Option<Dataset>,
+    /// Rows, when the shapes of `x` and `y` are readable and agree (even if labels are bad).
+    pub rows: Option<usize>,
+    /// Features per row, when the shape of `x` is readable.
+    pub features: Option<usize>,
+    pub problems: Vec<DataError>,
 }
 
 /// Loads and checks `path`, whose labels must lie in `0..classes`.
 ///
 /// # Errors
-/// A [`DataError`] naming the file and tensor at fault.
+/// A [`DataError`] naming the file and tensor at fault (the first of them; [`inspect`] gives
+/// them all).
 pub fn load(path: &Path, classes: u32) -> Result<Dataset, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+    let bytes = std::fs::read(path).map_err(|error| DataError::Read {
         path: path.into(),
-        source,
+        error,
     })?;
     parse(&bytes, path, classes)
 }
@@ -85,85 +118,152 @@ pub fn load(path: &Path, classes: u32) -> Result<Dataset, DataError> {
 /// # Errors
 /// As [`load`].
 pub fn parse(bytes: &[u8], path: &Path, classes: u32) -> Result<Dataset, DataError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| DataError::Format {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
-    let get = |tensor: &'static str| -> Result<TensorView<'_>, DataError> {
-        st.tensor(tensor).map_err(|_| {
+    let mut found = examine(bytes, path, classes);
+    match found.data.take() {
+        Some(data) => Ok(data),
+        None => Err(found.problems.swap_remove(0)),
+    }
+}
+
+/// Reads `path` and reports every problem with it (what `validate` runs on every data file of
+/// a job, before anything starts).
+pub fn inspect(path: &Path, classes: u32) -> Inspection {
+    match std::fs::read(path) {
+        Ok(bytes) => examine(&bytes, path, classes),
+        Err(error) => Inspection {
+            data: None,
+            rows: None,
+            features: None,
+            problems: vec![DataError::Read {
+                path: path.into(),
+                error,
+            }],
+        },
+    }
+}
+
+/// Every check of [`inspect`] on bytes already read; `data` is set exactly when `problems` is
+/// empty.
+fn examine(bytes: &[u8], path: &Path, classes: u32) -> Inspection {
+    let mut out = Inspection {
+        data: None,
+        rows: None,
+        features: None,
+        problems: Vec::new(),
+    };
+    let st = match SafeTensors::deserialize(bytes) {
+        Ok(st) => st,
+        Err(e) => {
+            out.problems.push(DataError::Format {
+                path: path.into(),
+                reason: e.to_string(),
+            });
+            return out;
+        }
+    };
+    let mut get = |tensor: &'static str, want: Dtype, expected: &'static str| -> Option<TensorView<'_>> {
+        let Ok(view) = st.tensor(tensor) else {
             let mut names: Vec<_> = st.names().into_iter().map(str::to_owned).collect();
             names.sort();
-            DataError::MissingTensor {
+            out.problems.push(DataError::MissingTensor {
                 path: path.into(),
                 tensor,
                 found: names.join(", "),
-            }
-        })
-    };
-    let x = get("x")?;
-    let y = get("y")?;
-    let check_dtype = |view: &TensorView<'_>, tensor: &'static str, want: Dtype, expected: &'static str| {
-        if view.dtype() == want {
-            Ok(())
-        } else {
-            Err(DataError::Dtype {
+            });
+            return None;
+        };
+        if view.dtype() != want {
+            out.problems.push(DataError::Dtype {
                 path: path.into(),
                 tensor,
                 found: format!("{:?}", view.dtype()),
                 expected,
-            })
+            });
+            return None;
         }
+        Some(view)
     };
-    check_dtype(&x, "x", Dtype::F32, "F32")?;
-    check_dtype(&y, "y", Dtype::I64, "I64")?;
-    let (xs, ys) = (x.shape().to_vec(), y.shape().to_vec());
-    if ys.len() != 1 {
-        return Err(DataError::Shape {
-            path: path.into(),
-            tensor: "y",
-            found: ys,
-            expected: "[n]".into(),
-        });
+    let x = get("x", Dtype::F32, "F32");
+    let y = get("y", Dtype::I64, "I64");
+    // A wrong dtype still has a readable shape.
+    let shape = |tensor: &str| st.tensor(tensor).ok().map(|v| v.shape().to_vec());
+    let (xs, ys) = (shape("x"), shape("y"));
+    let mut n = None;
+    if let Some(ys) = ys {
+        if ys.len() == 1 {
+            n = Some(ys[0]);
+        } else {
+            out.problems.push(DataError::Shape {
+                path: path.into(),
+                tensor: "y",
+                found: ys,
+                expected: "[n]".into(),
+            });
+        }
     }
-    let n = ys[0];
-    if xs.len() != 2 || xs[0] != n || xs[1] == 0 {
-        return Err(DataError::Shape {
-            path: path.into(),
-            tensor: "x",
-            found: xs,
-            expected: format!("[{n}, features] (one row per label in `y`)"),
-        });
+    let mut x_ok = false;
+    if let Some(xs) = xs {
+        if xs.len() == 2 && xs[1] > 0 {
+            out.features = Some(xs[1]);
+        }
+        if xs.len() == 2 && xs[1] > 0 && n.is_none_or(|n| xs[0] == n) {
+            x_ok = true;
+            out.rows = Some(xs[0]);
+        } else {
+            let rows = n.map_or_else(|| "n".to_string(), |n| n.to_string());
+            out.problems.push(DataError::Shape {
+                path: path.into(),
+                tensor: "x",
+                found: xs,
+                expected: format!("[{rows}, features] (one row per label in `y`)"),
+            });
+        }
     }
-    if n == 0 {
-        return Err(DataError::Empty { path: path.into() });
+    if out.rows == Some(0) {
+        out.problems.push(DataError::Empty { path: path.into() });
+        return out;
     }
-    let features = xs[1];
-    let xv: Vec<f32> = x
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let yv: Vec<i64> = y
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect();
-    if let Some((i, &v)) = xv.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(DataError::NonFinite {
-            path: path.into(),
-            row: i / features,
-            value: v,
-        });
+    let xv: Option<Vec<f32>> = x.filter(|_| x_ok).map(|x| {
+        x.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    });
+    let yv: Option<Vec<i64>> = y.filter(|_| n.is_some()).map(|y| {
+        y.data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect()
+    });
+    if let (Some(xv), Some(features)) = (&xv, out.features) {
+        let mut bad = xv.iter().enumerate().filter(|(_, v)| !v.is_finite());
+        if let Some((i, &value)) = bad.next() {
+            out.problems.push(DataError::NonFinite {
+                path: path.into(),
+                row: i / features,
+                value,
+                count: 1 + bad.count(),
+            });
+        }
     }
-    if let Some((row, &label)) = yv.iter().enumerate().find(|(_, &l)| l < 0 || l >= i64::from(classes)) {
-        return Err(DataError::LabelOutOfRange {
-            path: path.into(),
-            row,
-            label,
-            classes,
-        });
+    if let Some(yv) = &yv {
+        let mut bad = yv.iter().enumerate().filter(|(_, &l)| l < 0 || l >= i64::from(classes));
+        if let Some((row, &label)) = bad.next() {
+            out.problems.push(DataError::LabelOutOfRange {
+                path: path.into(),
+                row,
+                label,
+                classes,
+                count: 1 + bad.count(),
+            });
+        }
     }
-    Ok(Dataset { x: xv, y: yv, features })
+    if out.problems.is_empty() {
+        if let (Some(x), Some(y), Some(features)) = (xv, yv, out.features) {
+            out.data = Some(Dataset { x, y, features });
+        }
+    }
+    out
 }
 
 /// Serialises a dataset in the format [`load`] reads (used by tests and tools).
@@ -222,6 +322,47 @@ mod tests {
             .map(|s| load(&root.join(format!("{s}.safetensors")), 10).expect("digits").len())
             .collect();
         assert_eq!(sizes, vec![1358, 100, 339]);
+    }
+
+    #[test]
+    fn inspect_reports_every_problem_of_a_file_with_its_numbers() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let yb: Vec<u8> = [0i64, 12, 1, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let p = write(
+            &dir,
+            "two.safetensors",
+            &raw(vec![
+                ("x", Dtype::F64, vec![4, 3], vec![0; 96]),
+                ("y", Dtype::I64, vec![4], yb),
+            ]),
+        );
+        let found = inspect(&p, 3);
+        let text: Vec<String> = found.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text[0].contains("`x`") && text[0].contains("dtype F64, expected F32"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains("label 12 at row 1 is outside 0..3 (2 labels in all)"),
+            "{text:?}"
+        );
+        assert_eq!(
+            (found.rows, found.features),
+            (Some(4), Some(3)),
+            "sizes from the shapes"
+        );
+        assert!(found.data.is_none());
+
+        let mut bad = tiny();
+        bad.x[1] = f32::NAN;
+        bad.x[4] = f32::NEG_INFINITY;
+        let p = write(&dir, "nan2.safetensors", &to_safetensors(&bad).expect("ser"));
+        let m = load(&p, 3).expect_err("non-finite").to_string();
+        assert!(m.contains("non-finite value NaN at row 0 (2 values in all)"), "{m}");
+        let ok = write(&dir, "ok.safetensors", &to_safetensors(&tiny()).expect("ser"));
+        let found = inspect(&ok, 3);
+        assert!(found.problems.is_empty() && found.data == Some(tiny()), "{found:?}");
     }
 
     #[test]

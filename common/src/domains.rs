@@ -68,10 +68,12 @@ pub struct Domain {
     pub record: DomainRecord,
 }
 
+/// Why a domain could not be built. The message is whole in `Display` (the data error's text
+/// included), so there is no error `source` for a chain printer to repeat.
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
-    #[error("domain `{name}`: {source}")]
-    Data { name: String, source: DataError },
+    #[error("domain `{name}`: {error}")]
+    Data { name: String, error: DataError },
     #[error("domain `{name}`: subset {start}..{end} is outside {path}, which has {len} samples")]
     Subset {
         name: String,
@@ -91,9 +93,9 @@ pub enum DomainError {
 /// A bad source file or a subset outside it, naming the domain and file.
 pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> Result<Domain, DomainError> {
     let name = cfg.name.clone();
-    let full = dataset::load(&cfg.source, classes).map_err(|source| DomainError::Data {
+    let full = dataset::load(&cfg.source, classes).map_err(|error| DomainError::Data {
         name: name.clone(),
-        source,
+        error,
     })?;
     let (start, end) = match cfg.subset {
         Some(s) => (s.start, s.start.saturating_add(s.count)),
@@ -371,5 +373,30 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(e.contains("domain `d`") && e.contains("missing.safetensors"), "{e}");
+    }
+
+    /// The whole chain, as anyhow's `{:#}` prints it (each cause after a colon).
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            text += &format!(": {cause}");
+            next = cause.source();
+        }
+        text
+    }
+
+    #[test]
+    fn a_bad_file_is_named_once_in_the_whole_error_chain() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let garbage = dir.path().join("garbage.safetensors");
+        std::fs::write(&garbage, b"x").expect("write");
+        for path in [garbage, dir.path().join("absent.safetensors")] {
+            let e = build(&cfg(path.clone()), 0, 4, 0).expect_err("bad file");
+            let text = chain(&e);
+            let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+            assert_eq!(text.matches(name).count(), 1, "{text}");
+            assert_eq!(text.matches("domain `d`").count(), 1, "{text}");
+        }
     }
 }

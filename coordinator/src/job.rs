@@ -482,16 +482,19 @@ fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared
         let built = domains::build(cfg, i, d.classes, config.seed)?;
         if built.data.features != test.features {
             bail!(
-                "domain `{}` has {} features but the test data has {}",
+                "domain `{}` ({}) has {} features per row but the test data ({}) has {}",
                 cfg.name,
+                cfg.source.display(),
                 built.data.features,
+                d.test.display(),
                 test.features
             );
         }
         if (built.data.len() as u32) < d.shards {
             bail!(
-                "domain `{}` has {} samples, fewer than data.shards = {}",
+                "domain `{}` ({}) has {} samples, fewer than data.shards = {}",
                 cfg.name,
+                cfg.source.display(),
                 built.data.len(),
                 d.shards
             );
@@ -507,9 +510,10 @@ fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared
             let m = dataset::load(path, d.classes)?;
             if m.features != test.features {
                 bail!(
-                    "the meta set {} has {} features but the test data has {}",
+                    "the meta set {} has {} features per row but the test data ({}) has {}",
                     path.display(),
                     m.features,
+                    d.test.display(),
                     test.features
                 );
             }
