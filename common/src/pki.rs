@@ -65,7 +65,7 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-fn file_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> NetError + '_ {
+fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NetError + 'a {
     move |source| NetError::File {
         what,
         path: path.into(),
