@@ -224,11 +224,7 @@ mod tests {
     use super::*;
 
     fn transport(code: quinn::TransportErrorCode) -> quinn::ConnectionError {
-        quinn::ConnectionError::TransportError(quinn::TransportError {
-            code,
-            frame: None,
-            reason: String::new(),
-        })
+        quinn::ConnectionError::TransportError(code.into())
     }
 
     #[test]
