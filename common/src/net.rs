@@ -71,9 +71,11 @@ impl NetError {
             NetError::Peer { reason, .. } => reason,
             NetError::Connection(_) => "disconnected",
             NetError::Read(_) | NetError::Write(_) => "stream_error",
-            NetError::File { .. } | NetError::Pem { .. } | NetError::Tls(_) | NetError::Certs(_) | NetError::Name(_) => {
-                "local_tls"
-            }
+            NetError::File { .. }
+            | NetError::Pem { .. }
+            | NetError::Tls(_)
+            | NetError::Certs(_)
+            | NetError::Name(_) => "local_tls",
             NetError::Connect { .. } => "connect",
             NetError::Bind { .. } => "bind",
         }

@@ -44,16 +44,14 @@ pub struct NameError {
 /// # Errors
 /// `NameError` saying what is wrong with it.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
-    let fail = |why| {
-        Err(NameError {
-            name: name.into(),
-            why,
-        })
-    };
+    let fail = |why| Err(NameError { name: name.into(), why });
     if name.is_empty() || name.len() > 63 {
         return fail("must be 1 to 63 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return fail("may contain only lowercase letters a-z, digits and '-'");
     }
     if name.starts_with('-') || name.ends_with('-') {
@@ -530,7 +528,10 @@ mod tests {
         assert!(load().revokes(&der(&a)) && !load().revokes(&der(&b)));
         assert!(matches!(revoke(dir.path(), "a"), Ok(Revoked::Already(_))));
         assert!(matches!(revoke(dir.path(), "b"), Ok(Revoked::Added(_))));
-        assert!(load().revokes(&der(&a)) && load().revokes(&der(&b)), "earlier entries are kept");
+        assert!(
+            load().revokes(&der(&a)) && load().revokes(&der(&b)),
+            "earlier entries are kept"
+        );
         let e = revoke(dir.path(), "nobody").expect_err("no such certificate");
         assert!(e.to_string().contains("nobody.pem"), "{e}");
     }

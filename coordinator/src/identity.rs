@@ -170,7 +170,10 @@ impl Tls {
         let refuse = |reason, detail| NetError::Peer { reason, detail };
         let cert = conn
             .peer_identity()
-            .and_then(|any| any.downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>().ok())
+            .and_then(|any| {
+                any.downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
             .and_then(|chain| chain.first().map(|c| c.to_vec()))
             .ok_or_else(|| refuse("no_identity", "no client certificate on a verified connection".into()))?;
         let identity = pki::identity(&cert).map_err(|why| refuse("no_identity", why))?;

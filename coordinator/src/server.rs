@@ -164,7 +164,17 @@ pub async fn accept_loop(
                 return refuse("too_many_workers", format!("{}: {reason}", who.identity));
             };
             drop(handshake);
-            let outcome = serve((id, &who.identity), &conn, (&mut send, &mut recv), hello, job, &events, &traffic, stop).await;
+            let outcome = serve(
+                (id, &who.identity),
+                &conn,
+                (&mut send, &mut recv),
+                hello,
+                job,
+                &events,
+                &traffic,
+                stop,
+            )
+            .await;
             drop(seat);
             let (kind, reason) = match outcome {
                 Ok(()) => ("left", "the worker closed its session".to_string()),
