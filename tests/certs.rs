@@ -193,7 +193,10 @@ fn issued_identities_are_named_and_a_revoked_one_is_refused_after_sighup() {
         "a revoked worker stops with an error instead of retrying"
     );
     let mallory_log = std::fs::read_to_string(dir.path().join("says-alice.log")).expect("log");
-    assert!(mallory_log.contains("refused"), "{mallory_log}");
+    assert!(
+        mallory_log.contains("refused") && mallory_log.contains("Revoked"),
+        "it says why: {mallory_log}"
+    );
 
     let mut alice = worker_with(dir.path(), &addr, &identity_files(&pki, "alice"), "alice-process");
     let status = wait_for(&mut coordinator, Duration::from_secs(180));
