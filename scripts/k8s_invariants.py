@@ -63,7 +63,7 @@ IMAGE_ROOT = "/opt/metaloop"  # where the Dockerfile puts configs/ and data/
 QUIC_PORT = 7070
 METRICS_PORT = 9090
 SECRET_KEYS = {
-    "coordinator": {"ca.pem", "coordinator.pem", "coordinator.key"},
+    "coordinator": {"ca.pem", "coordinator.pem", "coordinator.key", "crl.pem"},
     "worker": {"ca.pem", "worker.pem", "worker.key"},
 }
 TLS_ENV = {"--ca": "METALOOP_CA", "--cert": "METALOOP_CERT", "--key": "METALOOP_KEY"}

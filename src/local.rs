@@ -6,7 +6,8 @@
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use metaloop_common::config::{JobConfig, PolicyMethod, StrategyKind, WeightMethod};
-use metaloop_common::net::{self, TlsFiles};
+use metaloop_common::net::TlsFiles;
+use metaloop_common::pki;
 use metaloop_coordinator::{Coordinator, CoordinatorOptions, RoundRecord, RunDir, Summary};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -82,10 +83,12 @@ pub async fn run(args: LocalArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     if certs.exists() {
         std::fs::remove_dir_all(&certs).with_context(|| format!("removing old {}", certs.display()))?;
     }
-    let (coord_tls, worker_tls) = net::write_pki(&certs)?;
+    // One identity per worker process, as on a cluster: the coordinator's logs name each.
     let tls = Tls {
-        coordinator: coord_tls,
-        worker: worker_tls,
+        coordinator: pki::init(&certs)?,
+        workers: (0..args.workers)
+            .map(|i| pki::issue(&certs, &format!("worker-{i}")))
+            .collect::<Result<_, _>>()?,
     };
 
     if !args.quiet {
@@ -161,7 +164,8 @@ fn baselines(config: &JobConfig) -> Vec<(&'static str, JobConfig, &'static str)>
 
 struct Tls {
     coordinator: TlsFiles,
-    worker: TlsFiles,
+    /// `worker-N`'s certificate for worker process N.
+    workers: Vec<TlsFiles>,
 }
 
 /// One job: bind a coordinator, start the worker processes, run to the end, stop the workers.
@@ -186,11 +190,12 @@ async fn run_job(
         max_handshakes: 64,
         max_workers: 1024,
         ready,
+        revocation: Default::default(),
     })?;
     let addr = coordinator.local_addr()?;
     let exe = std::env::current_exe().context("locating the metaloop binary")?;
     let mut children = Vec::new();
-    for i in 0..args.workers {
+    for (i, worker_tls) in tls.workers.iter().enumerate() {
         let log_path = run_dir.join(format!("worker-{i}.log"));
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = tokio::process::Command::new(&exe)
@@ -206,11 +211,11 @@ async fn run_job(
                 &args.devices,
             ])
             .arg("--ca")
-            .arg(&tls.worker.ca)
+            .arg(&worker_tls.ca)
             .arg("--cert")
-            .arg(&tls.worker.cert)
+            .arg(&worker_tls.cert)
             .arg("--key")
-            .arg(&tls.worker.key)
+            .arg(&worker_tls.key)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

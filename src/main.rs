@@ -56,13 +56,31 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// The PKI directory: what pods may mount at its top, the CA key apart in `DIR/ca/` (never in a
+/// Secret). Existing files are never overwritten.
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
-    /// Write a new CA and a coordinator and a worker certificate (PEM) into DIR; existing
-    /// files are never overwritten.
+    /// Write a new CA (key kept in DIR/ca/ca.key, mode 0600), a coordinator certificate and an
+    /// empty revocation list (DIR/crl.pem) into DIR.
     Init {
         /// Output directory.
         dir: PathBuf,
+    },
+    /// Issue a worker certificate whose identity is NAME (DIR/NAME.pem, DIR/NAME.key), signed by
+    /// the CA in DIR. The coordinator names the worker by it in logs and records.
+    Issue {
+        /// The directory `certs init` wrote.
+        dir: PathBuf,
+        /// The worker identity: a DNS label (a-z, 0-9, '-'; at most 63), e.g. worker-0.
+        name: String,
+    },
+    /// Revoke worker NAME: rewrite DIR/crl.pem, signed by the CA, with its certificate added.
+    /// A coordinator started with --crl refuses it after SIGHUP (and drops it if connected).
+    Revoke {
+        /// The directory `certs init` wrote.
+        dir: PathBuf,
+        /// The worker identity to revoke.
+        name: String,
     },
 }
 
@@ -181,6 +199,10 @@ struct CoordinatorArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on this address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Certificate revocation list (PEM, signed by the CA; `metaloop certs revoke` writes it):
+    /// read at start and again on SIGHUP; a revoked worker is refused and, if connected, dropped.
+    #[arg(long, env = "METALOOP_CRL")]
+    crl: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -254,25 +276,7 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
             bench::run(b).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Certs(CertsCommand::Init { dir }) => {
-            let (coordinator, worker) = metaloop_common::net::write_pki(&dir)?;
-            println!("CA certificate:          {}", coordinator.ca.display());
-            println!(
-                "coordinator certificate: {} (key {})",
-                coordinator.cert.display(),
-                coordinator.key.display()
-            );
-            println!(
-                "worker certificate:      {} (key {})",
-                worker.cert.display(),
-                worker.key.display()
-            );
-            println!(
-                "the coordinator certificate names `{}`; workers verify that name",
-                metaloop_common::net::SERVER_NAME
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Certs(command) => certs(command),
         Command::Validate { config } => match JobConfig::load_checked(&config) {
             Ok(checked) => {
                 print_warnings(&config, &checked.warnings);
@@ -308,6 +312,10 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
                 max_handshakes: args.max_handshakes,
                 max_workers: args.max_workers,
                 ready,
+                revocation: metaloop_coordinator::Revocation {
+                    crl: args.crl.clone(),
+                    reload: sighup_notify(),
+                },
             })?;
             // The first line on stdout is the bound address, for scripts that listen on port 0.
             println!("listening on {}", coordinator.local_addr()?);
@@ -373,6 +381,74 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `metaloop certs …`: prints what was written and what goes where.
+fn certs(command: CertsCommand) -> anyhow::Result<ExitCode> {
+    use metaloop_common::{net::NetError, pki};
+    let usage = |e: NetError| match e {
+        NetError::Name(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        e => Err(e.into()),
+    };
+    match command {
+        CertsCommand::Init { dir } => {
+            let coordinator = pki::init(&dir)?;
+            println!("CA certificate:          {}", coordinator.ca.display());
+            println!(
+                "CA key:                  {} (keep it off the cluster: never in a Secret)",
+                dir.join(pki::CA_KEY).display()
+            );
+            println!(
+                "coordinator certificate: {} (key {})",
+                coordinator.cert.display(),
+                coordinator.key.display()
+            );
+            println!("revocation list:         {}", dir.join(pki::CRL).display());
+            println!(
+                "the coordinator certificate names `{}`; workers verify that name",
+                metaloop_common::net::SERVER_NAME
+            );
+            println!(
+                "issue one certificate per worker: metaloop certs issue {} NAME",
+                dir.display()
+            );
+        }
+        CertsCommand::Issue { dir, name } => match pki::issue(&dir, &name) {
+            Ok(files) => println!(
+                "worker `{name}`: certificate {} (key {})",
+                files.cert.display(),
+                files.key.display()
+            ),
+            Err(e) => return usage(e),
+        },
+        CertsCommand::Revoke { dir, name } => match pki::revoke(&dir, &name) {
+            Ok(pki::Revoked::Added(crl)) => println!(
+                "revoked `{name}` in {}; send the coordinator SIGHUP (it must run with --crl on this file)",
+                crl.display()
+            ),
+            Ok(pki::Revoked::Already(crl)) => println!("`{name}` is already revoked in {}", crl.display()),
+            Err(e) => return usage(e),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Notified on every SIGHUP (the coordinator reads its revocation list again).
+fn sighup_notify() -> Arc<tokio::sync::Notify> {
+    let notify = Arc::new(tokio::sync::Notify::new());
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let n = notify.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reading the revocation list again");
+                n.notify_one();
+            }
+        });
+    }
+    notify
 }
 
 fn init_stderr_logs(format: LogFormat) {

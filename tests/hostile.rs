@@ -488,7 +488,7 @@ fn keys_never_appear_in_logs_or_records() {
         .output()
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let keys: Vec<String> = ["coordinator.key", "worker.key"]
+    let keys: Vec<String> = ["coordinator.key", "worker-0.key", "worker-1.key", "ca/ca.key"]
         .iter()
         .map(|k| std::fs::read_to_string(run.join("certs").join(k)).expect("key"))
         .collect();

@@ -208,39 +208,6 @@ fn a_domain_that_does_not_fit_the_job_is_named() {
 }
 
 #[test]
-fn certs_init_writes_a_usable_pki_and_never_overwrites() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let out = metaloop()
-        .args(["certs", "init"])
-        .arg(dir.path())
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in [
-        "ca.pem",
-        "coordinator.pem",
-        "coordinator.key",
-        "worker.pem",
-        "worker.key",
-    ] {
-        assert!(dir.path().join(f).is_file(), "{f} missing");
-    }
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("worker.key"))
-        .expect("meta")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
-    let again = metaloop()
-        .args(["certs", "init"])
-        .arg(dir.path())
-        .output()
-        .expect("run");
-    assert!(!again.status.success(), "a second init must refuse to overwrite");
-    assert!(String::from_utf8_lossy(&again.stderr).contains("ca.pem"));
-}
-
-#[test]
 fn validate_reports_every_problem_with_its_key() {
     let dir = tempfile::tempdir().expect("tmp");
     let cfg = dir.path().join("bad.toml");

@@ -28,6 +28,7 @@ async fn coordinator_rejects_a_worker_of_another_version() {
         max_handshakes: 64,
         max_workers: 1024,
         ready: Default::default(),
+        revocation: Default::default(),
     })
     .expect("bind");
     let addr = coordinator.local_addr().expect("addr");

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod pki;
 pub mod proto;
 pub mod rng;
 pub mod tensor;

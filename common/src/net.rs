@@ -43,6 +43,8 @@ pub enum NetError {
     Tls(String),
     #[error("certificate generation: {0}")]
     Certs(#[from] rcgen::Error),
+    #[error(transparent)]
+    Name(#[from] crate::pki::NameError),
     #[error("connecting to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("connection lost: {0}")]
@@ -69,7 +71,11 @@ impl NetError {
             NetError::Peer { reason, .. } => reason,
             NetError::Connection(_) => "disconnected",
             NetError::Read(_) | NetError::Write(_) => "stream_error",
-            NetError::File { .. } | NetError::Pem { .. } | NetError::Tls(_) | NetError::Certs(_) => "local_tls",
+            NetError::File { .. }
+            | NetError::Pem { .. }
+            | NetError::Tls(_)
+            | NetError::Certs(_)
+            | NetError::Name(_) => "local_tls",
             NetError::Connect { .. } => "connect",
             NetError::Bind { .. } => "bind",
         }
@@ -87,59 +93,16 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// Writes a fresh CA plus a coordinator and a worker certificate into `dir` and returns the
-/// file sets for (coordinator, worker). `local` mode makes one such throwaway set per run.
+/// Writes a fresh CA (its key in `ca/ca.key`), a coordinator certificate and one worker
+/// certificate with the identity `worker` into `dir` (see `pki`), and returns the file sets for
+/// (coordinator, worker). Tests and benchmarks share that one worker identity among their
+/// workers; `local` issues one per worker process instead.
 ///
 /// # Errors
-/// Certificate generation or file writes.
+/// Certificate generation, or a file that exists or cannot be written.
 pub fn write_pki(dir: &Path) -> Result<(TlsFiles, TlsFiles), NetError> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    std::fs::create_dir_all(dir).map_err(|source| NetError::File {
-        what: "creating",
-        path: dir.into(),
-        source,
-    })?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "metaloop CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-    // Never overwrite: an existing key may be in use by a running cluster. Private keys are
-    // readable by their owner only.
-    let write = |name: &str, contents: &str| -> Result<PathBuf, NetError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join(name);
-        let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-            .and_then(|mut f| f.write_all(contents.as_bytes()))
-            .map_err(|source| NetError::File {
-                what: "writing",
-                path: path.clone(),
-                source,
-            })?;
-        Ok(path)
-    };
-    let ca_path = write("ca.pem", &ca.pem())?;
-    let issue = |role: &str, names: Vec<String>| -> Result<TlsFiles, NetError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("metaloop {role}"));
-        let cert = params.signed_by(&key, &ca)?;
-        Ok(TlsFiles {
-            ca: ca_path.clone(),
-            cert: write(&format!("{role}.pem"), &cert.pem())?,
-            key: write(&format!("{role}.key"), &key.serialize_pem())?,
-        })
-    };
-    let coordinator = issue("coordinator", vec![SERVER_NAME.into(), "localhost".into()])?;
-    let worker = issue("worker", vec!["metaloop-worker".into()])?;
+    let coordinator = crate::pki::init(dir)?;
+    let worker = crate::pki::issue(dir, "worker")?;
     Ok((coordinator, worker))
 }
 
@@ -209,10 +172,27 @@ fn transport() -> Arc<TransportConfig> {
 /// # Errors
 /// Certificate files or binding the socket.
 pub fn server_endpoint(addr: SocketAddr, files: &TlsFiles) -> Result<Endpoint, NetError> {
+    let config = server_config(files, None)?;
+    Endpoint::server(config, addr).map_err(|source| NetError::Bind { addr, source })
+}
+
+/// The coordinator's QUIC server configuration: TLS 1.3, client certificates required from the
+/// CA and, given a revocation list, refused when it names them (end-entity certificates; the
+/// list must be the CA's, checked by `pki::RevocationList::load`). Built again to reload the
+/// list (`quinn::Endpoint::set_server_config`).
+///
+/// # Errors
+/// Certificate or revocation-list files, naming the file.
+pub fn server_config(files: &TlsFiles, crl: Option<&crate::pki::RevocationList>) -> Result<ServerConfig, NetError> {
     let l = load(files)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(l.roots, provider())
-        .build()
-        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut builder = rustls::server::WebPkiClientVerifier::builder_with_provider(l.roots, provider());
+    if let Some(crl) = crl {
+        builder = builder
+            .with_crls(crl.ders.iter().cloned())
+            .only_check_end_entity_revocation();
+    }
+    let verifier = builder.build().map_err(|e| NetError::Tls(e.to_string()))?;
+    let verifier = Arc::new(crate::pki::NamingVerifier(verifier));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Tls(e.to_string()))?
@@ -223,7 +203,7 @@ pub fn server_endpoint(addr: SocketAddr, files: &TlsFiles) -> Result<Endpoint, N
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    Endpoint::server(config, addr).map_err(|source| NetError::Bind { addr, source })
+    Ok(config)
 }
 
 /// A worker endpoint that presents its certificate and trusts only the CA.

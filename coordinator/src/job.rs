@@ -58,6 +58,8 @@ pub struct CoordinatorOptions {
     pub max_workers: usize,
     /// Set once the job is loaded and the coordinator serves it (`/readyz`).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The revocation list refused certificates are on, and the signal to read it again.
+    pub revocation: crate::identity::Revocation,
 }
 
 /// The coordinator was asked to stop (SIGINT/SIGTERM): not a failure.
@@ -86,7 +88,7 @@ const MAX_FAILURES_PER_ASSIGNMENT: u32 = 3;
 /// A coordinator with its port bound, so callers can learn the address before running.
 #[derive(Debug)]
 pub struct Coordinator {
-    endpoint: quinn::Endpoint,
+    tls: Arc<crate::identity::Tls>,
     options: CoordinatorOptions,
 }
 
@@ -94,10 +96,13 @@ impl Coordinator {
     /// Binds the QUIC endpoint.
     ///
     /// # Errors
-    /// Certificate files or the socket.
+    /// Certificate files, the revocation list or the socket.
     pub fn bind(options: CoordinatorOptions) -> anyhow::Result<Self> {
-        let endpoint = net::server_endpoint(options.listen, &options.tls)?;
-        Ok(Self { endpoint, options })
+        let tls = crate::identity::Tls::bind(options.listen, options.tls.clone(), options.revocation.crl.clone())?;
+        Ok(Self {
+            tls: Arc::new(tls),
+            options,
+        })
     }
 
     /// The address workers should dial.
@@ -105,7 +110,7 @@ impl Coordinator {
     /// # Errors
     /// When the socket has no local address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.tls.endpoint().local_addr()
     }
 
     /// Runs the whole job; `observe` sees every finished round (progress display).
@@ -161,8 +166,13 @@ impl Coordinator {
         traffic.bytes_out.store(state.bytes_before.1, Ordering::Relaxed);
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
+        tracker.spawn(crate::identity::reload_on_signal(
+            self.tls.clone(),
+            self.options.revocation.reload.clone(),
+            stop.clone(),
+        ));
         tracker.spawn(server::accept_loop(
-            self.endpoint.clone(),
+            self.tls.clone(),
             job,
             server::Limits {
                 handshakes: self.options.max_handshakes.max(1),
@@ -251,7 +261,7 @@ impl Coordinator {
         };
         // No new sessions: a worker told that we are stopping tries to reconnect, and must find
         // the next coordinator, not this one on its way out.
-        self.endpoint.set_server_config(None);
+        self.tls.close();
         for peer in state.peers.values() {
             let _ = peer.outbox.send(Outgoing::Shutdown {
                 reason: reason.into(),
@@ -273,7 +283,7 @@ impl Coordinator {
         .await;
         stop.cancel();
         tracker.close();
-        self.endpoint.close(0u32.into(), b"job finished");
+        self.tls.endpoint().close(0u32.into(), b"job finished");
         tracker.wait().await;
         if let Err(e) = run_dir.flush_metrics() {
             state.record_failures += 1;

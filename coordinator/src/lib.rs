@@ -3,6 +3,7 @@
 //! `rundir` writes the run's record.
 
 mod checkpoint;
+mod identity;
 mod job;
 mod outer;
 mod plot;
@@ -14,6 +15,7 @@ mod server;
 mod strategy;
 mod telemetry;
 
+pub use identity::Revocation;
 pub use job::{Complete, Coordinator, CoordinatorOptions, Stopped};
 pub use outer::OuterOptimizer;
 pub use rundir::{RoundRecord, RunDir, Summary};

@@ -2,11 +2,12 @@
 //! events for the run loop and carry the loop's messages back out. Moves bytes only; every
 //! decision is made by the run loop and the scheduler.
 
+use crate::identity::{self, Tls};
 use crate::scheduler::WorkerId;
 use metaloop_common::net::{self, Inbox, NetError};
 use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, JobSpec, RoundPlan, Welcome, WorkerMsg};
 use metaloop_common::tensor::Bundle;
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ const BUNDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum Event {
     Joined {
         worker: WorkerId,
+        /// The identity its verified certificate names (not the hello's name).
         name: String,
         outbox: mpsc::UnboundedSender<Outgoing>,
     },
@@ -83,7 +85,7 @@ pub struct Limits {
 
 /// Accepts connections until `stop` is cancelled; every connection task is tracked.
 pub async fn accept_loop(
-    endpoint: Endpoint,
+    tls: Arc<Tls>,
     job: JobSpec,
     limits: Limits,
     events: mpsc::UnboundedSender<Event>,
@@ -91,6 +93,7 @@ pub async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let endpoint = tls.endpoint().clone();
     let mut next_id: WorkerId = 0;
     let handshakes = Arc::new(Semaphore::new(limits.handshakes));
     let workers = Arc::new(Semaphore::new(limits.workers));
@@ -112,13 +115,14 @@ pub async fn accept_loop(
             continue;
         };
         next_id += 1;
-        let (id, job, events, traffic, stop, workers) = (
+        let (id, job, events, traffic, stop, workers, tls) = (
             next_id,
             job.clone(),
             events.clone(),
             traffic.clone(),
             stop.clone(),
             workers.clone(),
+            tls.clone(),
         );
         tracker.spawn(async move {
             let refuse = |kind: &'static str, reason: String| {
@@ -132,7 +136,14 @@ pub async fn accept_loop(
             };
             let conn = match conn {
                 Ok(c) => c,
-                Err(e) => return refuse("tls_handshake", e.to_string()),
+                Err(e) => return refuse(identity::refusal_kind(&e), e.to_string()),
+            };
+            let who = match tls.admit(&conn) {
+                Ok(who) => who,
+                Err(e) => {
+                    conn.close(1u32.into(), b"refused");
+                    return refuse(e.reason(), e.to_string());
+                }
             };
             let admitted = tokio::select! {
                 a = admit(&conn) => a,
@@ -142,7 +153,7 @@ pub async fn accept_loop(
                 Ok(admitted) => admitted,
                 Err(e) => {
                     conn.close(1u32.into(), b"refused");
-                    return refuse(e.reason(), e.to_string());
+                    return refuse(e.reason(), format!("{}: {e}", who.identity));
                 }
             };
             let Ok(seat) = workers.try_acquire_owned() else {
@@ -150,15 +161,27 @@ pub async fn accept_loop(
                 let _ = net::write_frame(&mut send, &CoordinatorMsg::Reject { reason: reason.clone() }).await;
                 net::finish_and_flush(&mut send, Duration::from_secs(5)).await;
                 conn.close(1u32.into(), b"refused");
-                return refuse("too_many_workers", reason);
+                return refuse("too_many_workers", format!("{}: {reason}", who.identity));
             };
             drop(handshake);
-            let outcome = serve(id, &conn, (&mut send, &mut recv), hello, job, &events, &traffic, stop).await;
+            let outcome = serve(
+                (id, &who.identity),
+                &conn,
+                (&mut send, &mut recv),
+                hello,
+                job,
+                &events,
+                &traffic,
+                stop,
+            )
+            .await;
             drop(seat);
             let (kind, reason) = match outcome {
                 Ok(()) => ("left", "the worker closed its session".to_string()),
                 Err(e) => (e.reason(), e.to_string()),
             };
+            let (kind, reason) = who.why_lost(kind, reason);
+            tracing::info!(worker = id, identity = %who.identity, kind, %reason, "worker connection ended");
             conn.close(0u32.into(), b"bye");
             let _ = events.send(Event::Lost {
                 worker: id,
@@ -200,7 +223,7 @@ async fn admit(conn: &Connection) -> Result<(SendStream, RecvStream, Hello), Net
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    id: WorkerId,
+    (id, identity): (WorkerId, &str),
     conn: &Connection,
     (send, recv): (&mut SendStream, &mut RecvStream),
     hello: Hello,
@@ -216,11 +239,11 @@ async fn serve(
     });
     net::write_frame(send, &welcome).await?;
     let (outbox, inbox_rx) = mpsc::unbounded_channel();
-    tracing::info!(worker = id, name = %hello.name, remote = %conn.remote_address(), "worker joined");
+    tracing::info!(worker = id, %identity, name = %hello.name, remote = %conn.remote_address(), "worker joined");
     if events
         .send(Event::Joined {
             worker: id,
-            name: hello.name,
+            name: identity.into(),
             outbox,
         })
         .is_err()
