@@ -682,8 +682,9 @@ mod tests {
                 }
             }
         };
+        let bytes_in = AtomicU64::new(0);
         let (err, ()) = tokio::join!(
-            tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s, &AtomicU64::new(0))),
+            tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s, &bytes_in)),
             sent
         );
         let err = err.expect("cut off");

@@ -95,6 +95,7 @@ impl Admission {
     }
 
     /// Handshakes in progress.
+    #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.pending.len()
     }
