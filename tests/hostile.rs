@@ -498,7 +498,10 @@ async fn half_open_and_stalled_handshakes_cannot_keep_workers_out() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let spawned = std::time::Instant::now();
-    let mut honest = [worker(dir.path(), &addr, "honest-0"), worker(dir.path(), &addr, "honest-1")];
+    let mut honest = [
+        worker(dir.path(), &addr, "honest-0"),
+        worker(dir.path(), &addr, "honest-1"),
+    ];
     let joined = |name: &str| {
         std::fs::read_to_string(dir.path().join(format!("{name}.log")))
             .unwrap_or_default()

@@ -437,7 +437,10 @@ pub async fn send_encoded(conn: &Connection, transfer: u64, bundle: &EncodedBund
 /// # Errors
 /// `Read` when the stream fails, `Proto` when the header is not the expected layout
 /// (`UnexpectedLayout`) or the bytes disagree with it.
-pub async fn recv_bundle(mut recv: RecvStream, expected: &proto::BundleLayout) -> Result<(u64, Bundle, usize), NetError> {
+pub async fn recv_bundle(
+    mut recv: RecvStream,
+    expected: &proto::BundleLayout,
+) -> Result<(u64, Bundle, usize), NetError> {
     let header = read_bundle_header(&mut recv).await?;
     expected.check(&header)?;
     let (bundle, received) = read_payload(recv, &header).await?;

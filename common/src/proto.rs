@@ -687,7 +687,10 @@ impl PayloadDecoder {
         let data = &mut self.tensors[i].data;
         let need = data.len() + more;
         if need > data.capacity() {
-            let target = need.max(data.capacity().saturating_mul(2)).min(self.announced[i]).max(need);
+            let target = need
+                .max(data.capacity().saturating_mul(2))
+                .min(self.announced[i])
+                .max(need);
             data.reserve_exact(target - data.len());
         }
     }
@@ -1060,7 +1063,10 @@ mod tests {
             other => panic!("{header:?} accepted: {other:?}"),
         };
         let msg = refused(&BundleHeader::for_bundle_as(3, &b, DType::F32));
-        assert!(msg.contains("bundle 3") && msg.contains("`w`") && msg.contains("BF16"), "{msg}");
+        assert!(
+            msg.contains("bundle 3") && msg.contains("`w`") && msg.contains("BF16"),
+            "{msg}"
+        );
         let mut lying = BundleHeader::for_bundle_as(4, &b, DType::BF16);
         lying.tensors[1].shape = vec![8_589_934_592];
         let msg = refused(&lying);

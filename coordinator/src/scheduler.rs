@@ -36,7 +36,9 @@ impl AssignmentTimeout {
 
     /// The adaptive timeout, with nothing observed yet.
     pub fn adaptive() -> Self {
-        AssignmentTimeout::Adaptive { recent: VecDeque::new() }
+        AssignmentTimeout::Adaptive {
+            recent: VecDeque::new(),
+        }
     }
 
     /// A result came `took` after the worker's previous progress.
@@ -396,17 +398,29 @@ mod tests {
     #[test]
     fn the_adaptive_timeout_follows_the_slowest_recent_result() {
         let mut t = AssignmentTimeout::adaptive();
-        assert_eq!(t.current(true), AssignmentTimeout::UNOBSERVED, "generous before anything is seen");
+        assert_eq!(
+            t.current(true),
+            AssignmentTimeout::UNOBSERVED,
+            "generous before anything is seen"
+        );
         t.observe(Duration::from_millis(40));
         assert_eq!(t.current(true), AssignmentTimeout::FLOOR, "quick rounds: the floor");
-        assert_eq!(t.current(false), AssignmentTimeout::FIRST_RESULT, "a new worker loads its data first");
+        assert_eq!(
+            t.current(false),
+            AssignmentTimeout::FIRST_RESULT,
+            "a new worker loads its data first"
+        );
         t.observe(secs(20));
         assert_eq!(t.current(true), secs(80), "four times the slowest");
         assert_eq!(t.current(false), secs(120));
         for _ in 0..AssignmentTimeout::WINDOW {
             t.observe(secs(1));
         }
-        assert_eq!(t.current(true), AssignmentTimeout::FLOOR, "the slow one has left the window");
+        assert_eq!(
+            t.current(true),
+            AssignmentTimeout::FLOOR,
+            "the slow one has left the window"
+        );
         let mut fixed = AssignmentTimeout::Fixed(secs(7));
         fixed.observe(secs(100));
         assert_eq!((fixed.current(true), fixed.current(false)), (secs(7), secs(7)));
@@ -429,7 +443,11 @@ mod tests {
         assert_eq!(s.result(1, 1, 0, at + Duration::from_millis(50)), Ok(()));
         assert!(s.overdue(at + secs(119)).is_empty());
         assert_eq!(s.next_deadline(), Some(at + AssignmentTimeout::FIRST_RESULT));
-        assert_eq!(s.overdue(at + secs(120)), vec![2], "a new worker gets its first-result allowance");
+        assert_eq!(
+            s.overdue(at + secs(120)),
+            vec![2],
+            "a new worker gets its first-result allowance"
+        );
         assert_eq!(s.worker_lost(2, at + secs(120)), vec![d(1, &[1])]);
         // A worker that has returned results gets the floor.
         let later = at + secs(121);

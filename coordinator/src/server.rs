@@ -157,7 +157,13 @@ pub async fn accept_loop(
                 if let Some(e) = evicted {
                     e.cancel();
                 }
-                (Slot { gate: gate.clone(), ticket }, token)
+                (
+                    Slot {
+                        gate: gate.clone(),
+                        ticket,
+                    },
+                    token,
+                )
             }
             Decision::Retry => {
                 tracing::debug!(%remote, "many handshakes in progress; asking for address validation");

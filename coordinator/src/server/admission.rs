@@ -142,7 +142,11 @@ mod tests {
         for i in 0..4 {
             accept(a.incoming(ip(i), false));
         }
-        assert_eq!(a.incoming(ip(9), false), Decision::Retry, "half-open floods cost nothing");
+        assert_eq!(
+            a.incoming(ip(9), false),
+            Decision::Retry,
+            "half-open floods cost nothing"
+        );
         accept(a.incoming(ip(9), true));
         assert_eq!(a.pending(), 5);
     }
