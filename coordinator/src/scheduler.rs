@@ -26,12 +26,17 @@ pub enum AssignmentTimeout {
 }
 
 impl AssignmentTimeout {
+    /// Headroom over the slowest recent result: a worker on a busier machine, a larger batch
+    /// of assignments, a model resent in full.
     pub const MULTIPLE: u32 = 4;
+    /// Results remembered: enough to span a few rounds, few enough to forget a slow phase.
     pub const WINDOW: usize = 64;
     /// Rounds this fast are not worth dropping a worker over sooner: scheduling hiccups, a
     /// checkpoint, a garbage collection on the worker's machine.
     pub const FLOOR: Duration = Duration::from_secs(30);
+    /// Before anything was observed nothing is known about the job: the old fixed default.
     pub const UNOBSERVED: Duration = Duration::from_secs(600);
+    /// A worker's first result also covers loading the job's data and the full model.
     pub const FIRST_RESULT: Duration = Duration::from_secs(120);
 
     /// The adaptive timeout, with nothing observed yet.
@@ -125,6 +130,7 @@ impl Scheduler {
         Self::default()
     }
 
+    /// A scheduler that drops stuck workers after `timeout` (fixed or adaptive).
     pub fn with_timeout(timeout: AssignmentTimeout) -> Self {
         Self {
             round: None,
