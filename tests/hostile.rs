@@ -225,21 +225,19 @@ async fn lying_peers_are_dropped_by_reason_and_the_job_is_unharmed() {
         assert_dropped(&mut liar, reason).await;
     }
 
-    // A tensor whose bytes disagree with its shape: 4 floats announced, 5 sent.
+    // A delta of the model's layout whose bytes disagree with its shapes: one byte too many.
     let mut liar = FakeWorker::join(&tls, &addr, "trailing").await;
-    let header = BundleHeader {
-        transfer: 99,
-        tensors: vec![TensorMeta {
-            name: "w".into(),
-            dtype: DType::F32,
-            shape: vec![4],
-        }],
-    };
+    let zeros = metaloop_common::model::init_params(&liar.welcome.job.model, 0).zeros_like();
+    let dtype = liar.welcome.job.delta_dtype;
+    let header = BundleHeader::for_bundle_as(99, &zeros, dtype);
     let mut uni = liar.conn.open_uni().await.expect("uni");
     uni.write_all(&proto::encode_frame(&header).expect("header"))
         .await
         .expect("write");
-    uni.write_all(&[0u8; 20]).await.expect("write");
+    uni.write_all(&proto::encode_payload_as(&zeros, dtype))
+        .await
+        .expect("write");
+    uni.write_all(&[0u8]).await.expect("write");
     uni.finish().expect("finish");
     assert_dropped(&mut liar, "trailing bytes").await;
 
