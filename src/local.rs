@@ -185,7 +185,7 @@ async fn run_job(
         min_workers: args.workers,
         worker_wait: Duration::from_secs(60),
         resume: false,
-        assignment_timeout: Duration::from_secs(600),
+        assignment_timeout: None,
         checkpoint_pause: Duration::ZERO,
         max_handshakes: 64,
         max_workers: 1024,

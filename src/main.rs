@@ -183,14 +183,16 @@ struct CoordinatorArgs {
     #[arg(long)]
     resume: bool,
     /// Seconds a worker may hold assignments without returning a result before it is dropped
-    /// and its work reassigned.
-    #[arg(long, default_value_t = 600)]
-    assignment_timeout: u64,
+    /// and its work reassigned. Default: adaptive, 4x the slowest of the last 64 results, at
+    /// least 30 s (120 s for a worker's first result), and 600 s until a result was seen.
+    #[arg(long, value_name = "S")]
+    assignment_timeout: Option<u64>,
     /// Test hook: pause this long between writing a checkpoint and renaming it into place.
     #[arg(long, default_value_t = 0, hide = true)]
     checkpoint_pause_ms: u64,
-    /// Connections admitted at once between their first packet and their hello; more are
-    /// refused (a flood of connection attempts cannot exhaust the coordinator).
+    /// Connections admitted at once between their first packet and their hello (4 s each at
+    /// most); when all are taken the oldest is evicted for the newcomer, one address may hold a
+    /// quarter of them, and beyond half unvalidated addresses must answer a QUIC retry.
     #[arg(long, default_value_t = 64)]
     max_handshakes: usize,
     /// Workers connected at the same time; more are told so and refused.
@@ -307,7 +309,7 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
                 min_workers: args.min_workers,
                 worker_wait: Duration::from_secs(args.worker_wait),
                 resume: args.resume,
-                assignment_timeout: Duration::from_secs(args.assignment_timeout),
+                assignment_timeout: args.assignment_timeout.map(Duration::from_secs),
                 checkpoint_pause: Duration::from_millis(args.checkpoint_pause_ms),
                 max_handshakes: args.max_handshakes,
                 max_workers: args.max_workers,

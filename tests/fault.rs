@@ -206,6 +206,21 @@ fn killed_coordinator_resumes_exactly(job: &[&str], rounds: usize) {
         "coordinator2.stderr",
         &[&args[..], &["--resume"]].concat(),
     );
+    // The restarted coordinator answers the workers' next keep-alive with a stateless reset,
+    // and they rejoin at once: well before the 10 s idle timeout that used to find it.
+    let listening = Instant::now();
+    let rejoined = |name: &str| {
+        let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        log.matches("joined the job").count() >= 2
+    };
+    while !(rejoined("w0") && rejoined("w1")) {
+        assert!(
+            listening.elapsed() < Duration::from_secs(6),
+            "the workers did not rejoin within 6 s of the restart"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rejoin_seconds = listening.elapsed().as_secs_f64();
     assert!(wait_for(&mut second, Duration::from_secs(120)).success());
     let resume_seconds = restarted.elapsed().as_secs_f64();
     for w in &mut workers {
@@ -223,7 +238,7 @@ fn killed_coordinator_resumes_exactly(job: &[&str], rounds: usize) {
         got["final_state_checksum"], reference["final_state_checksum"],
         "resumed run must end bit for bit where the undisturbed one ends"
     );
-    eprintln!("killed after {killed_at} rounds; the restarted coordinator finished the remaining rounds in {resume_seconds:.1}s");
+    eprintln!("killed after {killed_at} rounds; the workers rejoined {rejoin_seconds:.2}s after the restart; the restarted coordinator finished the remaining rounds in {resume_seconds:.1}s");
 }
 
 /// A worker that takes its assignments and then says nothing, while its connection stays alive

@@ -225,21 +225,19 @@ async fn lying_peers_are_dropped_by_reason_and_the_job_is_unharmed() {
         assert_dropped(&mut liar, reason).await;
     }
 
-    // A tensor whose bytes disagree with its shape: 4 floats announced, 5 sent.
+    // A delta of the model's layout whose bytes disagree with its shapes: one byte too many.
     let mut liar = FakeWorker::join(&tls, &addr, "trailing").await;
-    let header = BundleHeader {
-        transfer: 99,
-        tensors: vec![TensorMeta {
-            name: "w".into(),
-            dtype: DType::F32,
-            shape: vec![4],
-        }],
-    };
+    let zeros = metaloop_common::model::init_params(&liar.welcome.job.model, 0).zeros_like();
+    let dtype = liar.welcome.job.delta_dtype;
+    let header = BundleHeader::for_bundle_as(99, &zeros, dtype);
     let mut uni = liar.conn.open_uni().await.expect("uni");
     uni.write_all(&proto::encode_frame(&header).expect("header"))
         .await
         .expect("write");
-    uni.write_all(&[0u8; 20]).await.expect("write");
+    uni.write_all(&proto::encode_payload_as(&zeros, dtype))
+        .await
+        .expect("write");
+    uni.write_all(&[0u8]).await.expect("write");
     uni.finish().expect("finish");
     assert_dropped(&mut liar, "trailing bytes").await;
 
@@ -323,8 +321,9 @@ async fn assert_dropped(liar: &mut FakeWorker, what: &str) {
     assert!(closed.is_ok(), "the {what} liar was not dropped");
 }
 
-/// A flood of connection attempts: beyond the handshake limit they are refused at once, a
-/// worker beyond the worker limit is told so, and the job runs on to the undisturbed result.
+/// A flood of connection attempts from one address: beyond its share of the handshake slots
+/// they are refused at once, a worker beyond the worker limit is told so, and the job runs on
+/// to the undisturbed result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_connections_is_refused_and_the_job_goes_on() {
     let job = ["--rounds", "80", "--seed", "9"];
@@ -341,7 +340,7 @@ async fn a_flood_of_connections_is_refused_and_the_job_goes_on() {
     let at: SocketAddr = addr.parse().expect("addr");
     let endpoint = net::client_endpoint(&tls, "127.0.0.1:0".parse().expect("addr")).expect("client");
     // 40 connections that complete TLS and then say nothing (they would hold a handshake slot
-    // until the hello timeout).
+    // until the handshake deadline). With 4 slots one address may hold one.
     let attempts: Vec<_> = (0..40)
         .map(|_| {
             let e = endpoint.clone();
@@ -362,11 +361,189 @@ async fn a_flood_of_connections_is_refused_and_the_job_goes_on() {
     assert!(rounds_done(&run) < 80, "and the refusal too");
     let got = finish(coord, honest, dir.path()).await;
     assert!(
-        got["connections_refused"]["too_many_handshakes"].as_u64().unwrap_or(0) >= 30,
+        got["connections_refused"]["too_many_from_source"].as_u64().unwrap_or(0) >= 30,
         "{got}"
     );
     assert_eq!(got["connections_refused"]["too_many_workers"], 1, "{got}");
     assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
+}
+
+/// Issue 15, defect 1: a peer with a valid certificate says hello, then sends a 20-byte
+/// bundle header announcing 16 GiB (bf16 [8589934592], then f32 [4294967296]). The coordinator
+/// checks it against the delta it expects (the model's tensors in the job's delta dtype) before
+/// allocating anything, drops the peer, and the honest worker ends the job undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_bundle_header_is_refused_before_anything_is_allocated() {
+    let job = ["--rounds", "6", "--seed", "12"];
+    let reference = reference_run(&job, "1");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_, tls) = net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (coord, addr) = coordinator(dir.path(), &job);
+    for (dtype, n) in [(DType::BF16, 8_589_934_592u64), (DType::F32, 4_294_967_296)] {
+        let mut liar = FakeWorker::join(&tls, &addr, "huge-header").await;
+        let header = BundleHeader {
+            transfer: 1,
+            tensors: vec![TensorMeta {
+                name: "w".into(),
+                dtype,
+                shape: vec![n],
+            }],
+        };
+        let bytes = proto::encode_frame(&header).expect("header");
+        assert!(bytes.len() <= 20, "{} bytes", bytes.len());
+        let mut uni = liar.conn.open_uni().await.expect("uni");
+        uni.write_all(&bytes).await.expect("write");
+        assert_dropped(&mut liar, "huge header").await;
+    }
+    let honest = worker(dir.path(), &addr, "honest");
+    let got = finish(coord, honest, dir.path()).await;
+    assert_eq!(got["workers_lost"]["unexpected_layout"], 2, "{got}");
+    assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
+}
+
+/// A client's first packet (a QUIC Initial with its TLS ClientHello), `n` times, each from a
+/// fresh connection attempt aimed at a local sink: replayed to the coordinator from other
+/// addresses, each opens a handshake that nobody ever continues.
+async fn first_packets(tls: &TlsFiles, n: usize) -> Vec<Vec<u8>> {
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("sink");
+    let to = sink.local_addr().expect("addr");
+    let endpoint = net::client_endpoint(tls, "127.0.0.1:0".parse().expect("addr")).expect("client");
+    let mut seen = std::collections::HashSet::new();
+    let mut packets = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 2048];
+    let mut attempts = Vec::with_capacity(n);
+    while packets.len() < n {
+        attempts.push(endpoint.connect(to, net::SERVER_NAME).expect("connect"));
+        loop {
+            let len = tokio::time::timeout(Duration::from_secs(10), sink.recv(&mut buf))
+                .await
+                .expect("a first packet")
+                .expect("recv");
+            // Long header: flags, version (4), DCID length, DCID. Retransmissions repeat one.
+            let packet = &buf[..len];
+            let dcid = packet
+                .get(5)
+                .and_then(|&n| packet.get(6..6 + usize::from(n)))
+                .map(<[u8]>::to_vec);
+            if packet.first().is_some_and(|b| b & 0x80 != 0) && dcid.is_some_and(|d| seen.insert(d)) {
+                packets.push(buf[..len].to_vec());
+                break;
+            }
+        }
+    }
+    drop(attempts);
+    endpoint.close(0u32.into(), b"");
+    packets
+}
+
+/// Issue 15, defect 6: about 70 half-open handshakes a second (first packets replayed from 40
+/// addresses, never continued) and 70 connections with a valid certificate that finish TLS and
+/// never say hello (from 10 addresses, reopened a second after the coordinator drops them):
+/// more than the 64 handshake slots. Two honest workers join while the flood goes on and
+/// finish the job, still during the flood, with the undisturbed result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_and_stalled_handshakes_cannot_keep_workers_out() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let job = ["--rounds", "150", "--seed", "14"];
+    let reference = reference_run(&job, "2");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_, tls) = net::write_pki(&dir.path().join("certs")).expect("pki");
+    let (mut coord, addr) = coordinator(dir.path(), &[&job[..], &["--min-workers", "2"]].concat());
+    let at: SocketAddr = addr.parse().expect("addr");
+    let flooding = Arc::new(AtomicBool::new(true));
+    let (replayed, stalled) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+
+    // A unique first packet per handshake for the first 6 s; after that the first ones are
+    // replayed again (their earlier handshakes are long gone).
+    let packets = first_packets(&tls, 420).await;
+    let half_open = {
+        let (flooding, replayed) = (flooding.clone(), replayed.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(14));
+            for (i, packet) in packets.iter().cycle().enumerate() {
+                if !flooding.load(Ordering::Relaxed) {
+                    break;
+                }
+                tick.tick().await;
+                let from = SocketAddr::from(([127, 0, 0, 10 + (i % 40) as u8], 0));
+                let socket = tokio::net::UdpSocket::bind(from).await.expect("bind");
+                socket.send_to(packet, at).await.expect("send");
+                replayed.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let stallers: Vec<_> = (0..70u8)
+        .map(|i| {
+            let (flooding, stalled, tls) = (flooding.clone(), stalled.clone(), tls.clone());
+            tokio::spawn(async move {
+                let from = SocketAddr::from(([127, 0, 0, 100 + i % 10], 0));
+                let endpoint = net::client_endpoint(&tls, from).expect("client");
+                while flooding.load(Ordering::Relaxed) {
+                    if let Ok(conn) = net::connect(&endpoint, at).await {
+                        stalled.fetch_add(1, Ordering::Relaxed);
+                        // TLS done, and not a word: wait to be dropped.
+                        conn.closed().await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        })
+        .collect();
+    // The flood is on and the slots are taken before the honest workers come.
+    let start = std::time::Instant::now();
+    while stalled.load(Ordering::Relaxed) < 70 || replayed.load(Ordering::Relaxed) < 70 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the flood did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spawned = std::time::Instant::now();
+    let mut honest = [
+        worker(dir.path(), &addr, "honest-0"),
+        worker(dir.path(), &addr, "honest-1"),
+    ];
+    let joined = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.log")))
+            .unwrap_or_default()
+            .contains("joined the job")
+    };
+    let mut join_seconds = Vec::new();
+    for name in ["honest-0", "honest-1"] {
+        while !joined(name) {
+            assert!(
+                spawned.elapsed() < Duration::from_secs(60),
+                "{name} was kept out by the flood"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        join_seconds.push(spawned.elapsed().as_secs_f64());
+    }
+    let status = tokio::task::block_in_place(|| wait_for(&mut coord, Duration::from_secs(120)));
+    let still_flooding = !half_open.is_finished() && stallers.iter().all(|s| !s.is_finished());
+    flooding.store(false, Ordering::Relaxed);
+    for w in &mut honest {
+        tokio::task::block_in_place(|| wait_for(w, Duration::from_secs(30)));
+    }
+    let (replayed, stalled) = (replayed.load(Ordering::Relaxed), stalled.load(Ordering::Relaxed));
+    eprintln!(
+        "honest workers joined {join_seconds:.2?} s after they started, under {replayed} replayed first packets and {stalled} stalled TLS connections"
+    );
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(dir.path().join("coordinator.stderr")).unwrap_or_default()
+    );
+    assert!(still_flooding, "the job ended during the flood");
+    let got = summary(&dir.path().join("run"));
+    let refused = &got["connections_refused"];
+    let dropped = ["evicted", "handshake_timeout"]
+        .iter()
+        .map(|k| refused[k].as_u64().unwrap_or(0))
+        .sum::<u64>();
+    assert!(dropped >= 70, "the stalled connections were dropped: {got}");
+    assert_eq!(got["final_state_checksum"], reference["final_state_checksum"]);
+    half_open.abort();
+    for s in stallers {
+        s.abort();
+    }
 }
 
 async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: Vec<F>) -> Vec<F::Output>

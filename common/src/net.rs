@@ -16,8 +16,10 @@ use std::time::Duration;
 /// The name coordinator certificates are issued for and workers verify.
 pub const SERVER_NAME: &str = "metaloop-coordinator";
 /// Keep-alive far below the idle timeout: an inner loop can be silent for minutes, and quinn
-/// sends no keep-alives by default.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// sends no keep-alives by default. Frequent enough that a worker whose coordinator was
+/// restarted sends it a packet within half a second and gets the stateless reset that ends
+/// its dead connection at once (see [`server_endpoint`]); a few dozen bytes per second.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// A peer silent this long (no keep-alive either) is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Receive windows sized for bulk tensor transfer on fast links (quinn's defaults suit
@@ -172,8 +174,19 @@ fn transport() -> Arc<TransportConfig> {
 /// # Errors
 /// Certificate files or binding the socket.
 pub fn server_endpoint(addr: SocketAddr, files: &TlsFiles) -> Result<Endpoint, NetError> {
-    let config = server_config(files, None)?;
-    Endpoint::server(config, addr).map_err(|source| NetError::Bind { addr, source })
+    bind_server(addr, files, server_config(files, None)?)
+}
+
+/// Binds a coordinator endpoint to `addr` with `config` and the endpoint settings derived from
+/// the private key in `files` ([`endpoint_config`]: stable stateless resets across restarts).
+///
+/// # Errors
+/// The key file, or binding the socket.
+pub fn bind_server(addr: SocketAddr, files: &TlsFiles, config: ServerConfig) -> Result<Endpoint, NetError> {
+    let l = load(files)?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|source| NetError::Bind { addr, source })?;
+    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime for QUIC".into()))?;
+    Endpoint::new(endpoint_config(&l.key), Some(config), socket, runtime).map_err(|source| NetError::Bind { addr, source })
 }
 
 /// The coordinator's QUIC server configuration: TLS 1.3, client certificates required from the
@@ -204,6 +217,58 @@ pub fn server_config(files: &TlsFiles, crl: Option<&crate::pki::RevocationList>)
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
     Ok(config)
+}
+
+/// The coordinator's endpoint settings: its stateless-reset key is derived from its private
+/// key, so a coordinator restarted with the same key answers a worker's next packet on a
+/// connection its predecessor held with a stateless reset the worker recognises (RFC 9000
+/// §10.3), and the worker reconnects at once instead of waiting for its idle timeout.
+fn endpoint_config(key: &PrivateKeyDer<'_>) -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key(key)));
+    // A CID generator that accepts every CID as possibly ours (quinn's default hashes CIDs with
+    // a random key per process, and drops packets for CIDs it cannot vouch for, so a restarted
+    // coordinator would ignore the old ones instead of resetting them).
+    config.cid_generator(|| Box::new(RandomCids));
+    config
+}
+
+/// The HMAC key for stateless resets: a hash of the private key under a label of its own, so
+/// the same key always gives the same resets and the key itself is never used for anything
+/// else.
+fn reset_key(key: &PrivateKeyDer<'_>) -> ring::hmac::Key {
+    use sha2::Digest;
+    let secret = sha2::Sha256::new()
+        .chain_update(b"metaloop QUIC stateless reset key v1\0")
+        .chain_update(key.secret_der())
+        .finalize();
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
+}
+
+/// Random 8-byte connection IDs from the system's secure generator.
+#[derive(Debug)]
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        let mut bytes = [0u8; 8];
+        // The system generator does not fail on Linux; the fallback is still unique per call.
+        if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            bytes = nanos.to_le_bytes();
+        }
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A worker endpoint that presents its certificate and trusts only the CA.
@@ -284,12 +349,22 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'stat
         Err(e) => return Err(NetError::Read(format!("{what} length prefix: {e}"))),
     }
     let len = proto::frame_len(prefix)?;
-    let mut body = vec![0u8; len];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(have)) => return Err(ProtoError::Truncated { need: len, have }.into()),
-        Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => return Err(e.into()),
-        Err(e) => return Err(NetError::Read(format!("{what} body ({len} bytes): {e}"))),
+    // The body grows with the bytes that arrive, not with the length the peer announced: a
+    // prefix is four bytes, a reservation of a megabyte per silent stream would not be.
+    let mut body = Vec::new();
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(ProtoError::Truncated {
+                    need: len,
+                    have: body.len(),
+                }
+                .into())
+            }
+            Err(quinn::ReadError::ConnectionLost(e)) => return Err(e.into()),
+            Err(e) => return Err(NetError::Read(format!("{what} body ({len} bytes): {e}"))),
+        }
     }
     Ok(Some(proto::decode_body(what, &body)?))
 }
@@ -343,16 +418,32 @@ pub async fn send_encoded(conn: &Connection, transfer: u64, bundle: &EncodedBund
     Ok(header.len() + bundle.payload.len())
 }
 
-/// Receives one bundle stream: header frame, then exactly the payload its shapes announce,
-/// decoded chunk by chunk as it arrives.
+/// Receives one bundle stream: header frame, checked against `expected` before anything is
+/// allocated for the payload, then exactly the payload its shapes announce, decoded chunk by
+/// chunk as it arrives. Returns the transfer id, the bundle and the bytes received.
 ///
 /// # Errors
-/// `Read` when the stream fails, `Proto` when the bytes disagree with the header.
-pub async fn recv_bundle(mut recv: RecvStream) -> Result<(u64, Bundle, usize), NetError> {
-    let header: proto::BundleHeader = read_frame(&mut recv, "bundle header")
+/// `Read` when the stream fails, `Proto` when the header is not the expected layout
+/// (`UnexpectedLayout`) or the bytes disagree with it.
+pub async fn recv_bundle(
+    mut recv: RecvStream,
+    expected: &proto::BundleLayout,
+) -> Result<(u64, Bundle, usize), NetError> {
+    let header = read_bundle_header(&mut recv).await?;
+    expected.check(&header)?;
+    let (bundle, received) = read_payload(recv, &header).await?;
+    Ok((header.transfer, bundle, received))
+}
+
+async fn read_bundle_header(recv: &mut RecvStream) -> Result<proto::BundleHeader, NetError> {
+    read_frame(recv, "bundle header")
         .await?
-        .ok_or_else(|| NetError::Read("bundle stream ended before its header".into()))?;
-    let mut decoder = proto::PayloadDecoder::new(&header)?;
+        .ok_or_else(|| NetError::Read("bundle stream ended before its header".into()))
+}
+
+/// The payload `header` announces (checked by the caller), as it arrives.
+async fn read_payload(mut recv: RecvStream, header: &proto::BundleHeader) -> Result<(Bundle, usize), NetError> {
+    let mut decoder = proto::PayloadDecoder::new(header)?;
     let mut received = 0;
     loop {
         match recv.read_chunk(usize::MAX, true).await {
@@ -364,13 +455,17 @@ pub async fn recv_bundle(mut recv: RecvStream) -> Result<(u64, Bundle, usize), N
             Err(e) => return Err(NetError::Read(format!("bundle {} payload: {e}", header.transfer))),
         }
     }
-    Ok((header.transfer, decoder.finish()?, received))
+    Ok((decoder.finish()?, received))
 }
 
 /// Bundles received on a connection's unidirectional streams, waiting for the control message
-/// that refers to them by transfer id (QUIC does not order streams against each other).
-#[derive(Debug, Default)]
+/// that refers to them by transfer id (QUIC does not order streams against each other). Every
+/// bundle must have the layout this inbox expects; what it holds unclaimed is bounded in count
+/// and in bytes.
+#[derive(Debug)]
 pub struct Inbox {
+    expected: proto::BundleLayout,
+    max_bytes: u64,
     state: std::sync::Mutex<InboxState>,
     notify: tokio::sync::Notify,
 }
@@ -378,36 +473,79 @@ pub struct Inbox {
 #[derive(Debug, Default)]
 struct InboxState {
     bundles: std::collections::HashMap<u64, Bundle>,
+    /// Decoded bytes of the bundles held.
+    held: u64,
     closed: Option<String>,
 }
 
 /// Most bundles held unclaimed; a peer that floods uni streams is cut off.
 const MAX_UNCLAIMED: usize = 64;
+/// Most decoded bytes held unclaimed (or room for two bundles, when the model is larger):
+/// an honest peer names each bundle in a control message right after sending it, so only a
+/// couple are ever waiting.
+const MAX_UNCLAIMED_BYTES: u64 = 1 << 30;
 
 impl Inbox {
+    /// An inbox for bundles of `expected`'s layout.
+    pub fn new(expected: proto::BundleLayout) -> Self {
+        let max_bytes = MAX_UNCLAIMED_BYTES.max(expected.decoded_bytes().saturating_mul(2));
+        Self {
+            expected,
+            max_bytes,
+            state: Default::default(),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The same with another bound on the bytes held unclaimed.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Accepts bundle streams on `conn` until it closes, filing each by transfer id.
-    /// Returns the reason the connection stopped delivering.
+    /// Accepts bundle streams on `conn` until it closes, filing each by transfer id. A header
+    /// that is not the expected layout, or a bundle that would take the inbox past its bounds,
+    /// ends it before the payload is read. Returns the reason the connection stopped delivering.
     pub async fn fill(&self, conn: &Connection, bytes_in: &std::sync::atomic::AtomicU64) -> NetError {
         let err = loop {
-            let recv = match conn.accept_uni().await {
+            let mut recv = match conn.accept_uni().await {
                 Ok(r) => r,
                 Err(e) => break NetError::Connection(e),
             };
-            match recv_bundle(recv).await {
-                Ok((id, bundle, n)) => {
+            let header = match read_bundle_header(&mut recv).await {
+                Ok(h) => h,
+                Err(e) => break e,
+            };
+            if let Err(e) = self.expected.check(&header) {
+                break e.into();
+            }
+            {
+                let s = self.lock();
+                let bytes = s.held.saturating_add(self.expected.decoded_bytes());
+                if s.bundles.len() >= MAX_UNCLAIMED || bytes > self.max_bytes {
+                    break NetError::Peer {
+                        reason: "bundle_flood",
+                        detail: format!(
+                            "bundle {} would make {} unclaimed bundles of {bytes} bytes (at most {MAX_UNCLAIMED} and {} bytes)",
+                            header.transfer,
+                            s.bundles.len() + 1,
+                            self.max_bytes
+                        ),
+                    };
+                }
+            }
+            match read_payload(recv, &header).await {
+                Ok((bundle, n)) => {
                     bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     let mut s = self.lock();
-                    if s.bundles.len() >= MAX_UNCLAIMED {
-                        break NetError::Peer {
-                            reason: "bundle_flood",
-                            detail: format!("more than {MAX_UNCLAIMED} unclaimed bundles"),
-                        };
+                    s.held += bundle_bytes(&bundle);
+                    if let Some(old) = s.bundles.insert(header.transfer, bundle) {
+                        s.held -= bundle_bytes(&old);
                     }
-                    s.bundles.insert(id, bundle);
                     drop(s);
                     self.notify.notify_waiters();
                 }
@@ -429,6 +567,7 @@ impl Inbox {
             {
                 let mut s = self.lock();
                 if let Some(b) = s.bundles.remove(&id) {
+                    s.held -= bundle_bytes(&b);
                     return Ok(b);
                 }
                 if let Some(why) = &s.closed {
@@ -440,10 +579,120 @@ impl Inbox {
     }
 }
 
+/// Decoded bytes of a bundle's values.
+fn bundle_bytes(b: &Bundle) -> u64 {
+    4 * b.numel() as u64
+}
+
 /// Finishes a stream and waits (bounded) until the peer has acknowledged all of it, so a last
 /// message (a rejection, a shutdown) is not lost to the connection closing right after.
 pub async fn finish_and_flush(send: &mut SendStream, within: Duration) {
     if send.finish().is_ok() {
         let _ = tokio::time::timeout(within, send.stopped()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{BundleHeader, BundleLayout, DType, TensorMeta};
+    use crate::tensor::HostTensor;
+    use std::sync::atomic::AtomicU64;
+
+    fn small() -> Bundle {
+        Bundle {
+            tensors: vec![
+                HostTensor {
+                    name: "l0.weight".into(),
+                    shape: vec![2, 3],
+                    data: vec![0.5; 6],
+                },
+                HostTensor {
+                    name: "l0.bias".into(),
+                    shape: vec![2],
+                    data: vec![-1.0; 2],
+                },
+            ],
+        }
+    }
+
+    /// A connected pair over loopback QUIC with mutual TLS: (client side, server side).
+    async fn pair(dir: &Path) -> (Endpoint, Connection, Endpoint, Connection) {
+        let (coordinator, worker) = write_pki(dir).expect("pki");
+        let server = server_endpoint("127.0.0.1:0".parse().expect("addr"), &coordinator).expect("server");
+        let addr = server.local_addr().expect("addr");
+        let client = client_endpoint(&worker, "127.0.0.1:0".parse().expect("addr")).expect("client");
+        let (c, s) = tokio::join!(connect(&client, addr), async {
+            server.accept().await.expect("incoming").await.expect("handshake")
+        });
+        (client, c.expect("connect"), server, s)
+    }
+
+    /// Issue 15's 20-byte header (bf16 [8589934592]) on a stream that expects the model's
+    /// layout: refused on the header, before any payload, with a reason for the metrics.
+    #[tokio::test]
+    async fn an_inbox_refuses_a_lying_header_before_its_payload() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (_client, c, _server, s) = pair(dir.path()).await;
+        let inbox = Inbox::new(BundleLayout::of(&small(), DType::BF16));
+        let header = BundleHeader {
+            transfer: 1,
+            tensors: vec![TensorMeta {
+                name: "l0.weight".into(),
+                dtype: DType::BF16,
+                shape: vec![8_589_934_592],
+            }],
+        };
+        let mut uni = c.open_uni().await.expect("uni");
+        uni.write_all(&proto::encode_frame(&header).expect("header"))
+            .await
+            .expect("write");
+        let err = tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s, &AtomicU64::new(0)))
+            .await
+            .expect("refused on the header alone");
+        assert_eq!(err.reason(), "unexpected_layout", "{err}");
+        assert!(err.to_string().contains("8589934592"), "{err}");
+        let taken = inbox.take(1).await.expect_err("nothing was filed");
+        assert!(taken.to_string().contains("never arrived"), "{taken}");
+    }
+
+    /// Bundles of the right layout that nobody claims: the inbox holds them up to its byte
+    /// bound, then cuts the peer off; what it filed can still be taken.
+    #[tokio::test]
+    async fn an_inbox_bounds_the_bytes_it_holds_unclaimed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (_client, c, _server, s) = pair(dir.path()).await;
+        let layout = BundleLayout::of(&small(), DType::F32);
+        assert_eq!(layout.decoded_bytes(), 32);
+        let inbox = Inbox::new(layout).with_max_bytes(80);
+        let sent = async {
+            for transfer in 1..=3 {
+                // The third would make 96 bytes unclaimed.
+                if send_bundle(&c, transfer, &small()).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let bytes_in = AtomicU64::new(0);
+        let (err, ()) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s, &bytes_in)),
+            sent
+        );
+        let err = err.expect("cut off");
+        assert_eq!(err.reason(), "bundle_flood", "{err}");
+        assert_eq!(inbox.take(1).await.expect("filed"), small());
+        assert_eq!(inbox.take(2).await.expect("filed"), small());
+    }
+
+    /// The stateless-reset key is a function of the private key alone: a restarted
+    /// coordinator computes the same reset tokens as its predecessor, another key does not.
+    #[test]
+    fn the_reset_key_is_derived_from_the_private_key() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (a, b) = write_pki(dir.path()).expect("pki");
+        let key = |f: &TlsFiles| reset_key(&PrivateKeyDer::from_pem_file(&f.key).expect("key"));
+        let token = |k: &ring::hmac::Key| ring::hmac::sign(k, b"a connection id").as_ref().to_vec();
+        assert_eq!(token(&key(&a)), token(&key(&a)));
+        assert_ne!(token(&key(&a)), token(&key(&b)));
     }
 }

@@ -42,6 +42,10 @@ pub enum ProtoError {
     BundleTooLarge { len: u64, limit: u64 },
     #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
     VersionMismatch { ours: u32, theirs: u32 },
+    /// A bundle header that is well-formed but not what this stream carries (another model's
+    /// tensors, another dtype, a lying shape): refused before any of its payload is read.
+    #[error("bundle {transfer}: {reason}")]
+    UnexpectedLayout { transfer: u64, reason: String },
 }
 
 impl ProtoError {
@@ -55,6 +59,7 @@ impl ProtoError {
             ProtoError::BadTensor { .. } => "bad_tensor",
             ProtoError::BundleTooLarge { .. } => "bundle_too_large",
             ProtoError::VersionMismatch { .. } => "version_mismatch",
+            ProtoError::UnexpectedLayout { .. } => "unexpected_layout",
         }
     }
 }
@@ -537,6 +542,60 @@ impl BundleHeader {
     }
 }
 
+/// What a receiver expects on a bundle stream: every tensor's name, dtype and shape, in order.
+/// A header is checked against it before anything is allocated for the payload, so a peer
+/// cannot make the receiver reserve memory for a shape it made up (the coordinator expects a
+/// delta of the model's layout in the job's delta dtype; a worker expects the model in f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BundleLayout {
+    tensors: Vec<TensorMeta>,
+}
+
+impl BundleLayout {
+    /// The layout of `bundle` sent as `dtype`.
+    pub fn of(bundle: &Bundle, dtype: DType) -> Self {
+        Self {
+            tensors: BundleHeader::for_bundle_as(0, bundle, dtype).tensors,
+        }
+    }
+
+    /// Bytes the tensors take once decoded (f32 in memory, whatever the wire dtype).
+    pub fn decoded_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.shape.iter().fold(4u64, |acc, &d| acc.saturating_mul(d)))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Checks that `header` announces exactly this layout.
+    ///
+    /// # Errors
+    /// `UnexpectedLayout` naming the first tensor that differs (its name, dtype or shape) or
+    /// the tensor count.
+    pub fn check(&self, header: &BundleHeader) -> Result<(), ProtoError> {
+        let refuse = |reason: String| ProtoError::UnexpectedLayout {
+            transfer: header.transfer,
+            reason,
+        };
+        for (i, (want, got)) in self.tensors.iter().zip(&header.tensors).enumerate() {
+            if want != got {
+                return Err(refuse(format!(
+                    "tensor {i} is `{}` {:?} {:?}, expected `{}` {:?} {:?}",
+                    got.name, got.dtype, got.shape, want.name, want.dtype, want.shape
+                )));
+            }
+        }
+        if self.tensors.len() != header.tensors.len() {
+            return Err(refuse(format!(
+                "{} tensors, expected {}",
+                header.tensors.len(),
+                self.tensors.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Raw little-endian payload of a bundle, tensor after tensor.
 pub fn encode_payload(bundle: &Bundle) -> Vec<u8> {
     encode_payload_as(bundle, DType::F32)
@@ -566,14 +625,18 @@ pub fn decode_payload(header: &BundleHeader, payload: &[u8]) -> Result<Bundle, P
 }
 
 /// Decodes a payload as it arrives, in chunks of any size, straight into the tensors: the
-/// bytes are never held whole, so a bundle costs its decoded size once.
+/// bytes are never held whole, so a bundle costs its decoded size once. Nothing is reserved
+/// from the header: each tensor's memory grows with the values that actually arrived
+/// (doubling, capped at the tensor's announced size), so a header that lies about its shapes
+/// costs the receiver at most about twice what the peer really sent.
 #[derive(Debug)]
 pub struct PayloadDecoder {
     need: u64,
     got: u64,
     tensors: Vec<HostTensor>,
     dtypes: Vec<DType>,
-    /// Values each tensor still needs, in order.
+    /// Values each tensor announced, and those it still needs, in order.
+    announced: Vec<usize>,
     remaining: Vec<usize>,
     current: usize,
     /// The bytes of a value split across two chunks.
@@ -582,34 +645,54 @@ pub struct PayloadDecoder {
 }
 
 impl PayloadDecoder {
-    /// A decoder for the payload `header` announces.
+    /// A decoder for the payload `header` announces. Allocates nothing for the payload.
     ///
     /// # Errors
     /// `BadTensor` and `BundleTooLarge` from the header.
     pub fn new(header: &BundleHeader) -> Result<Self, ProtoError> {
         let need = header.payload_len()?;
+        // Bounded by the header frame (and `MAX_BUNDLE_TENSORS`), which has arrived whole.
         let mut tensors = Vec::with_capacity(header.tensors.len());
-        let mut remaining = Vec::with_capacity(header.tensors.len());
+        let mut announced = Vec::with_capacity(header.tensors.len());
         for t in &header.tensors {
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
             let n: usize = shape.iter().product();
             tensors.push(HostTensor {
                 name: t.name.clone(),
                 shape,
-                data: Vec::with_capacity(n),
+                data: Vec::new(),
             });
-            remaining.push(n);
+            announced.push(n);
         }
         Ok(Self {
             need,
             got: 0,
             tensors,
             dtypes: header.tensors.iter().map(|t| t.dtype).collect(),
-            remaining,
+            remaining: announced.clone(),
+            announced,
             current: 0,
             carry: [0; 4],
             carry_len: 0,
         })
+    }
+
+    /// Bytes reserved for tensor values so far (what the peer has made this decoder hold).
+    pub fn reserved_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.capacity() * 4).sum()
+    }
+
+    /// Room for `more` values in tensor `i`: at least doubling, never past what it announced.
+    fn grow(&mut self, i: usize, more: usize) {
+        let data = &mut self.tensors[i].data;
+        let need = data.len() + more;
+        if need > data.capacity() {
+            let target = need
+                .max(data.capacity().saturating_mul(2))
+                .min(self.announced[i])
+                .max(need);
+            data.reserve_exact(target - data.len());
+        }
     }
 
     /// Takes the next bytes of the payload.
@@ -641,6 +724,7 @@ impl PayloadDecoder {
                 bytes = &bytes[take..];
                 if self.carry_len == size {
                     let value = decode_values(dtype, &self.carry[..size]).next().unwrap_or(0.0);
+                    self.grow(i, 1);
                     self.tensors[i].data.push(value);
                     self.remaining[i] -= 1;
                     self.carry_len = 0;
@@ -649,6 +733,7 @@ impl PayloadDecoder {
             }
             let count = (bytes.len() / size).min(self.remaining[i]);
             let (now, rest) = bytes.split_at(count * size);
+            self.grow(i, count);
             self.tensors[i].data.extend(decode_values(dtype, now));
             self.remaining[i] -= count;
             bytes = rest;
@@ -931,6 +1016,90 @@ mod tests {
             }],
         };
         assert!(matches!(header.payload_len(), Err(ProtoError::BundleTooLarge { .. })));
+    }
+
+    /// The headers of issue 15: 20 bytes that announce 16 GiB. The decoder reserves nothing
+    /// for them, and what it holds grows only with the values that arrive.
+    #[test]
+    fn a_lying_header_reserves_nothing_up_front() {
+        for (dtype, n) in [(DType::BF16, 8_589_934_592u64), (DType::F32, 4_294_967_296)] {
+            let header = BundleHeader {
+                transfer: 1,
+                tensors: vec![TensorMeta {
+                    name: "huge".into(),
+                    dtype,
+                    shape: vec![n],
+                }],
+            };
+            assert!(encode_frame(&header).expect("encode").len() <= 32);
+            let mut d = PayloadDecoder::new(&header).expect("within the hard limit");
+            assert_eq!(d.reserved_bytes(), 0, "{dtype:?}: nothing reserved from the header");
+            let mut values = 0;
+            for chunk in [7usize, 1000, 3, 4096, 65536] {
+                d.push(&vec![0u8; chunk]).expect("push");
+                values += chunk;
+                let decoded = values / dtype.size() * 4;
+                assert!(
+                    d.reserved_bytes() <= 2 * decoded + 8,
+                    "{dtype:?}: {} bytes reserved for {decoded} decoded",
+                    d.reserved_bytes()
+                );
+            }
+            assert!(matches!(d.finish(), Err(ProtoError::Truncated { .. })));
+        }
+    }
+
+    #[test]
+    fn a_header_must_match_the_expected_layout() {
+        let b = sample_bundle();
+        let layout = BundleLayout::of(&b, DType::BF16);
+        assert_eq!(layout.decoded_bytes(), 4 * 9);
+        assert_eq!(layout.check(&BundleHeader::for_bundle_as(3, &b, DType::BF16)), Ok(()));
+        let refused = |header: &BundleHeader| match layout.check(header) {
+            Err(e @ ProtoError::UnexpectedLayout { .. }) => {
+                assert_eq!(e.reason(), "unexpected_layout");
+                e.to_string()
+            }
+            other => panic!("{header:?} accepted: {other:?}"),
+        };
+        let msg = refused(&BundleHeader::for_bundle_as(3, &b, DType::F32));
+        assert!(
+            msg.contains("bundle 3") && msg.contains("`w`") && msg.contains("BF16"),
+            "{msg}"
+        );
+        let mut lying = BundleHeader::for_bundle_as(4, &b, DType::BF16);
+        lying.tensors[1].shape = vec![8_589_934_592];
+        let msg = refused(&lying);
+        assert!(msg.contains("`b`") && msg.contains("8589934592"), "{msg}");
+        let mut renamed = BundleHeader::for_bundle_as(5, &b, DType::BF16);
+        renamed.tensors[2].name = "t".into();
+        assert!(refused(&renamed).contains("`t`"));
+        let mut short = BundleHeader::for_bundle_as(6, &b, DType::BF16);
+        short.tensors.pop();
+        assert!(refused(&short).contains("2 tensors, expected 3"));
+        let mut long = BundleHeader::for_bundle_as(7, &b, DType::BF16);
+        long.tensors.push(long.tensors[0].clone());
+        assert!(refused(&long).contains("4 tensors, expected 3"));
+    }
+
+    /// A postcard sequence that announces more elements than the frame holds: serde reserves
+    /// at most a bounded amount from such a length, and decoding fails when the bytes run out.
+    #[test]
+    fn a_lying_sequence_length_in_a_frame_is_an_error() {
+        let mut body = postcard::to_stdvec(&BundleHeader {
+            transfer: 1,
+            tensors: Vec::new(),
+        })
+        .expect("encode");
+        // The empty `tensors` length (one byte, 0) becomes u32::MAX as a varint.
+        body.pop();
+        body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        assert!(matches!(
+            decode_frame::<BundleHeader>("header", &frame),
+            Err(ProtoError::Decode { .. })
+        ));
     }
 
     #[test]

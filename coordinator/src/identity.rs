@@ -106,7 +106,7 @@ impl Tls {
     pub(crate) fn bind(addr: SocketAddr, files: TlsFiles, crl: Option<PathBuf>) -> Result<Self, NetError> {
         let list = crl.as_deref().map(|p| RevocationList::load(p, &files.ca)).transpose()?;
         let config = net::server_config(&files, list.as_ref())?;
-        let endpoint = Endpoint::server(config, addr).map_err(|source| NetError::Bind { addr, source })?;
+        let endpoint = net::bind_server(addr, &files, config)?;
         Ok(Self {
             endpoint,
             files,

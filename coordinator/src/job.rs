@@ -7,7 +7,7 @@ use crate::outer::{Combine, OrderedSum, OuterOptimizer};
 use crate::policy::{self, PolicyRound, TaskPolicy};
 use crate::rescaler::LossRescaler;
 use crate::rundir::{JobIdentity, RoundRecord, RunDir, Summary};
-use crate::scheduler::{Dispatch, Rejection, Scheduler, WorkerId};
+use crate::scheduler::{AssignmentTimeout, Dispatch, Rejection, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
 use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
@@ -48,8 +48,9 @@ pub struct CoordinatorOptions {
     /// Continue from the newest valid checkpoint in `run_dir/checkpoints` (if there is one).
     pub resume: bool,
     /// A worker holding assignments that returns no result for this long is dropped (it may
-    /// be alive on the network but stuck); its assignments go to others.
-    pub assignment_timeout: Duration,
+    /// be alive on the network but stuck); its assignments go to others. `None`: derived from
+    /// the observed assignment times (`scheduler::AssignmentTimeout::Adaptive`).
+    pub assignment_timeout: Option<Duration>,
     /// Test hook: a pause between writing a checkpoint and renaming it into place (zero).
     pub checkpoint_pause: Duration,
     /// Connections admitted at once between their first packet and their hello.
@@ -137,7 +138,10 @@ impl Coordinator {
         let policy = (config.strategy.kind == StrategyKind::TaskPolicy)
             .then(|| TaskPolicy::new(&config, job.domains.iter().map(|d| d.name.clone()).collect()));
         let mut state = LoopState::new(&config, &job, data, rescaler, policy)?;
-        state.assignment_timeout = self.options.assignment_timeout;
+        state.scheduler = Scheduler::with_timeout(match self.options.assignment_timeout {
+            Some(fixed) => AssignmentTimeout::Fixed(fixed),
+            None => AssignmentTimeout::adaptive(),
+        });
         let checkpoints = self.options.run_dir.join("checkpoints");
         if self.options.resume {
             if let Some(complete) = state.completed_result(&run_dir, &self.options.run_dir, &config) {
@@ -673,7 +677,6 @@ struct LoopState {
     model_spec: ModelSpec,
     /// (round, meta accuracy, meta loss, test accuracy) of the best round on the meta set.
     best_meta: Option<(u64, f64, f64, f64)>,
-    assignment_timeout: Duration,
     scheduler: Scheduler,
     peers: HashMap<WorkerId, Peer>,
     next_transfer: u64,
@@ -746,7 +749,6 @@ impl LoopState {
             round_probe: None,
             model_spec: job.model.clone(),
             best_meta: None,
-            assignment_timeout: Duration::MAX,
             scheduler: Scheduler::new(),
             peers: HashMap::new(),
             next_transfer: 0,
@@ -1044,11 +1046,7 @@ impl LoopState {
                 alone_since = None;
                 Duration::MAX
             };
-            let timeout = self.assignment_timeout;
-            let deadline = self
-                .scheduler
-                .next_deadline(timeout)
-                .map(tokio::time::Instant::from_std);
+            let deadline = self.scheduler.next_deadline().map(tokio::time::Instant::from_std);
             let overdue = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -1062,9 +1060,10 @@ impl LoopState {
                 () = overdue => {
                     // Stuck but still connected: drop it like a lost worker (its connection
                     // closes when its outbox is dropped), and its work moves on.
-                    let stuck = self.scheduler.overdue(Instant::now(), timeout);
+                    let stuck = self.scheduler.overdue(Instant::now());
                     for worker in stuck {
                         let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, sum: &mut sum, failures: &mut failures };
+                        let timeout = self.scheduler.timeout_for(worker);
                         tracing::warn!(worker, ?timeout, "dropping a worker that returned nothing within the assignment timeout");
                         self.peers.remove(&worker); // dropping its outbox closes the connection
                         self.lose("assignment_timeout");

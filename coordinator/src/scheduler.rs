@@ -5,10 +5,75 @@
 //! Invariants: an assignment is held by at most one worker at a time; a result is accepted only
 //! from the worker holding that assignment in the current round, and only once. Time enters
 //! only as arguments: a worker that holds work and has shown no progress (no result) for longer
-//! than the assignment timeout is reported by [`Scheduler::overdue`].
+//! than the assignment timeout is reported by [`Scheduler::overdue`]. The timeout is fixed, or
+//! derived from how long results have taken ([`AssignmentTimeout`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
+
+/// How long a worker that holds work may go without returning a result before it is dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssignmentTimeout {
+    /// Always this long (`--assignment-timeout S`).
+    Fixed(Duration),
+    /// [`Self::MULTIPLE`] times the slowest of the last [`Self::WINDOW`] results (time from
+    /// dispatch, or from the worker's previous result, to the result), at least
+    /// [`Self::FLOOR`]; [`Self::UNOBSERVED`] before any result was seen. A worker's first
+    /// result after it joined gets at least [`Self::FIRST_RESULT`] (it loads the job's data
+    /// and the full model first). One stalled peer then holds a job of quick rounds for
+    /// about `FLOOR`, not ten minutes.
+    Adaptive { recent: VecDeque<Duration> },
+}
+
+impl AssignmentTimeout {
+    /// Headroom over the slowest recent result: a worker on a busier machine, a larger batch
+    /// of assignments, a model resent in full.
+    pub const MULTIPLE: u32 = 4;
+    /// Results remembered: enough to span a few rounds, few enough to forget a slow phase.
+    pub const WINDOW: usize = 64;
+    /// Rounds this fast are not worth dropping a worker over sooner: scheduling hiccups, a
+    /// checkpoint, a garbage collection on the worker's machine.
+    pub const FLOOR: Duration = Duration::from_secs(30);
+    /// Before anything was observed nothing is known about the job: the old fixed default.
+    pub const UNOBSERVED: Duration = Duration::from_secs(600);
+    /// A worker's first result also covers loading the job's data and the full model.
+    pub const FIRST_RESULT: Duration = Duration::from_secs(120);
+
+    /// The adaptive timeout, with nothing observed yet.
+    pub fn adaptive() -> Self {
+        AssignmentTimeout::Adaptive {
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// A result came `took` after the worker's previous progress.
+    pub fn observe(&mut self, took: Duration) {
+        if let AssignmentTimeout::Adaptive { recent } = self {
+            if recent.len() == Self::WINDOW {
+                recent.pop_front();
+            }
+            recent.push_back(took);
+        }
+    }
+
+    /// The timeout now, for a worker that has (`returned`) or has not yet returned a result.
+    pub fn current(&self, returned: bool) -> Duration {
+        match self {
+            AssignmentTimeout::Fixed(d) => *d,
+            AssignmentTimeout::Adaptive { recent } => {
+                let Some(slowest) = recent.iter().max() else {
+                    return Self::UNOBSERVED;
+                };
+                let t = slowest.saturating_mul(Self::MULTIPLE).max(Self::FLOOR);
+                if returned {
+                    t
+                } else {
+                    t.max(Self::FIRST_RESULT)
+                }
+            }
+        }
+    }
+}
 
 pub type WorkerId = u64;
 
@@ -38,7 +103,7 @@ impl Rejection {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scheduler {
     round: Option<u64>,
     workers: BTreeMap<WorkerId, BTreeSet<u32>>,
@@ -48,11 +113,41 @@ pub struct Scheduler {
     reassigned: u64,
     /// Since when each busy worker has made no progress.
     busy_since: BTreeMap<WorkerId, Instant>,
+    timeout: AssignmentTimeout,
+    /// Workers that have returned at least one result.
+    returned: BTreeSet<WorkerId>,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Self::with_timeout(AssignmentTimeout::adaptive())
+    }
 }
 
 impl Scheduler {
+    /// A scheduler with the adaptive assignment timeout.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A scheduler that drops stuck workers after `timeout` (fixed or adaptive).
+    pub fn with_timeout(timeout: AssignmentTimeout) -> Self {
+        Self {
+            round: None,
+            workers: BTreeMap::new(),
+            unassigned: BTreeSet::new(),
+            done: BTreeSet::new(),
+            total: 0,
+            reassigned: 0,
+            busy_since: BTreeMap::new(),
+            timeout,
+            returned: BTreeSet::new(),
+        }
+    }
+
+    /// How long `worker` may hold work without returning a result, as of now.
+    pub fn timeout_for(&self, worker: WorkerId) -> Duration {
+        self.timeout.current(self.returned.contains(&worker))
     }
 
     /// Assignments handed to a new worker because their holder was lost or failed them.
@@ -88,6 +183,7 @@ impl Scheduler {
     /// A worker is gone; its unfinished assignments move to the others.
     pub fn worker_lost(&mut self, worker: WorkerId, now: Instant) -> Vec<Dispatch> {
         self.busy_since.remove(&worker);
+        self.returned.remove(&worker);
         if let Some(held) = self.workers.remove(&worker) {
             self.reassigned += held.len() as u64;
             self.unassigned.extend(held);
@@ -95,22 +191,22 @@ impl Scheduler {
         self.distribute(now)
     }
 
-    /// Workers that hold assignments and have returned nothing for `timeout`: alive on the
+    /// Workers that hold assignments and have returned nothing for their timeout: alive on the
     /// network (keep-alives still flow) but stuck. The caller drops them like lost workers.
-    pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<WorkerId> {
+    pub fn overdue(&self, now: Instant) -> Vec<WorkerId> {
         self.busy_since
             .iter()
-            .filter(|(_, &since)| now.saturating_duration_since(since) >= timeout)
+            .filter(|(&w, &since)| now.saturating_duration_since(since) >= self.timeout_for(w))
             .map(|(w, _)| *w)
             .collect()
     }
 
-    /// When the next worker becomes overdue, if any is busy.
-    pub fn next_deadline(&self, timeout: Duration) -> Option<Instant> {
+    /// When the next worker becomes overdue, if any is busy (and the time is representable).
+    pub fn next_deadline(&self) -> Option<Instant> {
         self.busy_since
-            .values()
+            .iter()
+            .filter_map(|(&w, &since)| since.checked_add(self.timeout_for(w)))
             .min()
-            .and_then(|&since| since.checked_add(timeout))
     }
 
     /// Whether a result would be accepted, without recording it.
@@ -133,6 +229,10 @@ impl Scheduler {
     /// The [`Rejection`] reason.
     pub fn result(&mut self, worker: WorkerId, round: u64, assignment: u32, now: Instant) -> Result<(), Rejection> {
         self.check(worker, round, assignment)?;
+        if let Some(&since) = self.busy_since.get(&worker) {
+            self.timeout.observe(now.saturating_duration_since(since));
+        }
+        self.returned.insert(worker);
         if let Some(held) = self.workers.get_mut(&worker) {
             held.remove(&assignment);
             if held.is_empty() {
@@ -270,30 +370,95 @@ mod tests {
 
     #[test]
     fn a_busy_worker_without_progress_becomes_overdue() {
-        let mut s = Scheduler::new();
-        let start = Instant::now();
         let limit = Duration::from_secs(60);
+        let mut s = Scheduler::with_timeout(AssignmentTimeout::Fixed(limit));
+        let start = Instant::now();
         s.worker_joined(1, start);
         s.worker_joined(2, start);
         s.start_round(0, 4, start);
-        assert!(s.overdue(start + Duration::from_secs(59), limit).is_empty());
+        assert!(s.overdue(start + Duration::from_secs(59)).is_empty());
         // Worker 1 makes progress at 30 s, which restarts its clock; worker 2 stays silent.
         assert_eq!(s.result(1, 0, 0, start + Duration::from_secs(30)), Ok(()));
-        assert_eq!(s.overdue(start + Duration::from_secs(60), limit), vec![2]);
-        assert_eq!(s.next_deadline(limit), Some(start + limit));
+        assert_eq!(s.overdue(start + Duration::from_secs(60)), vec![2]);
+        assert_eq!(s.next_deadline(), Some(start + limit));
         assert_eq!(s.worker_lost(2, start + Duration::from_secs(60)), vec![d(1, &[2, 3])]);
         assert!(
-            s.overdue(start + Duration::from_secs(80), limit).is_empty(),
+            s.overdue(start + Duration::from_secs(80)).is_empty(),
             "worker 1's clock restarted at 30 s"
         );
-        assert_eq!(s.overdue(start + Duration::from_secs(90), limit), vec![1]);
+        assert_eq!(s.overdue(start + Duration::from_secs(90)), vec![1]);
         for a in 1..4 {
             assert_eq!(s.result(1, 0, a, start + Duration::from_secs(91)), Ok(()));
         }
         assert!(
-            s.overdue(start + Duration::from_secs(1000), limit).is_empty(),
+            s.overdue(start + Duration::from_secs(1000)).is_empty(),
             "an idle worker is never overdue"
         );
-        assert_eq!(s.next_deadline(limit), None);
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn the_adaptive_timeout_follows_the_slowest_recent_result() {
+        let mut t = AssignmentTimeout::adaptive();
+        assert_eq!(
+            t.current(true),
+            AssignmentTimeout::UNOBSERVED,
+            "generous before anything is seen"
+        );
+        t.observe(Duration::from_millis(40));
+        assert_eq!(t.current(true), AssignmentTimeout::FLOOR, "quick rounds: the floor");
+        assert_eq!(
+            t.current(false),
+            AssignmentTimeout::FIRST_RESULT,
+            "a new worker loads its data first"
+        );
+        t.observe(secs(20));
+        assert_eq!(t.current(true), secs(80), "four times the slowest");
+        assert_eq!(t.current(false), secs(120));
+        for _ in 0..AssignmentTimeout::WINDOW {
+            t.observe(secs(1));
+        }
+        assert_eq!(
+            t.current(true),
+            AssignmentTimeout::FLOOR,
+            "the slow one has left the window"
+        );
+        let mut fixed = AssignmentTimeout::Fixed(secs(7));
+        fixed.observe(secs(100));
+        assert_eq!((fixed.current(true), fixed.current(false)), (secs(7), secs(7)));
+    }
+
+    /// A peer that takes work and stalls holds a job of quick rounds for the floor, not for
+    /// the ten minutes of the old fixed default.
+    #[test]
+    fn a_stalled_peer_is_overdue_after_the_adaptive_timeout() {
+        let mut s = Scheduler::new();
+        let start = Instant::now();
+        s.worker_joined(1, start);
+        s.start_round(0, 1, start);
+        assert_eq!(s.next_deadline(), Some(start + AssignmentTimeout::UNOBSERVED));
+        let at = start + Duration::from_millis(50);
+        assert_eq!(s.result(1, 0, 0, at), Ok(()));
+        // Round 1: an honest worker and a staller that just joined and never answers.
+        s.worker_joined(2, at);
+        assert_eq!(s.start_round(1, 2, at), vec![d(1, &[0]), d(2, &[1])]);
+        assert_eq!(s.result(1, 1, 0, at + Duration::from_millis(50)), Ok(()));
+        assert!(s.overdue(at + secs(119)).is_empty());
+        assert_eq!(s.next_deadline(), Some(at + AssignmentTimeout::FIRST_RESULT));
+        assert_eq!(
+            s.overdue(at + secs(120)),
+            vec![2],
+            "a new worker gets its first-result allowance"
+        );
+        assert_eq!(s.worker_lost(2, at + secs(120)), vec![d(1, &[1])]);
+        // A worker that has returned results gets the floor.
+        let later = at + secs(121);
+        assert_eq!(s.next_deadline(), Some(at + secs(120) + AssignmentTimeout::FLOOR));
+        assert!(s.overdue(later).is_empty());
+        assert_eq!(s.overdue(at + secs(150)), vec![1]);
     }
 }

@@ -2,21 +2,28 @@
 //! events for the run loop and carry the loop's messages back out. Moves bytes only; every
 //! decision is made by the run loop and the scheduler.
 
+mod admission;
+
 use crate::identity::{self, Tls};
 use crate::scheduler::WorkerId;
+use admission::{Admission, Decision, Ticket};
 use metaloop_common::net::{self, Inbox, NetError};
-use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, JobSpec, RoundPlan, Welcome, WorkerMsg};
+use metaloop_common::proto::{
+    self, AssignmentResult, BundleLayout, CoordinatorMsg, Hello, JobSpec, RoundPlan, Welcome, WorkerMsg,
+};
 use metaloop_common::tensor::Bundle;
 use quinn::{Connection, RecvStream, SendStream};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A worker that has not said hello by then is dropped.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// From its first packet, a connection has this long to finish TLS and say hello. A worker
+/// does both in a few round trips; a peer that stalls gives its slot back this soon.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(4);
 /// How long a worker gets to read a shutdown and close the connection itself.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A result whose delta has not arrived by then counts as a lost worker.
@@ -76,11 +83,39 @@ pub struct Traffic {
 /// How much the accept loop takes on at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Connections between the first packet and the hello (TLS handshake, hello); more are
-    /// refused at once, so a flood of connection attempts cannot exhaust memory.
+    /// Connections between the first packet and the hello (TLS handshake, hello), so a flood
+    /// of connection attempts cannot exhaust memory. When all are taken the oldest is evicted
+    /// for the newcomer; see `admission` for the per-source limit and retries.
     pub handshakes: usize,
     /// Workers joined at the same time; a hello beyond that is answered with a rejection.
     pub workers: usize,
+}
+
+/// The pending handshakes, and how to cancel each (to evict it).
+#[derive(Debug)]
+struct Gate {
+    admission: Admission,
+    cancel: HashMap<Ticket, CancellationToken>,
+}
+
+type SharedGate = Arc<Mutex<Gate>>;
+
+fn lock(gate: &SharedGate) -> std::sync::MutexGuard<'_, Gate> {
+    gate.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A pending handshake's slot, freed when its task leaves the handshake, whichever way.
+struct Slot {
+    gate: SharedGate,
+    ticket: Ticket,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = lock(&self.gate);
+        g.admission.finished(self.ticket);
+        g.cancel.remove(&self.ticket);
+    }
 }
 
 /// Accepts connections until `stop` is cancelled; every connection task is tracked.
@@ -95,8 +130,16 @@ pub async fn accept_loop(
 ) {
     let endpoint = tls.endpoint().clone();
     let mut next_id: WorkerId = 0;
-    let handshakes = Arc::new(Semaphore::new(limits.handshakes));
+    let gate: SharedGate = Arc::new(Mutex::new(Gate {
+        admission: Admission::new(limits.handshakes),
+        cancel: HashMap::new(),
+    }));
     let workers = Arc::new(Semaphore::new(limits.workers));
+    // What every worker's deltas must look like: the model's tensors in the job's delta dtype.
+    let delta_layout = Arc::new(BundleLayout::of(
+        &metaloop_common::model::init_params(&job.model, 0),
+        job.delta_dtype,
+    ));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -104,18 +147,44 @@ pub async fn accept_loop(
         };
         let Some(incoming) = incoming else { break };
         let remote = incoming.remote_address();
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, limit = limits.handshakes, "too many handshakes in progress; connection refused");
-            incoming.refuse();
-            let reason = format!("more than {} handshakes in progress", limits.handshakes);
-            let _ = events.send(Event::Refused {
-                kind: "too_many_handshakes",
-                reason,
-            });
-            continue;
+        let decision = lock(&gate)
+            .admission
+            .incoming(remote.ip(), incoming.remote_address_validated());
+        let (slot, evict_me) = match decision {
+            Decision::Accept { ticket, evict } => {
+                let mut g = lock(&gate);
+                let evicted = evict.and_then(|t| g.cancel.remove(&t));
+                let token = CancellationToken::new();
+                g.cancel.insert(ticket, token.clone());
+                drop(g);
+                if let Some(e) = evicted {
+                    e.cancel();
+                }
+                (
+                    Slot {
+                        gate: gate.clone(),
+                        ticket,
+                    },
+                    token,
+                )
+            }
+            Decision::Retry => {
+                tracing::debug!(%remote, "many handshakes in progress; asking for address validation");
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            Decision::Refuse(kind) => {
+                tracing::warn!(%remote, kind, "connection refused");
+                incoming.refuse();
+                let reason = format!("{remote}: too many handshakes in progress from this address");
+                let _ = events.send(Event::Refused { kind, reason });
+                continue;
+            }
         };
         next_id += 1;
-        let (id, job, events, traffic, stop, workers, tls) = (
+        let (id, job, events, traffic, stop, workers, tls, delta_layout) = (
             next_id,
             job.clone(),
             events.clone(),
@@ -123,38 +192,46 @@ pub async fn accept_loop(
             stop.clone(),
             workers.clone(),
             tls.clone(),
+            delta_layout.clone(),
         );
         tracker.spawn(async move {
             let refuse = |kind: &'static str, reason: String| {
                 tracing::warn!(%remote, kind, %reason, "connection refused");
                 let _ = events.send(Event::Refused { kind, reason });
             };
-            // A connection that has not joined when the job ends is not waited for.
-            let conn = tokio::select! {
-                c = incoming => c,
-                () = stop.cancelled() => return,
-            };
-            let conn = match conn {
-                Ok(c) => c,
-                Err(e) => return refuse(identity::refusal_kind(&e), e.to_string()),
-            };
-            let who = match tls.admit(&conn) {
-                Ok(who) => who,
-                Err(e) => {
-                    conn.close(1u32.into(), b"refused");
-                    return refuse(e.reason(), e.to_string());
+            // TLS, the certificate's identity and the hello within the deadline, unless evicted
+            // for a newcomer first; a connection that has not joined when the job ends is not
+            // waited for.
+            let handshake = async {
+                let conn = incoming
+                    .await
+                    .map_err(|e| (identity::refusal_kind(&e), e.to_string()))?;
+                let who = match tls.admit(&conn) {
+                    Ok(who) => who,
+                    Err(e) => {
+                        conn.close(1u32.into(), b"refused");
+                        return Err((e.reason(), e.to_string()));
+                    }
+                };
+                match admit(&conn).await {
+                    Ok(admitted) => Ok((conn, who, admitted)),
+                    Err(e) => {
+                        conn.close(1u32.into(), b"refused");
+                        Err((e.reason(), format!("{}: {e}", who.identity)))
+                    }
                 }
             };
-            let admitted = tokio::select! {
-                a = admit(&conn) => a,
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(HANDSHAKE_DEADLINE, handshake) => r.unwrap_or_else(|_| {
+                    Err(("handshake_timeout", format!("no hello within {HANDSHAKE_DEADLINE:?}")))
+                }),
+                () = evict_me.cancelled() => Err(("evicted", "evicted by a newer handshake while all slots were taken".into())),
                 () = stop.cancelled() => return,
             };
-            let (mut send, mut recv, hello) = match admitted {
-                Ok(admitted) => admitted,
-                Err(e) => {
-                    conn.close(1u32.into(), b"refused");
-                    return refuse(e.reason(), format!("{}: {e}", who.identity));
-                }
+            drop(slot);
+            let (conn, who, (mut send, mut recv, hello)) = match outcome {
+                Ok(joined) => joined,
+                Err((kind, reason)) => return refuse(kind, reason),
             };
             let Ok(seat) = workers.try_acquire_owned() else {
                 let reason = format!("the coordinator already has {} workers", limits.workers);
@@ -163,13 +240,13 @@ pub async fn accept_loop(
                 conn.close(1u32.into(), b"refused");
                 return refuse("too_many_workers", format!("{}: {reason}", who.identity));
             };
-            drop(handshake);
             let outcome = serve(
                 (id, &who.identity),
                 &conn,
                 (&mut send, &mut recv),
                 hello,
                 job,
+                Inbox::new((*delta_layout).clone()),
                 &events,
                 &traffic,
                 stop,
@@ -192,18 +269,11 @@ pub async fn accept_loop(
     }
 }
 
-/// The hello: a control stream and a hello of our protocol version within the hello timeout.
+/// The hello: a control stream and a hello of our protocol version (the caller bounds the
+/// time).
 async fn admit(conn: &Connection) -> Result<(SendStream, RecvStream, Hello), NetError> {
-    let no_hello = |detail: &str| NetError::Peer {
-        reason: "no_hello",
-        detail: detail.into(),
-    };
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| no_hello("no control stream within the hello timeout"))??;
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, net::read_frame::<WorkerMsg>(&mut recv, "hello"))
-        .await
-        .map_err(|_| no_hello("no hello within the hello timeout"))??;
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let hello = net::read_frame::<WorkerMsg>(&mut recv, "hello").await?;
     let hello = match hello {
         Some(WorkerMsg::Hello(h)) => h,
         other => {
@@ -228,6 +298,7 @@ async fn serve(
     (send, recv): (&mut SendStream, &mut RecvStream),
     hello: Hello,
     job: JobSpec,
+    bundles: Inbox,
     events: &mpsc::UnboundedSender<Event>,
     traffic: &Traffic,
     stop: CancellationToken,
@@ -250,7 +321,6 @@ async fn serve(
     {
         return Ok(());
     }
-    let bundles = Inbox::default();
     tokio::select! {
         e = bundles.fill(conn, &traffic.bytes_in) => Err(e),
         r = read_loop(id, recv, &bundles, events) => r,

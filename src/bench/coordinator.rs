@@ -332,9 +332,17 @@ async fn sim_worker(
     // One zero delta of the model's layout, encoded once and shared by every simulated worker
     // (their process shares the cores with the coordinator: it should spend nothing per send).
     let delta = zero
-        .get_or_init(|| async { EncodedBundle::new(&model::init_params(&welcome.job.model, 0).zeros_like()) })
+        .get_or_init(|| async {
+            EncodedBundle::with_dtype(
+                &model::init_params(&welcome.job.model, 0).zeros_like(),
+                welcome.job.delta_dtype,
+            )
+        })
         .await;
-    let inbox = Arc::new(Inbox::default());
+    let inbox = Arc::new(Inbox::new(metaloop_common::proto::BundleLayout::of(
+        &model::init_params(&welcome.job.model, 0),
+        metaloop_common::proto::DType::F32,
+    )));
     let filler = {
         let (inbox, conn) = (inbox.clone(), conn.clone());
         tokio::spawn(async move { inbox.fill(&conn, &AtomicU64::new(0)).await })

@@ -67,10 +67,11 @@ async fn quic_once(bundle: &Bundle, dtype: DType) -> anyhow::Result<Duration> {
     let (coord, worker) = net::write_pki(&dir)?;
     let server = net::server_endpoint("127.0.0.1:0".parse()?, &coord)?;
     let addr = server.local_addr()?;
+    let expected = metaloop_common::proto::BundleLayout::of(bundle, dtype);
     let receiver = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
         let recv = conn.accept_uni().await?;
-        let (_, b, _) = net::recv_bundle(recv).await?;
+        let (_, b, _) = net::recv_bundle(recv, &expected).await?;
         let done = Instant::now();
         conn.close(0u32.into(), b"done");
         server.wait_idle().await;

@@ -44,6 +44,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Re
     let mut v6: Option<quinn::Endpoint> = None;
     let mut backoff = FIRST_BACKOFF;
     let mut unreachable_since: Option<Instant> = None;
+    let mut last_immediate: Option<Instant> = None;
     let result = loop {
         let attempt = async {
             let addr = resolve(&opts.coordinator).await?;
@@ -78,8 +79,11 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Re
             Err(e) if e.is::<Fatal>() => break Err(e),
             Err(e) => e,
         };
-        // The coordinator went away (restart, network blip): reconnect with exponential
-        // backoff, and rejoin as a new worker.
+        // The coordinator went away (restart, network blip, a stateless reset from a restarted
+        // coordinator): reconnect at once, then with exponential backoff, and rejoin as a new
+        // worker. At most one immediate retry per second, so a coordinator that drops every
+        // session at once cannot make us spin.
+        let immediate = connected && last_immediate.is_none_or(|t| t.elapsed() >= IMMEDIATE_RETRY_EVERY);
         if connected {
             unreachable_since = None;
             backoff = FIRST_BACKOFF;
@@ -88,8 +92,13 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Re
         if since.elapsed() >= opts.reconnect_for {
             break Err(err.context(format!("gave up reconnecting after {:?}", opts.reconnect_for)));
         }
-        tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "lost the coordinator; reconnecting");
         metrics::counter!(m::WORKER_RECONNECTS).increment(1);
+        if immediate {
+            tracing::warn!(error = %format!("{err:#}"), "lost the coordinator; reconnecting now");
+            last_immediate = Some(Instant::now());
+            continue;
+        }
+        tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "lost the coordinator; reconnecting");
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = shutdown.cancelled() => break Ok(()),
@@ -113,6 +122,8 @@ async fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// The first retry after a session ends is immediate, at most this often.
+const IMMEDIATE_RETRY_EVERY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// An error that reconnecting cannot fix (refused, wrong version, bad data).
@@ -175,7 +186,12 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
 
-    let inbox = Arc::new(Inbox::default());
+    // Every bundle from the coordinator (the full model or a step) has the model's layout in
+    // f32; a header that announces anything else is refused before its payload is read.
+    let inbox = Arc::new(Inbox::new(proto::BundleLayout::of(
+        &metaloop_common::model::init_params(&welcome.job.model, 0),
+        proto::DType::F32,
+    )));
     let bytes_in = Arc::new(AtomicU64::new(0));
     let filler = {
         let (inbox, conn, bytes_in) = (inbox.clone(), conn.clone(), bytes_in.clone());
