@@ -249,7 +249,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A run directory that holds another job is the caller's mistake, like a bad config.
+            if e.chain().any(|c| c.is::<metaloop_coordinator::AnotherJob>()) {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

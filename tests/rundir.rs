@@ -214,7 +214,7 @@ fn a_killed_job_records_each_round_once_then_is_not_run_again_and_another_job_is
     for extra in [&["--resume", "--worker-wait", "2"][..], &["--worker-wait", "2"][..]] {
         let out = coordinator_alone(dir.path(), &[&["--rounds", "30", "--seed", "8"][..], extra].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
+        assert_eq!(out.status.code(), Some(64), "a usage error: {stderr}");
         assert!(stderr.contains("belongs to another job"), "{stderr}");
         assert!(stderr.contains("seed: 7 in the run directory, 8 now"), "{stderr}");
     }

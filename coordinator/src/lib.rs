@@ -18,5 +18,5 @@ mod telemetry;
 pub use identity::Revocation;
 pub use job::{Complete, Coordinator, CoordinatorOptions, Stopped};
 pub use outer::OuterOptimizer;
-pub use rundir::{RoundRecord, RunDir, Summary};
+pub use rundir::{AnotherJob, RoundRecord, RunDir, Summary};
 pub use scheduler::{Dispatch, Rejection, Scheduler};

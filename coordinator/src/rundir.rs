@@ -2,7 +2,7 @@
 //! and `job.json`, the identity of the job the directory belongs to. These files are the run's
 //! public record, read by people, scripts and tests.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -198,12 +198,13 @@ impl RunDir {
                     .with_context(|| format!("{} is not a job identity this version can read", p.display()))?;
                 let diffs = recorded.differences(identity);
                 if !diffs.is_empty() {
-                    bail!(
+                    return Err(AnotherJob(format!(
                         "run directory {} belongs to another job ({}):\n  - {}\nuse another --run-dir for this job",
                         self.path.display(),
                         p.display(),
                         diffs.join("\n  - ")
-                    );
+                    ))
+                    .into());
                 }
                 Ok(())
             }
@@ -365,6 +366,12 @@ fn metrics_prefix(bytes: &[u8], rounds_done: u64) -> usize {
     }
     keep
 }
+
+/// A run directory that holds another job: a usage error (the caller named the wrong
+/// directory or changed the job), which the CLI reports with exit code 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AnotherJob(String);
 
 #[cfg(test)]
 mod tests {

@@ -140,6 +140,9 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     // refusal arrives here, on the first stream operations.
     let refused = |e: anyhow::Error| {
         match conn.close_reason() {
+        Some(c) if net::tls_refusal(&c) && c.to_string().contains("Revoked") => fatal(anyhow::anyhow!(
+            "the coordinator refused this worker's TLS certificate: it is revoked ({c}); ask the operator for a new identity (`metaloop certs issue`)"
+        )),
         Some(c) if net::tls_refusal(&c) => fatal(anyhow::anyhow!(
             "the coordinator refused this worker's TLS certificate ({c}); check --cert and --key, and that they are signed by the CA the coordinator trusts"
         )),
