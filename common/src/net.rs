@@ -186,7 +186,8 @@ pub fn bind_server(addr: SocketAddr, files: &TlsFiles, config: ServerConfig) -> 
     let l = load(files)?;
     let socket = std::net::UdpSocket::bind(addr).map_err(|source| NetError::Bind { addr, source })?;
     let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime for QUIC".into()))?;
-    Endpoint::new(endpoint_config(&l.key), Some(config), socket, runtime).map_err(|source| NetError::Bind { addr, source })
+    Endpoint::new(endpoint_config(&l.key), Some(config), socket, runtime)
+        .map_err(|source| NetError::Bind { addr, source })
 }
 
 /// The coordinator's QUIC server configuration: TLS 1.3, client certificates required from the
