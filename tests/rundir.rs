@@ -222,6 +222,21 @@ fn a_killed_job_records_each_round_once_then_is_not_run_again_and_another_job_is
         snapshot(&run) == before,
         "a refused or complete job changed the run directory"
     );
+
+    // Killed after saving the final state but before writing the summary (the workers were
+    // already told the job is finished, and have left): `--resume` finishes the record from
+    // the final state, without workers, to the same result.
+    let want = summary(&run);
+    std::fs::remove_file(run.join("summary.json")).expect("remove summary.json");
+    let out = coordinator_alone(dir.path(), &[&job[..], &["--resume", "--worker-wait", "20"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("finishing the run's record"), "{stderr}");
+    let got = summary(&run);
+    assert_eq!(got["completed"], true, "{got}");
+    assert_eq!(got["final_state_checksum"], want["final_state_checksum"]);
+    assert_eq!(got["test_accuracy"], want["test_accuracy"]);
+    assert_eq!(recorded_rounds(&run), (0..30).collect::<Vec<u64>>());
 }
 
 /// A disk too full for the record (here a file-size limit that `metrics.jsonl` reaches

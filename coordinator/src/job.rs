@@ -85,6 +85,8 @@ pub struct Complete {
 
 /// A failed assignment is retried this often in one round before the job stops.
 const MAX_FAILURES_PER_ASSIGNMENT: u32 = 3;
+/// The state after the last round, in the run directory (the checkpoint format).
+const FINAL_STATE: &str = "final.safetensors";
 
 /// A coordinator with its port bound, so callers can learn the address before running.
 #[derive(Debug)]
@@ -143,20 +145,35 @@ impl Coordinator {
             None => AssignmentTimeout::adaptive(),
         });
         let checkpoints = self.options.run_dir.join("checkpoints");
+        // Set when a resume finds the final state saved: no rounds, no workers.
+        let mut finishing_only = false;
         if self.options.resume {
             if let Some(complete) = state.completed_result(&run_dir, &self.options.run_dir, &config) {
                 return Err(complete.into());
             }
-            match checkpoint::newest_valid(&checkpoints, |c| state.restore(c, config.seed)) {
-                Some((path, ())) => {
-                    tracing::info!(path = %path.display(), round = state.rounds_done, "resumed from checkpoint");
-                    eprintln!("resuming from {} (round {})", path.display(), state.rounds_done);
-                    state.last_checkpoint = Some(path);
+            if let Some(path) = state.saved_final_state(&self.options.run_dir, &config) {
+                // Killed after saving the final state, before the record was complete: finish
+                // the record from it, without workers.
+                eprintln!(
+                    "the final state of all {} rounds is saved in {}; finishing the run's record",
+                    config.rounds,
+                    path.display()
+                );
+                let params = state.params.clone();
+                state.last_eval = state.eval.call(move |e| e.evaluate(&params)).await??.test;
+                finishing_only = true;
+            } else {
+                match checkpoint::newest_valid(&checkpoints, |c| state.restore(c, config.seed)) {
+                    Some((path, ())) => {
+                        tracing::info!(path = %path.display(), round = state.rounds_done, "resumed from checkpoint");
+                        eprintln!("resuming from {} (round {})", path.display(), state.rounds_done);
+                        state.last_checkpoint = Some(path);
+                    }
+                    None => eprintln!(
+                        "no valid checkpoint in {}; starting from round 0",
+                        checkpoints.display()
+                    ),
                 }
-                None => eprintln!(
-                    "no valid checkpoint in {}; starting from round 0",
-                    checkpoints.display()
-                ),
             }
         }
         run_dir.start_metrics(state.rounds_done)?;
@@ -190,6 +207,9 @@ impl Coordinator {
 
         let mut records = Vec::with_capacity(config.rounds as usize);
         let outcome = async {
+            if finishing_only {
+                return anyhow::Ok(());
+            }
             state
                 .wait_for_workers(
                     &mut events,
@@ -258,6 +278,24 @@ impl Coordinator {
             anyhow::Ok(())
         }
         .await;
+        // The final state is durable before any worker hears that the job is finished: a
+        // coordinator that dies after telling them finishes from it on `--resume`, without the
+        // workers, which have left.
+        let mut final_error = None;
+        if outcome.is_ok() && !finishing_only {
+            let snapshot = state.snapshot(config.seed, &traffic);
+            if let Err(e) =
+                checkpoint::write_atomic(&self.options.run_dir, FINAL_STATE, &checkpoint::encode(&snapshot)?)
+            {
+                final_error = Some(match &state.last_checkpoint {
+                    Some(p) => e.context(format!(
+                        "the final state could not be saved; the newest checkpoint {} is intact (continue from it with --resume)",
+                        p.display()
+                    )),
+                    None => e.context("the final state could not be saved"),
+                });
+            }
+        }
         let reason = if outcome.is_ok() {
             "job finished"
         } else {
@@ -327,11 +365,10 @@ impl Coordinator {
                 return Err(e);
             }
         };
-        // The state after the last completed round: a checkpoint to resume from when stopped,
-        // the final state otherwise.
-        let snapshot = state.snapshot(config.seed, &traffic);
-        let mut final_error = None;
+        // The state after the last completed round: a checkpoint to resume from when stopped
+        // (the final state was saved above).
         if stopped {
+            let snapshot = state.snapshot(config.seed, &traffic);
             let previous = state.last_checkpoint.as_deref();
             let path = save_checkpoint(
                 &checkpoints,
@@ -345,18 +382,6 @@ impl Coordinator {
                 state.rounds_done,
                 path.display()
             );
-        } else if let Err(e) = checkpoint::write_atomic(
-            &self.options.run_dir,
-            "final.safetensors",
-            &checkpoint::encode(&snapshot)?,
-        ) {
-            final_error = Some(match &state.last_checkpoint {
-                Some(p) => e.context(format!(
-                    "the final state could not be saved; the newest checkpoint {} is intact (continue from it with --resume)",
-                    p.display()
-                )),
-                None => e.context("the final state could not be saved"),
-            });
         }
 
         let separation = match &state.rescaler {
@@ -407,7 +432,7 @@ impl Coordinator {
             .map_err(|e| match (&final_error, stopped) {
                 (None, false) => e.context(format!(
                     "summary.json could not be written; the final state is saved in {}",
-                    self.options.run_dir.join("final.safetensors").display()
+                    self.options.run_dir.join(FINAL_STATE).display()
                 )),
                 _ => e.context("summary.json could not be written"),
             })?;
@@ -821,13 +846,36 @@ impl LoopState {
             .map(|b| (b.round, b.meta_accuracy, b.meta_loss, b.test_accuracy));
     }
 
+    /// `final.safetensors`, when it holds this job's state after all of its rounds (restored
+    /// into `self`): the job ended, but its record may not have been completed.
+    fn saved_final_state(&mut self, dir: &Path, config: &JobConfig) -> Option<PathBuf> {
+        let path = dir.join(FINAL_STATE);
+        let bytes = std::fs::read(&path).ok()?;
+        let outcome = checkpoint::decode(&bytes).and_then(|c| {
+            if c.rounds_done != config.rounds {
+                bail!("it holds round {} of {}", c.rounds_done, config.rounds);
+            }
+            self.restore(c, config.seed)
+        });
+        match outcome {
+            Ok(()) => Some(path),
+            Err(e) => {
+                eprintln!(
+                    "{} is not this job's final state ({e:#}); resuming from the checkpoints",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
     /// The job's completed result, when the run directory holds it: `summary.json` says the
     /// job completed all of this config's rounds, and `final.safetensors` is this job's intact
     /// state with the same checksum. Anything less: `None`, and the job resumes from its
     /// checkpoints.
     fn completed_result(&mut self, run_dir: &RunDir, dir: &Path, config: &JobConfig) -> Option<Complete> {
         let (rounds, checksum) = run_dir.completed()?;
-        let final_state = dir.join("final.safetensors");
+        let final_state = dir.join(FINAL_STATE);
         let usable = std::fs::read(&final_state)
             .context("cannot read it")
             .and_then(|b| checkpoint::decode(&b))
