@@ -63,6 +63,7 @@ metrics! {
     POLICY_GRADIENT_NORM = "metaloop_policy_gradient_norm", Gauge, [], "Norm of the last task-policy gradient.";
     CHECKPOINT_TIMESTAMP = "metaloop_checkpoint_last_success_timestamp_seconds", Gauge, [], "Unix time of the last checkpoint written (the start of the job before the first).";
     CHECKPOINT_FAILURES = "metaloop_checkpoint_failures_total", Counter, [], "Checkpoints that could not be written.";
+    RECORD_FAILURES = "metaloop_record_failures_total", Counter, [], "Writes to the run's record (a metrics.jsonl line, a plot) that failed; training goes on.";
     // Worker.
     WORKER_CONNECTED = "metaloop_worker_connected", Gauge, [], "1 while this worker has joined a job.";
     WORKER_RECONNECTS = "metaloop_worker_reconnects_total", Counter, [], "Times this worker lost its coordinator and tried again.";

@@ -235,7 +235,7 @@ impl Coordinator {
                     // A record that cannot be written must not stop a run that can still make
                     // progress: the line waits for the next round's write.
                     Err(e) => {
-                        state.record_failures += 1;
+                        state.count_record_failure();
                         tracing::warn!(round, error = %format!("{e:#}"), "could not record a round");
                         if !waiting {
                             eprintln!("round {round} could not be recorded: {e:#}; training continues, and the line is written with a later round's");
@@ -328,7 +328,7 @@ impl Coordinator {
         self.tls.endpoint().close(0u32.into(), b"job finished");
         tracker.wait().await;
         if let Err(e) = run_dir.flush_metrics() {
-            state.record_failures += 1;
+            state.count_record_failure();
             eprintln!(
                 "{} bytes of metrics.jsonl lines could not be written: {e:#}",
                 run_dir.metrics_pending()
@@ -800,9 +800,15 @@ impl LoopState {
     }
 
     /// Counts a failed write to the run's record (`what`), which the run survives.
+    /// A write to the run's record failed: counted here and in the exported metrics.
+    fn count_record_failure(&mut self) {
+        self.record_failures += 1;
+        crate::telemetry::record_failed();
+    }
+
     fn record(&mut self, what: &str, written: anyhow::Result<()>) {
         if let Err(e) = written {
-            self.record_failures += 1;
+            self.count_record_failure();
             tracing::warn!(file = what, error = %format!("{e:#}"), "could not write to the run's record");
             eprintln!("{what} could not be written: {e:#}");
         }

@@ -88,3 +88,7 @@ pub fn checkpoint_written() {
 pub fn checkpoint_failed() {
     metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
 }
+
+pub fn record_failed() {
+    metrics::counter!(m::RECORD_FAILURES).increment(1);
+}
