@@ -1,7 +1,7 @@
 //! The monitoring files under `k8s/base/monitoring/`: the Grafana dashboard and the Prometheus
 //! alert rules may name only metrics the program exports (`metaloop_common::metrics::ALL`), with
 //! labels those metrics have; the rules pass `promtool check rules` and their unit tests
-//! (`scripts/check-monitoring`); the dashboard shows what DESIGN.md §7 asks for.
+//! (`scripts/check-monitoring`); the dashboard shows what docs/algorithms.md §7 asks for.
 //!
 //! PromQL is checked by a small tokenizer, not a full parser: strings, `[...]` ranges, Grafana
 //! variables (`$x`, `${x}`), numbers and durations are skipped; every other identifier must be a
@@ -557,7 +557,7 @@ fn dashboard_covers_what_a_user_needs() {
             shown.extend(scan(&expr, false).metrics);
         }
     }
-    // DESIGN.md §7: what a user needs to see.
+    // docs/algorithms.md §7: what a user needs to see.
     let topics: &[(&str, &[&str])] = &[
         ("domain weights", &[metrics::DOMAIN_WEIGHT]),
         ("task-policy weights", &[metrics::SOURCE_WEIGHT]),

@@ -1,5 +1,5 @@
 //! A real Prometheus server scrapes a running coordinator and worker (`--metrics-listen`), and
-//! its HTTP API must then hold the series DESIGN.md §7 asks for, moving as the job runs.
+//! its HTTP API must then hold the series docs/algorithms.md §7 asks for, moving as the job runs.
 //! `./dev test` (and so CI) installs the Debian `prometheus` package when it is missing.
 
 mod common;

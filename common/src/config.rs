@@ -106,7 +106,7 @@ pub struct StrategyConfig {
     /// `loss-rescaling`: Ω's inputs.
     pub features: Vec<Feature>,
     /// `loss-rescaling`: normalise Ω's weights to mean 1 in every training batch. Self-taught
-    /// mode collapsed without it (DESIGN.md §6.3).
+    /// mode collapsed without it (docs/algorithms.md §5).
     pub normalize: bool,
     /// `loss-rescaling`: Adam on Ω; Meta-Weight-Net's defaults are lr 1e-3, weight decay 1e-4.
     pub omega_lr: f64,

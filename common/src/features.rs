@@ -1,4 +1,4 @@
-//! Per-sample signals from the model itself (DESIGN.md §6.3), the input of the loss-rescaling
+//! Per-sample signals from the model itself (docs/algorithms.md §5), the input of the loss-rescaling
 //! network Ω: loss, probability of the given label, entropy, margin, and training progress.
 //! Each is scaled to a fixed range (loss and entropy divided by ln C) so Ω sees comparable
 //! values in every round, whatever the model's state.
@@ -61,7 +61,7 @@ impl Feature {
 }
 
 /// The default inputs: loss alone was found fragile (at 60% noise Ω learned to favour noisy
-/// samples); loss + label probability + entropy was robust (DESIGN.md §6.3).
+/// samples); loss + label probability + entropy was robust (docs/algorithms.md §5).
 pub fn default_features() -> Vec<Feature> {
     vec![Feature::Loss, Feature::LabelProb, Feature::Entropy]
 }

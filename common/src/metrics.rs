@@ -1,5 +1,5 @@
 //! Every metric the coordinator and the workers export: names, labels and help texts, in one
-//! place (DESIGN.md §7). Prometheus practice: one prefix, base units, `_total` on counters, and
+//! place (docs/algorithms.md §7). Prometheus practice: one prefix, base units, `_total` on counters, and
 //! only bounded labels (a reason from a fixed set, a domain or source named in the job config;
 //! never a worker id).
 //!

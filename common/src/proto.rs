@@ -224,7 +224,7 @@ impl SmallTensor {
     }
 }
 
-/// Meta loss rescaling for one round (DESIGN.md §6.3).
+/// Meta loss rescaling for one round (docs/algorithms.md §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RescalerPlan {
     pub mode: RescaleMode,

@@ -1,4 +1,4 @@
-//! Domain-weight math shared by both sides (DESIGN.md §6.1): softplus normalisation of raw λ to
+//! Domain-weight math shared by both sides (docs/algorithms.md §3): softplus normalisation of raw λ to
 //! weights with mean 1, the closed-form hypergradient, and AdamW on λ. Pure functions.
 
 /// softplus(x) = ln(1 + eˣ), computed stably.

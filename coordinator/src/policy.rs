@@ -1,4 +1,4 @@
-//! Outer strategy `task-policy` (DESIGN.md §6.4, after Meta-RTL): an LSTM policy over N source
+//! Outer strategy `task-policy` (docs/algorithms.md §6, after Meta-RTL): an LSTM policy over N source
 //! tasks. Each round its input is the previous round's weights and rewards and its softmax
 //! output w_t; M sources are drawn from (1−ε)·w_t + ε·uniform, each one an assignment that
 //! trains a copy of θ on that source and measures the target loss on a batch every assignment

@@ -1,4 +1,4 @@
-//! Outer strategy `loss-rescaling` on the coordinator (DESIGN.md §6.3): owns Ω (an MLP from a
+//! Outer strategy `loss-rescaling` on the coordinator (docs/algorithms.md §5): owns Ω (an MLP from a
 //! sample's features to one logit; weight = sigmoid), ships it with every round plan, averages
 //! the workers' meta-gradients in assignment order and steps Adam(W) on it. Pure.
 

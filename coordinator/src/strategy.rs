@@ -1,4 +1,4 @@
-//! Outer strategy `domain-weights` (DESIGN.md §6.1, §6.2): one weight per training domain,
+//! Outer strategy `domain-weights` (docs/algorithms.md §3, §4): one weight per training domain,
 //! uniform, fixed, learned by the closed-form hypergradient with AdamW on raw λ, or by DoReMi's
 //! exponentiated gradient on excess loss over a reference model. Pure: it plans what the
 //! workers need and updates from their results.

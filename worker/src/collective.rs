@@ -1,4 +1,4 @@
-//! Summing gradients across a worker's model replicas (DESIGN.md §5): the [`Collective`] trait,
+//! Summing gradients across a worker's model replicas (docs/algorithms.md §2): the [`Collective`] trait,
 //! the in-process sum for CPU replicas ([`InProcess`]), NCCL for CUDA replicas (the `nccl`
 //! feature), which of them a device list gets ([`group`]), and which rows of a batch each
 //! replica takes ([`share`]).

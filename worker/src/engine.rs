@@ -1,4 +1,4 @@
-//! The worker's compute engine (DESIGN.md §5): one [`Trainer`] replica per device, each on its
+//! The worker's compute engine (docs/algorithms.md §2): one [`Trainer`] replica per device, each on its
 //! own compute thread. Model updates go to every replica; an assignment runs on all of them at
 //! once, each on its share of every batch with the gradients summed through a
 //! [`Collective`](crate::collective::Collective), and the first replica's outcome is the

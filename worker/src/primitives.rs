@@ -1,4 +1,4 @@
-//! The training primitives every outer algorithm reduces to (DESIGN.md §5), written against the
+//! The training primitives every outer algorithm reduces to (docs/algorithms.md §2), written against the
 //! [`Model`] trait only: per-sample losses, gradients, and the directional derivative
 //! c_i = ⟨∇θ ℓ_i(θ), u⟩ both exactly (double backward) and by central finite difference.
 

@@ -1,4 +1,4 @@
-//! Meta loss rescaling on the worker (DESIGN.md §6.3): the network Ω maps each sample's
+//! Meta loss rescaling on the worker (docs/algorithms.md §5): the network Ω maps each sample's
 //! features to a weight on its loss, and its meta-gradient is taken through one virtual step:
 //! θ' = θ − α ∇θ (1/n) Σ_i w̃_i ℓ_i(θ), u = ∇θ' L_val(θ'), c_i = ⟨∇θ ℓ_i(θ), u⟩,
 //! ∇Ω = −(α/n) Σ_i c_i ∂w̃_i/∂Ω (+ the direct derivative of L_val in self-taught mode).
