@@ -123,16 +123,9 @@ async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
     nan.tensors[0].data[0] = f32::NAN;
     let result = |round: u64, transfer: u64| {
         WorkerMsg::Result(AssignmentResult {
-            round,
-            assignment: a,
-            delta_transfer: transfer,
             train_loss: 0.1,
             samples: 1,
-            compute_seconds: 0.0,
-            meta_loss: None,
-            domains: Vec::new(),
-            omega_grad: Vec::new(),
-            probes: Vec::new(),
+            ..AssignmentResult::new(round, a, transfer)
         })
     };
     net::send_bundle(conn, 1, &nan).await.expect("bundle");

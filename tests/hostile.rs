@@ -253,16 +253,9 @@ async fn lying_peers_are_dropped_by_reason_and_the_job_is_unharmed() {
     let zeros = metaloop_common::model::init_params(&liar.welcome.job.model, 0).zeros_like();
     net::send_bundle(&liar.conn, 1, &zeros).await.expect("bundle");
     let result = WorkerMsg::Result(proto::AssignmentResult {
-        round: plan.round,
-        assignment: 999,
-        delta_transfer: 1,
         train_loss: 0.1,
         samples: 1,
-        compute_seconds: 0.0,
-        meta_loss: None,
-        domains: Vec::new(),
-        omega_grad: Vec::new(),
-        probes: Vec::new(),
+        ..proto::AssignmentResult::new(plan.round, 999, 1)
     });
     net::write_frame(&mut liar.send, &result).await.expect("result");
     assert_dropped(&mut liar, "not assigned").await;

@@ -14,8 +14,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// version fails the TLS handshake itself.
 pub const ALPN: &[u8] = b"metaloop/1";
 /// Version carried in the hello; checked on both sides after ALPN agreed.
-/// 2: `JobSpec::delta_dtype` and bf16 tensors.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 2: `JobSpec::delta_dtype` and bf16 tensors. 3: one `Ask` and one `Signal` per strategy.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Hard limit on one control frame. Control messages are small; anything big is a bundle.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
@@ -174,17 +174,54 @@ pub struct RoundPlan {
     pub model: ModelSource,
     /// The inner loss weight of every domain, in job order (mean 1).
     pub domain_weights: Vec<f64>,
-    /// When set, also measure d_k = ⟨∇ℓ_k, ∇L_meta⟩ per domain after the inner steps.
-    pub hypergradient: Option<HypergradientSpec>,
-    /// When set, weight every sample's loss by Ω and return Ω's meta-gradient.
-    pub rescaler: Option<RescalerPlan>,
-    /// When set, return every domain's per-sample losses after the inner steps on a probe of
-    /// this many rows of its shard (DoReMi's excess loss is computed from them).
-    pub probe_losses: Option<u32>,
-    /// When set, the meta loss is measured on these rows of the meta set only (the target
-    /// batch every assignment of a task-policy round shares).
-    pub target_rows: Option<Vec<u32>>,
+    /// What the round's outer strategy asks of every assignment after its inner steps.
+    pub ask: Ask,
     pub assignments: Vec<Assignment>,
+}
+
+/// What an outer strategy asks of every assignment of a round besides its inner steps (one
+/// variant per strategy that needs a signal; the answer is the [`Signal`] variant of the same
+/// name). Every assignment also returns the meta loss when the job has a meta set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Ask {
+    /// Inner steps only (uniform or fixed domain weights; DoReMi's reference phase).
+    Nothing,
+    /// d_k = ⟨∇ℓ_k, ∇L_meta⟩ per domain after the inner steps (docs/algorithms.md §3).
+    Hypergradient(HypergradientSpec),
+    /// Every domain's per-sample losses after the inner steps on a probe of this many rows of
+    /// its shard (DoReMi's excess loss is computed from them, docs/algorithms.md §4).
+    Doremi { probe: u32 },
+    /// Weight every sample's loss by Ω and return Ω's meta-gradient (docs/algorithms.md §5).
+    LossRescaling(RescalerPlan),
+    /// Measure the meta loss on these rows of the meta set only: the target batch every
+    /// assignment of a task-policy round shares (docs/algorithms.md §6).
+    TaskPolicy { target_rows: Vec<u32> },
+}
+
+impl Ask {
+    /// The [`Signal`] variant that answers this ask.
+    pub fn answered_by(&self, signal: &Signal) -> bool {
+        matches!(
+            (self, signal),
+            (Ask::Nothing | Ask::TaskPolicy { .. }, Signal::Nothing)
+                | (Ask::Hypergradient(_), Signal::Hypergradient(_))
+                | (Ask::Doremi { .. }, Signal::Doremi(_))
+                | (Ask::LossRescaling(_), Signal::LossRescaling(_))
+        )
+    }
+}
+
+/// What an assignment returns for its round's [`Ask`], beside the delta and the meta loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Signal {
+    /// For [`Ask::Nothing`] and [`Ask::TaskPolicy`] (whose signal is the meta loss).
+    Nothing,
+    /// Per domain, in job order: Σ c_i over its probe.
+    Hypergradient(Vec<DomainStat>),
+    /// Per domain, in job order: probe rows and their losses.
+    Doremi(Vec<DomainProbe>),
+    /// Ω's meta-gradient, tensor by tensor in Ω's order.
+    LossRescaling(Vec<SmallTensor>),
 }
 
 /// A tensor small enough to travel inside a control frame (the rescaler network, its gradient).
@@ -314,12 +351,25 @@ pub struct AssignmentResult {
     pub compute_seconds: f32,
     /// Loss on the meta set after the inner steps, when the job has one.
     pub meta_loss: Option<f32>,
-    /// Per domain, in job order (empty unless the plan asked for the hypergradient).
-    pub domains: Vec<DomainStat>,
-    /// Ω's meta-gradient (empty unless the plan carried a rescaler).
-    pub omega_grad: Vec<SmallTensor>,
-    /// Per domain, in job order: probe rows and their losses (empty unless asked for).
-    pub probes: Vec<DomainProbe>,
+    /// The answer to the round's [`Ask`].
+    pub signal: Signal,
+}
+
+impl AssignmentResult {
+    /// A result of assignment `assignment` of `round` with delta `delta_transfer`, nothing
+    /// measured yet: set the other fields with struct update syntax or by assignment.
+    pub fn new(round: u64, assignment: u32, delta_transfer: u64) -> Self {
+        Self {
+            round,
+            assignment,
+            delta_transfer,
+            train_loss: 0.0,
+            samples: 0,
+            compute_seconds: 0.0,
+            meta_loss: None,
+            signal: Signal::Nothing,
+        }
+    }
 }
 
 /// Losses of the current model on some rows of one domain.
@@ -836,25 +886,28 @@ mod tests {
             protocol_version: 1,
             name: "w0".into(),
         }));
-        roundtrip(WorkerMsg::Result(AssignmentResult {
-            round: 7,
-            assignment: 3,
-            delta_transfer: 99,
-            train_loss: 0.25,
-            samples: 640,
-            compute_seconds: 1.5,
-            meta_loss: Some(0.5),
-            domains: vec![DomainStat { d_sum: -1.5, count: 64 }],
-            omega_grad: vec![SmallTensor {
+        for signal in [
+            Signal::Nothing,
+            Signal::Hypergradient(vec![DomainStat { d_sum: -1.5, count: 64 }]),
+            Signal::Doremi(vec![DomainProbe {
+                rows: vec![3, 1],
+                losses: vec![0.5, 2.0],
+            }]),
+            Signal::LossRescaling(vec![SmallTensor {
                 name: "l0.bias".into(),
                 shape: vec![2],
                 data: vec![0.5, -1.0],
-            }],
-            probes: vec![DomainProbe {
-                rows: vec![3, 1],
-                losses: vec![0.5, 2.0],
-            }],
-        }));
+            }]),
+        ] {
+            roundtrip(WorkerMsg::Result(AssignmentResult {
+                train_loss: 0.25,
+                samples: 640,
+                compute_seconds: 1.5,
+                meta_loss: Some(0.5),
+                signal,
+                ..AssignmentResult::new(7, 3, 99)
+            }));
+        }
         roundtrip(WorkerMsg::Failed {
             round: 2,
             assignment: 1,
@@ -870,7 +923,31 @@ mod tests {
             job: job(),
         }));
         roundtrip(CoordinatorMsg::Reject { reason: "full".into() });
-        for model in [
+        let asks = [
+            Ask::Nothing,
+            Ask::Hypergradient(HypergradientSpec {
+                directional: DirectionalMethod::FiniteDifference,
+                probe: 64,
+            }),
+            Ask::Doremi { probe: 64 },
+            Ask::LossRescaling(RescalerPlan {
+                mode: RescaleMode::SelfTaught,
+                omega: vec![SmallTensor {
+                    name: "l0.weight".into(),
+                    shape: vec![1, 2],
+                    data: vec![0.1, 0.2],
+                }],
+                features: vec![0, 1, 2],
+                normalize: true,
+                directional: DirectionalMethod::Exact,
+                progress: 0.25,
+                passes: 4,
+            }),
+            Ask::TaskPolicy {
+                target_rows: vec![3, 1, 4],
+            },
+        ];
+        let models = [
             ModelSource::Full {
                 version: 0,
                 checksum: [1; 32],
@@ -886,30 +963,13 @@ mod tests {
                 version: 2,
                 checksum: [3; 32],
             },
-        ] {
+        ];
+        for (model, ask) in models.iter().flat_map(|m| asks.iter().map(move |a| (m.clone(), a.clone()))) {
             roundtrip(CoordinatorMsg::Round(RoundPlan {
                 round: 3,
                 model,
                 domain_weights: vec![1.5, 0.5],
-                hypergradient: Some(HypergradientSpec {
-                    directional: DirectionalMethod::FiniteDifference,
-                    probe: 64,
-                }),
-                rescaler: Some(RescalerPlan {
-                    mode: RescaleMode::SelfTaught,
-                    omega: vec![SmallTensor {
-                        name: "l0.weight".into(),
-                        shape: vec![1, 2],
-                        data: vec![0.1, 0.2],
-                    }],
-                    features: vec![0, 1, 2],
-                    normalize: true,
-                    directional: DirectionalMethod::Exact,
-                    progress: 0.25,
-                    passes: 4,
-                }),
-                probe_losses: Some(64),
-                target_rows: Some(vec![3, 1, 4]),
+                ask,
                 assignments: vec![
                     Assignment {
                         index: 0,

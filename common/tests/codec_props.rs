@@ -4,10 +4,10 @@
 //! short give a value or a typed error (a cut one always `Truncated`).
 
 use metaloop_common::proto::{
-    decode_body, decode_bundle, decode_frame, decode_payload, encode_bundle, encode_frame, frame_len, Assignment,
+    decode_body, decode_bundle, decode_frame, decode_payload, encode_bundle, encode_frame, frame_len, Ask, Assignment,
     AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef, DirectionalMethod, DomainProbe, DomainSpec,
     DomainStat, Hello, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, ProtoError, RescaleMode,
-    RescalerPlan, RoundPlan, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg, MAX_FRAME_BYTES,
+    RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg, MAX_FRAME_BYTES,
 };
 use metaloop_common::tensor::{Bundle, HostTensor};
 use proptest::collection::vec;
@@ -139,6 +139,23 @@ fn directional() -> impl Strategy<Value = DirectionalMethod> {
     ]
 }
 
+fn signal() -> impl Strategy<Value = Signal> {
+    prop_oneof![
+        Just(Signal::Nothing),
+        vec(
+            (any::<f64>(), any::<u64>()).prop_map(|(d_sum, count)| DomainStat { d_sum, count }),
+            0..3,
+        )
+        .prop_map(Signal::Hypergradient),
+        vec(
+            (vec(any::<u32>(), 0..4), vec(any::<f32>(), 0..4)).prop_map(|(rows, losses)| DomainProbe { rows, losses }),
+            0..3,
+        )
+        .prop_map(Signal::Doremi),
+        vec(small_tensor(), 0..3).prop_map(Signal::LossRescaling),
+    ]
+}
+
 fn assignment_result() -> impl Strategy<Value = AssignmentResult> {
     (
         (
@@ -150,24 +167,10 @@ fn assignment_result() -> impl Strategy<Value = AssignmentResult> {
             any::<f32>(),
         ),
         option::of(any::<f32>()),
-        vec(
-            (any::<f64>(), any::<u64>()).prop_map(|(d_sum, count)| DomainStat { d_sum, count }),
-            0..3,
-        ),
-        vec(small_tensor(), 0..3),
-        vec(
-            (vec(any::<u32>(), 0..4), vec(any::<f32>(), 0..4)).prop_map(|(rows, losses)| DomainProbe { rows, losses }),
-            0..3,
-        ),
+        signal(),
     )
         .prop_map(
-            |(
-                (round, assignment, delta_transfer, train_loss, samples, compute_seconds),
-                meta_loss,
-                domains,
-                omega_grad,
-                probes,
-            )| {
+            |((round, assignment, delta_transfer, train_loss, samples, compute_seconds), meta_loss, signal)| {
                 AssignmentResult {
                     round,
                     assignment,
@@ -176,9 +179,7 @@ fn assignment_result() -> impl Strategy<Value = AssignmentResult> {
                     samples,
                     compute_seconds,
                     meta_loss,
-                    domains,
-                    omega_grad,
-                    probes,
+                    signal,
                 }
             },
         )
@@ -322,33 +323,32 @@ fn assignment() -> impl Strategy<Value = Assignment> {
         })
 }
 
+fn ask() -> impl Strategy<Value = Ask> {
+    prop_oneof![
+        Just(Ask::Nothing),
+        (directional(), any::<u32>())
+            .prop_map(|(directional, probe)| Ask::Hypergradient(HypergradientSpec { directional, probe })),
+        any::<u32>().prop_map(|probe| Ask::Doremi { probe }),
+        rescaler_plan().prop_map(Ask::LossRescaling),
+        vec(any::<u32>(), 0..4).prop_map(|target_rows| Ask::TaskPolicy { target_rows }),
+    ]
+}
+
 fn round_plan() -> impl Strategy<Value = RoundPlan> {
     (
         any::<u64>(),
         model_source(),
         vec(any::<f64>(), 0..4),
-        option::of(
-            (directional(), any::<u32>()).prop_map(|(directional, probe)| HypergradientSpec { directional, probe }),
-        ),
-        option::of(rescaler_plan()),
-        option::of(any::<u32>()),
-        option::of(vec(any::<u32>(), 0..4)),
+        ask(),
         vec(assignment(), 0..4),
     )
-        .prop_map(
-            |(round, model, domain_weights, hypergradient, rescaler, probe_losses, target_rows, assignments)| {
-                RoundPlan {
-                    round,
-                    model,
-                    domain_weights,
-                    hypergradient,
-                    rescaler,
-                    probe_losses,
-                    target_rows,
-                    assignments,
-                }
-            },
-        )
+        .prop_map(|(round, model, domain_weights, ask, assignments)| RoundPlan {
+            round,
+            model,
+            domain_weights,
+            ask,
+            assignments,
+        })
 }
 
 fn coordinator_msg() -> impl Strategy<Value = CoordinatorMsg> {

@@ -3,27 +3,22 @@
 //! from `server`; compute (evaluation) runs on a dedicated thread.
 
 use crate::checkpoint;
-use crate::outer::{Combine, OrderedSum, OuterOptimizer};
-use crate::policy::{self, PolicyRound, TaskPolicy};
-use crate::rescaler::LossRescaler;
+use crate::outer::OuterOptimizer;
+use crate::round::{Action, Payload, RoundCore};
 use crate::rundir::{JobIdentity, RoundRecord, RunDir, Summary};
-use crate::scheduler::{AssignmentTimeout, Dispatch, Rejection, Scheduler, WorkerId};
+use crate::scheduler::{AssignmentTimeout, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
-use crate::strategy::DomainWeights;
+use crate::strategy::{self, PhaseChange};
 use anyhow::{bail, Context};
-use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
+use metaloop_common::checksum::{hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
-use metaloop_common::config::{DeltaDType, JobConfig, ModelConfig, PolicyMethod, StrategyKind, WeightMethod};
+use metaloop_common::config::{DeltaDType, JobConfig, ModelConfig, RescaleMode, StrategyKind, WeightMethod};
 use metaloop_common::dataset::{self, Dataset};
 use metaloop_common::domains;
 use metaloop_common::features::{self, Feature};
 use metaloop_common::model::{self, Model};
 use metaloop_common::net::{self, TlsFiles};
-use metaloop_common::proto::{
-    Assignment, AssignmentResult, DType, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec,
-    RescalerPlan, RoundPlan, TrainOn,
-};
-use metaloop_common::rng::derive_seed;
+use metaloop_common::proto::{DType, DataRef, InnerSpec, JobSpec, ModelSpec};
 use metaloop_common::tensor::Bundle;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -83,8 +78,6 @@ pub struct Complete {
     pub checksum: String,
 }
 
-/// A failed assignment is retried this often in one round before the job stops.
-const MAX_FAILURES_PER_ASSIGNMENT: u32 = 3;
 /// The state after the last round, in the run directory (the checkpoint format).
 const FINAL_STATE: &str = "final.safetensors";
 
@@ -130,20 +123,19 @@ impl Coordinator {
     ) -> anyhow::Result<Summary> {
         let started = Instant::now();
         let mut run_dir = RunDir::create(&self.options.run_dir)?;
-        let rescaler = LossRescaler::new(&config.strategy, config.seed);
-        let keep_train = rescaler.is_some() || config.strategy.method == WeightMethod::Doremi;
+        // The training domains, kept for DoReMi's reference losses and Ω's separation report.
+        let keep_train = config.strategy.method == WeightMethod::Doremi
+            || (config.strategy.kind == StrategyKind::LossRescaling && config.strategy.mode != RescaleMode::None);
         let data = prepare_data(&config, keep_train)?;
         // Before anything in the directory changes: is it this job's?
         run_dir.claim(&job_identity(&config, &data))?;
         run_dir.write_json("domains.json", &data.records)?;
         let job = data.job.clone();
-        let policy = (config.strategy.kind == StrategyKind::TaskPolicy)
-            .then(|| TaskPolicy::new(&config, job.domains.iter().map(|d| d.name.clone()).collect()));
-        let mut state = LoopState::new(&config, &job, data, rescaler, policy)?;
-        state.scheduler = Scheduler::with_timeout(match self.options.assignment_timeout {
+        let scheduler = Scheduler::with_timeout(match self.options.assignment_timeout {
             Some(fixed) => AssignmentTimeout::Fixed(fixed),
             None => AssignmentTimeout::adaptive(),
         });
+        let mut state = LoopState::new(&config, &job, data, scheduler)?;
         let checkpoints = self.options.run_dir.join("checkpoints");
         // Set when a resume finds the final state saved: no rounds, no workers.
         let mut finishing_only = false;
@@ -159,14 +151,15 @@ impl Coordinator {
                     config.rounds,
                     path.display()
                 );
-                let params = state.params.clone();
+                let params = state.core.params().clone();
                 state.last_eval = state.eval.call(move |e| e.evaluate(&params)).await??.test;
                 finishing_only = true;
             } else {
-                match checkpoint::newest_valid(&checkpoints, |c| state.restore(c, config.seed)) {
+                match checkpoint::newest_valid(&checkpoints, |c| state.restore(c)) {
                     Some((path, ())) => {
-                        tracing::info!(path = %path.display(), round = state.rounds_done, "resumed from checkpoint");
-                        eprintln!("resuming from {} (round {})", path.display(), state.rounds_done);
+                        let round = state.core.rounds_done();
+                        tracing::info!(path = %path.display(), round, "resumed from checkpoint");
+                        eprintln!("resuming from {} (round {round})", path.display());
                         state.last_checkpoint = Some(path);
                     }
                     None => eprintln!(
@@ -176,9 +169,9 @@ impl Coordinator {
                 }
             }
         }
-        run_dir.start_metrics(state.rounds_done)?;
+        run_dir.start_metrics(state.core.rounds_done())?;
 
-        crate::telemetry::job_started(&strategy_name(&config), config.rounds, state.rounds_done);
+        crate::telemetry::job_started(&state.core.strategy().name(), config.rounds, state.core.rounds_done());
         self.options.ready.store(true, Ordering::Relaxed);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let traffic = Arc::new(Traffic::default());
@@ -218,12 +211,11 @@ impl Coordinator {
                     &shutdown,
                 )
                 .await?;
-            for round in state.rounds_done..config.rounds {
-                let reassigned_before = state.reassigned();
+            for round in state.core.rounds_done()..config.rounds {
+                let reassigned_before = state.core.reassigned();
                 let record = state
                     .round(
                         round,
-                        &config,
                         &mut events,
                         &traffic,
                         self.options.worker_wait,
@@ -248,8 +240,8 @@ impl Coordinator {
                 observe(&record);
                 records.push(record);
                 let every = config.checkpoint.every;
-                if every > 0 && state.rounds_done % every == 0 && state.rounds_done < config.rounds {
-                    let snapshot = state.snapshot(config.seed, &traffic);
+                if every > 0 && state.core.rounds_done() % every == 0 && state.core.rounds_done() < config.rounds {
+                    let snapshot = state.snapshot(&traffic);
                     let pause = self.options.checkpoint_pause;
                     let previous = state.last_checkpoint.clone();
                     let saved = tokio::task::block_in_place(|| {
@@ -264,10 +256,10 @@ impl Coordinator {
                         // A full disk must not end a run that can still make progress: the
                         // previous checkpoint is intact, and the next interval tries again.
                         state.checkpoint_failures += 1;
-                        tracing::error!(round = state.rounds_done, error = %format!("{e:#}"), "checkpoint failed");
+                        tracing::error!(round = state.core.rounds_done(), error = %format!("{e:#}"), "checkpoint failed");
                         eprintln!(
                             "checkpoint after round {} failed: {e:#}; training continues and tries again in {every} rounds",
-                            state.rounds_done
+                            state.core.rounds_done()
                         );
                     }
                 }
@@ -283,7 +275,7 @@ impl Coordinator {
         // workers, which have left.
         let mut final_error = None;
         if outcome.is_ok() && !finishing_only {
-            let snapshot = state.snapshot(config.seed, &traffic);
+            let snapshot = state.snapshot(&traffic);
             if let Err(e) =
                 checkpoint::write_atomic(&self.options.run_dir, FINAL_STATE, &checkpoint::encode(&snapshot)?)
             {
@@ -304,8 +296,8 @@ impl Coordinator {
         // No new sessions: a worker told that we are stopping tries to reconnect, and must find
         // the next coordinator, not this one on its way out.
         self.tls.close();
-        for peer in state.peers.values() {
-            let _ = peer.outbox.send(Outgoing::Shutdown {
+        for outbox in state.peers.values() {
+            let _ = outbox.send(Outgoing::Shutdown {
                 reason: reason.into(),
                 finished: outcome.is_ok(),
             });
@@ -344,8 +336,8 @@ impl Coordinator {
             Err(e) => {
                 // Lose nothing: the state after the last completed round is consistent, so
                 // keep it for --resume before reporting the failure.
-                if state.rounds_done > 0 {
-                    let snapshot = state.snapshot(config.seed, &traffic);
+                if state.core.rounds_done() > 0 {
+                    let snapshot = state.snapshot(&traffic);
                     let previous = state.last_checkpoint.as_deref();
                     match save_checkpoint(
                         &checkpoints,
@@ -356,10 +348,10 @@ impl Coordinator {
                     ) {
                         Ok(path) => eprintln!(
                             "checkpoint after round {}: {} (continue with --resume)",
-                            state.rounds_done,
+                            state.core.rounds_done(),
                             path.display()
                         ),
-                        Err(c) => eprintln!("checkpoint after round {} failed: {c:#}", state.rounds_done),
+                        Err(c) => eprintln!("checkpoint after round {} failed: {c:#}", state.core.rounds_done()),
                     }
                 }
                 return Err(e);
@@ -368,7 +360,7 @@ impl Coordinator {
         // The state after the last completed round: a checkpoint to resume from when stopped
         // (the final state was saved above).
         if stopped {
-            let snapshot = state.snapshot(config.seed, &traffic);
+            let snapshot = state.snapshot(&traffic);
             let previous = state.last_checkpoint.as_deref();
             let path = save_checkpoint(
                 &checkpoints,
@@ -379,22 +371,21 @@ impl Coordinator {
             )?;
             eprintln!(
                 "stopped after round {}; checkpoint {} (continue with --resume)",
-                state.rounds_done,
+                state.core.rounds_done(),
                 path.display()
             );
         }
 
-        let separation = match &state.rescaler {
-            Some(r) => {
-                let (params, omega, features, passes) =
-                    (state.params.clone(), r.omega(), r.features().to_vec(), r.passes());
+        let separation = match state.core.strategy().omega_probe() {
+            Some(probe) => {
+                let params = state.core.params().clone();
                 let (clean, corrupted) = state
                     .eval
-                    .call(move |e| e.omega_weights(&params, &omega, &features, passes))
+                    .call(move |e| e.omega_weights(&params, &probe.omega, &probe.features, probe.passes))
                     .await??;
                 let written = run_dir.write_text("weights.svg", &crate::plot::histogram(&clean, &corrupted));
                 state.record("weights.svg", written);
-                crate::rescaler::separation(&clean, &corrupted)
+                strategy::separation(&clean, &corrupted)
             }
             None => None,
         };
@@ -402,28 +393,28 @@ impl Coordinator {
         let summary = Summary {
             test_accuracy,
             test_loss,
-            rounds: state.rounds_done,
+            rounds: state.core.rounds_done(),
             wall_seconds: started.elapsed().as_secs_f64(),
-            workers: state.workers_seen,
+            workers: state.core.tally().workers_seen,
             seed: config.seed,
-            samples: state.samples,
-            reassigned: state.reassigned(),
-            rejected: state.rejected.clone(),
-            workers_lost: state.lost.clone(),
+            samples: state.core.tally().samples,
+            reassigned: state.core.reassigned(),
+            rejected: state.core.tally().rejected.clone(),
+            workers_lost: state.core.tally().lost.clone(),
             connections_refused: state.refused.clone(),
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
-            final_state_checksum: hex(&state.state_checksum()),
-            strategy: strategy_name(&config),
-            domain_weights: state.domain_weights(),
-            source_weights: state.source_weights(),
+            final_state_checksum: hex(&state.core.state_checksum()),
+            strategy: state.core.strategy().name(),
+            domain_weights: state.core.strategy().domain_weights(),
+            source_weights: state.core.strategy().source_weights(),
             target_only_test_accuracy: None,
             meta_loss: state.last_meta_loss,
             baseline_test_accuracy: None,
-            best_meta_round: state.best_meta.map(|b| b.0),
-            test_accuracy_at_best_meta: state.best_meta.map(|b| b.3),
+            best_meta_round: state.core.tally().best_meta.map(|b| b.0),
+            test_accuracy_at_best_meta: state.core.tally().best_meta.map(|b| b.3),
             rescaler: separation,
-            completed: !stopped && state.rounds_done == config.rounds,
+            completed: !stopped && state.core.rounds_done() == config.rounds,
             checkpoint_failures: state.checkpoint_failures,
             record_failures: state.record_failures,
         };
@@ -440,15 +431,6 @@ impl Coordinator {
             Some(e) => Err(e),
             None => Ok(summary),
         }
-    }
-}
-
-/// The strategy as the summary and the metrics name it.
-fn strategy_name(config: &JobConfig) -> String {
-    match config.strategy.kind {
-        StrategyKind::DomainWeights => config.strategy.method.as_str().to_string(),
-        StrategyKind::LossRescaling => format!("loss-rescaling/{}", config.strategy.mode.as_str()),
-        StrategyKind::TaskPolicy => format!("task-policy/{}", config.strategy.policy.as_str()),
     }
 }
 
@@ -598,12 +580,6 @@ fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared
     })
 }
 
-struct Peer {
-    outbox: mpsc::UnboundedSender<Outgoing>,
-    /// The model version this worker holds (as far as we know).
-    version: Option<u64>,
-}
-
 struct Evaluator {
     spec: ModelSpec,
     test: Dataset,
@@ -677,74 +653,42 @@ impl Evaluator {
     }
 }
 
+/// The run loop's state: the round core (every decision) and what moves bytes and time for it.
 struct LoopState {
-    /// The global model, shared (not copied) with the evaluation thread and checkpoints.
-    params: Arc<Bundle>,
-    version: u64,
-    checksum: [u8; 32],
-    /// The update that turned version − 1 into version, shipped to workers that hold version − 1.
+    core: RoundCore,
+    /// Connected workers' outboxes; dropping one closes that connection.
+    peers: HashMap<WorkerId, mpsc::UnboundedSender<Outgoing>>,
     /// The last update and the full model, each encoded once for every worker that needs it.
     last_step: Option<net::EncodedBundle>,
     full: Option<(u64, net::EncodedBundle)>,
-    outer: OuterOptimizer,
-    strategy: DomainWeights,
-    /// What this round's plans carry for the strategy (fixed for the whole round).
-    round_weights: (Vec<f64>, Option<HypergradientSpec>),
-    rescaler: Option<LossRescaler>,
-    round_rescaler: Option<RescalerPlan>,
-    policy: Option<TaskPolicy>,
-    /// This round's sources, target batch and the policy's forward step (task-policy).
-    round_policy: Option<PolicyRound>,
-    /// Rows in the meta set (the task policy's target).
-    meta_len: usize,
-    /// Rows per domain whose losses the workers return this round (DoReMi's proxy phase).
-    round_probe: Option<u32>,
-    model_spec: ModelSpec,
-    /// (round, meta accuracy, meta loss, test accuracy) of the best round on the meta set.
-    best_meta: Option<(u64, f64, f64, f64)>,
-    scheduler: Scheduler,
-    peers: HashMap<WorkerId, Peer>,
-    next_transfer: u64,
     eval: ComputeThread<Evaluator>,
     last_eval: (f64, f64),
     last_meta_loss: Option<f64>,
-    rounds_done: u64,
-    workers_seen: usize,
-    samples: u64,
-    rejected: BTreeMap<String, u64>,
-    /// Workers dropped during the run, by why.
-    lost: BTreeMap<String, u64>,
     /// Connections that never joined, by why.
     refused: BTreeMap<String, u64>,
     /// Periodic checkpoints that could not be written (a full disk, say).
     checkpoint_failures: u64,
     /// Writes to the run's record that failed (a full disk, say).
     record_failures: u64,
-    /// Counts carried over from the checkpoint this process resumed from: assignments
-    /// reassigned, and tensor bytes (in, out).
-    reassigned_before: u64,
+    /// Tensor bytes (in, out) counted by earlier processes of this run.
     bytes_before: (u64, u64),
     /// The checkpoint this job last wrote or resumed from: what a failed save leaves intact.
     last_checkpoint: Option<PathBuf>,
 }
 
-/// Results of the round in progress, by assignment index.
-/// Per assignment: its result and the worker that returned it (the deltas go straight into
-/// the round's [`OrderedSum`]).
-type Collected = Vec<Option<(AssignmentResult, u64)>>;
-
 impl LoopState {
-    fn new(
-        config: &JobConfig,
-        job: &JobSpec,
-        data: Prepared,
-        rescaler: Option<LossRescaler>,
-        policy: Option<TaskPolicy>,
-    ) -> anyhow::Result<Self> {
-        let params = Arc::new(model::init_params(&job.model, config.seed));
+    fn new(config: &JobConfig, job: &JobSpec, data: Prepared, scheduler: Scheduler) -> anyhow::Result<Self> {
         let spec = job.model.clone();
         let Prepared { test, meta, train, .. } = data;
         let meta_len = meta.as_ref().map_or(0, Dataset::len);
+        let names = job.domains.iter().map(|d| d.name.clone()).collect();
+        let core = RoundCore::new(
+            job.model.clone(),
+            config.seed,
+            OuterOptimizer::new(config.outer.clone()),
+            strategy::build(config, names, meta_len),
+            scheduler,
+        );
         let eval = ComputeThread::spawn("metaloop-eval", move || {
             // One intra-op thread: OpenMP's threads spin for a while after every parallel
             // region, and on a small machine that spinning took the cores the network tasks
@@ -758,54 +702,28 @@ impl LoopState {
             }
         })?;
         Ok(Self {
-            checksum: bundle_checksum(&params),
-            params,
-            version: 0,
+            core,
+            peers: HashMap::new(),
             last_step: None,
             full: None,
-            outer: OuterOptimizer::new(config.outer.clone()),
-            strategy: DomainWeights::new(&config.strategy, job.domains.iter().map(|d| d.name.clone()).collect()),
-            round_weights: (Vec::new(), None),
-            rescaler,
-            round_rescaler: None,
-            policy,
-            round_policy: None,
-            meta_len,
-            round_probe: None,
-            model_spec: job.model.clone(),
-            best_meta: None,
-            scheduler: Scheduler::new(),
-            peers: HashMap::new(),
-            next_transfer: 0,
             eval,
             last_eval: (f64::NAN, 0.0),
             last_meta_loss: None,
-            rounds_done: 0,
-            workers_seen: 0,
-            samples: 0,
-            rejected: BTreeMap::new(),
-            lost: BTreeMap::new(),
             refused: BTreeMap::new(),
             checkpoint_failures: 0,
             record_failures: 0,
-            reassigned_before: 0,
             bytes_before: (0, 0),
             last_checkpoint: None,
         })
     }
 
-    /// Assignments reassigned over the whole run, restarts included.
-    fn reassigned(&self) -> u64 {
-        self.reassigned_before + self.scheduler.reassigned()
-    }
-
-    /// Counts a failed write to the run's record (`what`), which the run survives.
     /// A write to the run's record failed: counted here and in the exported metrics.
     fn count_record_failure(&mut self) {
         self.record_failures += 1;
         crate::telemetry::record_failed();
     }
 
+    /// Counts a failed write to the run's record (`what`), which the run survives.
     fn record(&mut self, what: &str, written: anyhow::Result<()>) {
         if let Err(e) = written {
             self.count_record_failure();
@@ -814,42 +732,30 @@ impl LoopState {
         }
     }
 
-    /// The run's cumulative counts, for a checkpoint.
-    fn counters(&self, traffic: &Traffic) -> checkpoint::Counters {
-        checkpoint::Counters {
-            samples: self.samples,
-            reassigned: self.reassigned(),
+    /// The state after the last completed round, for a checkpoint, with the run's
+    /// cumulative counts.
+    fn snapshot(&self, traffic: &Traffic) -> checkpoint::State {
+        self.core.snapshot(checkpoint::Counters {
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed),
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed),
-            rejected: self.rejected.clone(),
-            workers_lost: self.lost.clone(),
             connections_refused: self.refused.clone(),
             checkpoint_failures: self.checkpoint_failures,
             record_failures: self.record_failures,
-            best_meta: self.best_meta.map(
-                |(round, meta_accuracy, meta_loss, test_accuracy)| checkpoint::BestMeta {
-                    round,
-                    meta_accuracy,
-                    meta_loss,
-                    test_accuracy,
-                },
-            ),
-        }
+            ..self.core.counters()
+        })
     }
 
-    /// Takes over the counts a checkpoint carries (those of every earlier process of the run).
-    fn restore_counters(&mut self, c: checkpoint::Counters) {
-        self.samples = c.samples;
-        self.reassigned_before = c.reassigned;
-        self.bytes_before = (c.bytes_in, c.bytes_out);
-        self.rejected = c.rejected;
-        self.lost = c.workers_lost;
-        self.refused = c.connections_refused;
-        self.checkpoint_failures = c.checkpoint_failures;
-        self.record_failures = c.record_failures;
-        self.best_meta = c
-            .best_meta
-            .map(|b| (b.round, b.meta_accuracy, b.meta_loss, b.test_accuracy));
+    /// Takes over a checkpoint's state (see [`RoundCore::restore`]) and the counts it carries.
+    fn restore(&mut self, c: checkpoint::State) -> anyhow::Result<()> {
+        self.core.restore(&c)?;
+        let k = c.counters;
+        self.bytes_before = (k.bytes_in, k.bytes_out);
+        self.refused = k.connections_refused;
+        self.checkpoint_failures = k.checkpoint_failures;
+        self.record_failures = k.record_failures;
+        self.last_step = None;
+        self.full = None;
+        Ok(())
     }
 
     /// `final.safetensors`, when it holds this job's state after all of its rounds (restored
@@ -861,7 +767,7 @@ impl LoopState {
             if c.rounds_done != config.rounds {
                 bail!("it holds round {} of {}", c.rounds_done, config.rounds);
             }
-            self.restore(c, config.seed)
+            self.restore(c)
         });
         match outcome {
             Ok(()) => Some(path),
@@ -892,7 +798,7 @@ impl LoopState {
                 if c.checksum != checksum {
                     bail!("its checksum differs from summary.json's");
                 }
-                self.restore(c, config.seed)
+                self.restore(c)
             });
         match usable {
             Ok(()) => Some(Complete {
@@ -911,117 +817,6 @@ impl LoopState {
         }
     }
 
-    /// Hash of the model, the outer optimizer's state and the version: equal across runs only
-    /// when they ended bit for bit in the same state.
-    fn state_checksum(&self) -> [u8; 32] {
-        let mut h = StateHasher::new();
-        h.bundle("model", &self.params);
-        if let Some(m) = self.outer.momentum() {
-            h.bundle("outer.momentum", m);
-        }
-        self.strategy.hash_into(&mut h);
-        if let Some(r) = &self.rescaler {
-            r.hash_into(&mut h);
-        }
-        if let Some(p) = &self.policy {
-            p.hash_into(&mut h);
-        }
-        h.bytes(&self.version.to_le_bytes());
-        h.finish()
-    }
-
-    /// DoReMi: the model trained so far becomes the reference (its loss on every training
-    /// sample is kept), and a fresh proxy model starts from the job's initial parameters.
-    async fn start_proxy_phase(&mut self, round: u64, seed: u64) -> anyhow::Result<()> {
-        let params = self.params.clone();
-        let losses = self.eval.call(move |e| e.per_sample_losses(&params)).await??;
-        self.strategy.set_reference(losses);
-        self.params = Arc::new(model::init_params(&self.model_spec, seed));
-        self.outer.set_momentum(None);
-        self.version += 1;
-        self.checksum = bundle_checksum(&self.params);
-        self.last_step = None;
-        self.full = None;
-        tracing::info!(
-            round,
-            "DoReMi: reference model done; training the proxy with learned weights"
-        );
-        Ok(())
-    }
-
-    /// The state after the last completed round, for a checkpoint.
-    fn snapshot(&self, seed: u64, traffic: &Traffic) -> checkpoint::State {
-        checkpoint::State {
-            params: self.params.clone(),
-            momentum: self.outer.momentum().cloned(),
-            outer: self
-                .strategy
-                .state()
-                .into_iter()
-                .chain(self.rescaler.iter().flat_map(LossRescaler::state))
-                .chain(self.policy.iter().flat_map(TaskPolicy::state))
-                .collect(),
-            version: self.version,
-            rounds_done: self.rounds_done,
-            seed,
-            checksum: hex(&self.state_checksum()),
-            counters: self.counters(traffic),
-        }
-    }
-
-    /// Takes over a checkpoint's state, checking it belongs to this job and is intact.
-    fn restore(&mut self, c: checkpoint::State, seed: u64) -> anyhow::Result<()> {
-        if c.seed != seed {
-            bail!("it is for seed {}, this job has seed {seed}", c.seed);
-        }
-        if !c.params.same_layout(&self.params) {
-            bail!("its model does not have this job's layout");
-        }
-        let (params, momentum, strategy, rescaler, policy) = (
-            self.params.clone(),
-            self.outer.momentum().cloned(),
-            self.strategy.clone(),
-            self.rescaler.clone(),
-            self.policy.clone(),
-        );
-        self.params = c.params;
-        self.outer.set_momentum(c.momentum);
-        self.version = c.version;
-        let restored = self
-            .strategy
-            .restore(&c.outer)
-            .and_then(|()| match &mut self.rescaler {
-                Some(r) => r.restore(&c.outer),
-                None => Ok(()),
-            })
-            .and_then(|()| match &mut self.policy {
-                Some(p) => p.restore(&c.outer),
-                None => Ok(()),
-            });
-        let checksum = hex(&self.state_checksum());
-        if let Err(e) = restored.and_then(|()| {
-            if checksum == c.checksum {
-                Ok(())
-            } else {
-                bail!("state checksum {checksum} differs from the recorded {}", c.checksum)
-            }
-        }) {
-            self.params = params;
-            self.outer.set_momentum(momentum);
-            self.strategy = strategy;
-            self.rescaler = rescaler;
-            self.policy = policy;
-            self.version = 0;
-            return Err(e);
-        }
-        self.checksum = bundle_checksum(&self.params);
-        self.rounds_done = c.rounds_done;
-        self.restore_counters(c.counters);
-        self.last_step = None;
-        self.full = None;
-        Ok(())
-    }
-
     async fn wait_for_workers(
         &mut self,
         events: &mut mpsc::UnboundedReceiver<Event>,
@@ -1037,7 +832,7 @@ impl LoopState {
                 () = tokio::time::sleep_until(deadline) => bail!("only {} of {min} workers joined within {wait:?}", self.peers.len()),
                 () = shutdown.cancelled() => return Err(Stopped.into()),
             };
-            self.handle(event, None)?;
+            self.handle(event)?;
         }
         Ok(())
     }
@@ -1045,7 +840,6 @@ impl LoopState {
     async fn round(
         &mut self,
         round: u64,
-        config: &JobConfig,
         events: &mut mpsc::UnboundedReceiver<Event>,
         traffic: &Traffic,
         wait: Duration,
@@ -1056,42 +850,23 @@ impl LoopState {
             traffic.bytes_in.load(Ordering::Relaxed),
             traffic.bytes_out.load(Ordering::Relaxed),
         );
-        self.round_policy = self.policy.as_ref().map(|p| p.plan(round, self.meta_len));
-        let assignments: Vec<Assignment> = match &self.round_policy {
-            Some(p) => p.assignments.clone(),
-            None => (0..config.data.shards)
-                .map(|i| Assignment {
-                    index: i,
-                    shard: i,
-                    steps: config.inner.steps,
-                    seed: derive_seed(config.seed, &[round, u64::from(i)]),
-                    data: TrainOn::Mixture,
-                })
-                .collect(),
-        };
-        if self.strategy.needs_reference() && round >= config.reference_rounds() {
-            self.start_proxy_phase(round, config.seed).await?;
+        if let Some(PhaseChange::RestartAfterReference) = self.core.phase_change(round) {
+            // DoReMi: the model trained so far becomes the reference (its loss on every
+            // training sample is kept), and a fresh proxy starts from the initial parameters.
+            let params = self.core.params().clone();
+            let losses = self.eval.call(move |e| e.per_sample_losses(&params)).await??;
+            self.core.restart_after_reference(losses);
+            self.last_step = None;
+            self.full = None;
+            tracing::info!(
+                round,
+                "DoReMi: reference model done; training the proxy with learned weights"
+            );
         }
-        self.round_weights = self.strategy.plan();
-        self.round_probe = self.strategy.probe_request();
-        self.round_rescaler = self
-            .rescaler
-            .as_ref()
-            .map(|r| r.plan(round as f64 / config.rounds as f64));
-        let mut collected: Collected = vec![None; assignments.len()];
-        let combine = match &self.round_policy {
-            Some(p) if p.finetune() => Combine::First,
-            Some(p) => Combine::Weighted(policy::reptile_weights(&p.weights, &p.sources)),
-            None => Combine::Mean,
-        };
-        let mut sum = OrderedSum::new(combine.clone(), assignments.len());
-        let mut failures = vec![0u32; assignments.len()];
-        let dispatches = self
-            .scheduler
-            .start_round(round, assignments.len() as u32, Instant::now());
-        self.dispatch(round, &assignments, dispatches);
+        let actions = self.core.start_round(round, Instant::now());
+        self.apply(actions);
         let mut alone_since: Option<Instant> = None;
-        while !self.scheduler.round_complete() {
+        while !self.core.round_complete() {
             let idle = if self.peers.is_empty() {
                 let since = *alone_since.get_or_insert_with(Instant::now);
                 tracing::warn!(round, "no workers connected; waiting up to {wait:?}");
@@ -1100,7 +875,7 @@ impl LoopState {
                 alone_since = None;
                 Duration::MAX
             };
-            let deadline = self.scheduler.next_deadline().map(tokio::time::Instant::from_std);
+            let deadline = self.core.next_deadline().map(tokio::time::Instant::from_std);
             let overdue = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -1112,222 +887,76 @@ impl LoopState {
                 () = tokio::time::sleep(idle) => bail!("no workers connected for {wait:?} during round {round}"),
                 () = shutdown.cancelled() => return Err(Stopped.into()),
                 () = overdue => {
-                    // Stuck but still connected: drop it like a lost worker (its connection
-                    // closes when its outbox is dropped), and its work moves on.
-                    let stuck = self.scheduler.overdue(Instant::now());
-                    for worker in stuck {
-                        let ctx = RoundCtx { round, assignments: &assignments, collected: &mut collected, sum: &mut sum, failures: &mut failures };
-                        let timeout = self.scheduler.timeout_for(worker);
-                        tracing::warn!(worker, ?timeout, "dropping a worker that returned nothing within the assignment timeout");
-                        self.peers.remove(&worker); // dropping its outbox closes the connection
-                        self.lose("assignment_timeout");
-                        let d = self.scheduler.worker_lost(worker, Instant::now());
-                        self.dispatch(ctx.round, ctx.assignments, d);
-                    }
+                    let actions = self.core.tick(Instant::now());
+                    self.apply(actions);
                     continue;
                 }
             };
-            let ctx = RoundCtx {
-                round,
-                assignments: &assignments,
-                collected: &mut collected,
-                sum: &mut sum,
-                failures: &mut failures,
-            };
-            self.handle(event, Some(ctx))?;
+            self.handle(event)?;
         }
 
-        let mut results = Vec::with_capacity(collected.len());
-        let (mut loss, mut trained, mut samples) = (0.0f64, 0usize, 0u64);
-        let mut compute: BTreeMap<u64, f64> = BTreeMap::new();
-        for (slot, a) in collected.iter().zip(&assignments) {
-            let (result, worker) = slot.as_ref().context("round complete without every result")?;
-            *compute.entry(*worker).or_default() += f64::from(result.compute_seconds);
-            if a.steps > 0 {
-                loss += f64::from(result.train_loss);
-                trained += 1;
-            }
-            samples += result.samples;
-            results.push(result);
-        }
-        let meta: Vec<f64> = results.iter().filter_map(|r| r.meta_loss.map(f64::from)).collect();
-        let mut meta_loss = (!meta.is_empty()).then(|| meta.iter().sum::<f64>() / meta.len() as f64);
-        self.strategy.update(&results);
-        if let Some(r) = &mut self.rescaler {
-            r.update(&results);
-        }
-        let mut policy_outcome = None;
-        if let (Some(p), Some(plan)) = (&mut self.policy, &self.round_policy) {
-            // The meta loss of a task-policy round is the target loss of θ before it (or
-            // after the fine-tuning step): the last assignment's.
-            meta_loss = meta.last().copied();
-            if !plan.finetune() {
-                policy_outcome = Some(p.update(plan, &meta));
-            }
-        }
-        let combined = sum.finish().context("round complete without every delta")?;
-        let update = match combine {
-            // A fine-tuning round applies its one delta as it is.
-            Combine::First => combined,
-            Combine::Mean | Combine::Weighted(_) => self.outer.step(combined),
-        };
-        self.last_meta_loss = meta_loss;
-        // Unique here (the evaluation and the last checkpoint have let go): no copy.
-        Arc::make_mut(&mut self.params).add_assign(&update);
-        self.version += 1;
-        self.checksum = bundle_checksum(&self.params);
+        let outcome = self.core.finish_round()?;
+        self.last_meta_loss = outcome.report.meta_loss;
         // The old version's encodings are stale: free them before encoding the new step.
         self.full = None;
         self.last_step = None;
-        self.last_step = Some(net::EncodedBundle::new(&update));
-        drop(update);
-        self.samples += samples;
-        self.rounds_done = round + 1;
+        self.last_step = Some(net::EncodedBundle::new(&outcome.update));
 
-        let params = self.params.clone();
+        let params = self.core.params().clone();
         let evaluation = self.eval.call(move |e| e.evaluate(&params)).await??;
         let (test_loss, test_accuracy) = evaluation.test;
         self.last_eval = (test_loss, test_accuracy);
-        if let Some((meta_loss, meta_acc)) = evaluation.meta {
-            let better = match self.best_meta {
-                None => true,
-                Some((_, acc, loss, _)) => meta_acc > acc || (meta_acc == acc && meta_loss < loss),
-            };
-            if better {
-                self.best_meta = Some((round, meta_acc, meta_loss, test_accuracy));
-            }
-        }
+        self.core.evaluated(round, test_accuracy, evaluation.meta);
         let seconds = started.elapsed().as_secs_f64();
-        let names = self.strategy.names();
+        let strategy = self.core.strategy();
+        let report = outcome.report;
         Ok(RoundRecord {
             round,
-            train_loss: loss / trained.max(1) as f64,
-            samples,
-            meta_loss,
-            domain_weights: self.domain_weights(),
-            hypergradient_norm: self.strategy.last_grad_norm(),
-            excess_loss: self
-                .strategy
-                .probe_request()
-                .and(self.strategy.excess())
-                .map(|e| self.strategy.names().iter().cloned().zip(e.iter().copied()).collect()),
-            omega_grad_norm: self.rescaler.as_ref().and_then(LossRescaler::last_grad_norm),
-            source_weights: self.source_weights(),
-            rewards: policy_outcome.as_ref().map(|o| {
-                names
-                    .iter()
-                    .zip(&o.rewards)
-                    .filter_map(|(n, r)| r.map(|r| (n.clone(), r)))
-                    .collect()
-            }),
-            policy_grad_norm: policy_outcome.and_then(|o| o.grad_norm),
+            train_loss: outcome.train_loss,
+            samples: outcome.samples,
+            meta_loss: report.meta_loss,
+            domain_weights: strategy.domain_weights(),
+            hypergradient_norm: report.hypergradient_norm,
+            excess_loss: report.excess_loss,
+            omega_grad_norm: report.omega_grad_norm,
+            source_weights: strategy.source_weights(),
+            rewards: report.rewards,
+            policy_grad_norm: report.policy_grad_norm,
             meta_accuracy: evaluation.meta.map(|m| m.1),
             test_loss,
             test_accuracy,
             seconds,
-            compute_seconds: compute.values().copied().fold(0.0, f64::max),
-            samples_per_second: samples as f64 / seconds.max(1e-9),
+            compute_seconds: outcome.compute_seconds,
+            samples_per_second: outcome.samples as f64 / seconds.max(1e-9),
             workers: self.peers.len(),
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed) - bytes_in,
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed) - bytes_out,
-            reassigned: self.reassigned(),
+            reassigned: self.core.reassigned(),
         })
     }
 
-    fn handle(&mut self, event: Event, ctx: Option<RoundCtx<'_>>) -> anyhow::Result<()> {
-        match event {
+    /// One network event, through the core.
+    fn handle(&mut self, event: Event) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let actions = match event {
             Event::Joined { worker, name, outbox } => {
                 tracing::info!(worker, %name, "worker admitted");
-                self.peers.insert(worker, Peer { outbox, version: None });
-                crate::telemetry::workers_connected(self.peers.len());
-                self.workers_seen += 1;
-                let d = self.scheduler.worker_joined(worker, Instant::now());
-                if let Some(ctx) = ctx {
-                    self.dispatch(ctx.round, ctx.assignments, d);
-                }
+                self.peers.insert(worker, outbox);
+                self.core.worker_joined(worker, now)
             }
             Event::Refused { kind, reason } => {
                 tracing::debug!(kind, %reason, "connection refused");
                 *self.refused.entry(kind.into()).or_default() += 1;
                 crate::telemetry::refused(kind);
+                Vec::new()
             }
             Event::Lost { worker, kind, reason } => {
                 if self.peers.remove(&worker).is_some() {
                     tracing::warn!(worker, kind, %reason, "worker lost");
-                    self.lose(kind);
                 }
-                let d = self.scheduler.worker_lost(worker, Instant::now());
-                if let Some(ctx) = ctx {
-                    self.dispatch(ctx.round, ctx.assignments, d);
-                }
+                self.core.worker_lost(worker, kind, now)
             }
-            Event::Result { worker, result, delta } => {
-                let Some(ctx) = ctx else {
-                    self.reject("stale_round");
-                    return Ok(());
-                };
-                if let Err(r) = self.scheduler.check(worker, result.round, result.assignment) {
-                    self.reject(r.as_str());
-                    if r == Rejection::NotAssigned && self.peers.remove(&worker).is_some() {
-                        // A result for work this worker does not hold: it was never given,
-                        // belongs to another, or was already delivered. Not trusted again.
-                        tracing::warn!(
-                            worker,
-                            assignment = result.assignment,
-                            "dropping a worker that sent a result for work it does not hold"
-                        );
-                        self.lose("not_assigned");
-                        let d = self.scheduler.worker_lost(worker, Instant::now());
-                        self.dispatch(ctx.round, ctx.assignments, d);
-                    }
-                    return Ok(());
-                }
-                let malformed = if !delta.same_layout(&self.params) {
-                    Some("wrong_shape")
-                } else if !delta.is_finite() || !result.train_loss.is_finite() {
-                    Some("non_finite")
-                } else if self
-                    .rescaler
-                    .as_ref()
-                    .is_some_and(|r| !r.valid_gradient(&result.omega_grad))
-                {
-                    Some("bad_rescaler_gradient")
-                } else if self.round_policy.is_some() && !result.meta_loss.is_some_and(f32::is_finite) {
-                    Some("bad_target_loss")
-                } else if self.round_probe.is_some()
-                    && (result.probes.len() != self.strategy.names().len()
-                        || result
-                            .probes
-                            .iter()
-                            .any(|p| p.rows.len() != p.losses.len() || p.losses.iter().any(|l| !l.is_finite())))
-                {
-                    Some("bad_probe")
-                } else {
-                    None
-                };
-                if let Some(reason) = malformed {
-                    // A worker that sends garbage is not trusted again: drop it, and its
-                    // assignments go to the others.
-                    self.reject(reason);
-                    tracing::warn!(worker, reason, "dropping a worker that sent a malformed result");
-                    self.peers.remove(&worker); // dropping its outbox closes the connection
-                    self.lose("malformed_result");
-                    let d = self.scheduler.worker_lost(worker, Instant::now());
-                    self.dispatch(ctx.round, ctx.assignments, d);
-                    return Ok(());
-                }
-                match self
-                    .scheduler
-                    .result(worker, result.round, result.assignment, Instant::now())
-                {
-                    Ok(()) => {
-                        let i = result.assignment as usize;
-                        ctx.sum.add(i, delta);
-                        ctx.collected[i] = Some((result, worker));
-                    }
-                    Err(r) => self.reject(r.as_str()),
-                }
-            }
+            Event::Result { worker, result, delta } => self.core.result(worker, result, delta, now),
             Event::Failed {
                 worker,
                 round,
@@ -1335,130 +964,52 @@ impl LoopState {
                 reason,
             } => {
                 tracing::warn!(worker, round, assignment, %reason, "assignment failed on the worker");
-                if let Some(p) = self.peers.get_mut(&worker) {
-                    p.version = None;
-                }
-                let Some(ctx) = ctx else { return Ok(()) };
-                if round == ctx.round {
-                    if let Some(n) = ctx.failures.get_mut(assignment as usize) {
-                        *n += 1;
-                        if *n >= MAX_FAILURES_PER_ASSIGNMENT {
-                            bail!("assignment {assignment} of round {round} failed {n} times; last error: {reason}");
-                        }
-                    }
-                }
-                let d = self.scheduler.failed(worker, round, assignment, Instant::now());
-                self.dispatch(ctx.round, ctx.assignments, d);
+                self.core.failed(worker, round, assignment, &reason, now)?
             }
-        }
+        };
+        self.apply(actions);
         Ok(())
     }
 
-    fn domain_weights(&self) -> BTreeMap<String, f64> {
-        if self.policy.is_some() {
-            return BTreeMap::new();
-        }
-        self.strategy
-            .names()
-            .iter()
-            .cloned()
-            .zip(self.strategy.weights())
-            .collect()
-    }
-
-    /// The task policy's weights over the sources (probabilities), when the job has one.
-    fn source_weights(&self) -> Option<BTreeMap<String, f64>> {
-        self.policy
-            .as_ref()
-            .filter(|p| p.method() != PolicyMethod::TargetOnly)
-            .map(|p| p.names().iter().cloned().zip(p.weights().iter().copied()).collect())
-    }
-
-    /// A worker dropped or gone, by why.
-    fn lose(&mut self, reason: &str) {
-        *self.lost.entry(reason.to_string()).or_default() += 1;
-        crate::telemetry::worker_lost(reason);
-        crate::telemetry::workers_connected(self.peers.len());
-    }
-
-    fn reject(&mut self, reason: &str) {
-        crate::telemetry::rejected(reason);
-        tracing::warn!(reason, "result rejected");
-        *self.rejected.entry(reason.to_string()).or_default() += 1;
-    }
-
-    /// Sends each dispatch with the cheapest way to bring that worker to the current version.
-    fn dispatch(&mut self, round: u64, assignments: &[Assignment], dispatches: Vec<Dispatch>) {
-        for d in dispatches {
-            let Some(peer) = self.peers.get_mut(&d.worker) else {
-                continue;
-            };
-            let (version, checksum) = (self.version, self.checksum);
-            let (model, bundle) = match (peer.version, &self.last_step) {
-                (Some(v), _) if v == version => (ModelSource::Unchanged { version, checksum }, None),
-                (Some(v), Some(step)) if v + 1 == version => {
-                    self.next_transfer += 1;
-                    let t = self.next_transfer;
-                    (
-                        ModelSource::Step {
-                            base: v,
-                            version,
-                            checksum,
-                            transfer: t,
-                        },
-                        Some((t, step.clone())),
-                    )
+    /// Carries out the core's actions: plans (with their bundles, each encoded once per
+    /// version) to the workers' outboxes, and dropped workers' connections closed.
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Drop { worker, .. } => {
+                    self.peers.remove(&worker); // dropping its outbox closes the connection
                 }
-                _ => {
-                    self.next_transfer += 1;
-                    let t = self.next_transfer;
-                    let full = match &self.full {
-                        Some((v, b)) if *v == version => b.clone(),
-                        _ => {
-                            let b = net::EncodedBundle::new(&self.params);
-                            self.full = Some((version, b.clone()));
-                            b
+                Action::Send { worker, plan, bundle } => {
+                    let bundle = match bundle {
+                        None => None,
+                        Some(Payload::Step { transfer }) => match &self.last_step {
+                            Some(step) => Some((transfer, step.clone())),
+                            None => {
+                                tracing::error!(worker, "no encoded update to send; the plan is not sent");
+                                continue;
+                            }
+                        },
+                        Some(Payload::Full { transfer }) => {
+                            let version = self.core.version();
+                            let full = match &self.full {
+                                Some((v, b)) if *v == version => b.clone(),
+                                _ => {
+                                    let b = net::EncodedBundle::new(self.core.params());
+                                    self.full = Some((version, b.clone()));
+                                    b
+                                }
+                            };
+                            Some((transfer, full))
                         }
                     };
-                    (
-                        ModelSource::Full {
-                            version,
-                            checksum,
-                            transfer: t,
-                        },
-                        Some((t, full)),
-                    )
+                    let Some(outbox) = self.peers.get(&worker) else {
+                        continue;
+                    };
+                    if outbox.send(Outgoing::Plan { plan, bundle }).is_err() {
+                        tracing::warn!(worker, "worker's connection already closed");
+                    }
                 }
-            };
-            peer.version = Some(version);
-            let plan = RoundPlan {
-                round,
-                model,
-                domain_weights: self.round_weights.0.clone(),
-                hypergradient: self.round_weights.1,
-                rescaler: self.round_rescaler.clone(),
-                probe_losses: self.round_probe,
-                target_rows: self.round_policy.as_ref().map(|p| p.target_rows.clone()),
-                assignments: d.assignments.iter().map(|&i| assignments[i as usize].clone()).collect(),
-            };
-            if peer
-                .outbox
-                .send(Outgoing::Plan {
-                    plan: Box::new(plan),
-                    bundle,
-                })
-                .is_err()
-            {
-                tracing::warn!(worker = d.worker, "worker's connection already closed");
             }
         }
     }
-}
-
-struct RoundCtx<'a> {
-    round: u64,
-    assignments: &'a [Assignment],
-    collected: &'a mut Collected,
-    sum: &'a mut OrderedSum,
-    failures: &'a mut Vec<u32>,
 }

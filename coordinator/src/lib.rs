@@ -1,14 +1,14 @@
-//! The metaloop coordinator: the outer loop. `job` runs rounds, `scheduler` decides who runs
-//! what (pure state machine), `outer` makes the model update, `server` moves the bytes and
-//! `rundir` writes the run's record.
+//! The metaloop coordinator: the outer loop. `round` makes every decision of a round without
+//! I/O (with `scheduler`: who runs what; `outer`: the model update; `strategy`: the outer
+//! strategy); `job` drives it with the network (`server`), evaluation, checkpoints and the
+//! run's record (`rundir`).
 
 mod checkpoint;
 mod identity;
 mod job;
 mod outer;
 mod plot;
-mod policy;
-mod rescaler;
+mod round;
 mod rundir;
 mod scheduler;
 mod server;

@@ -98,7 +98,7 @@ pub struct Summary {
     pub best_meta_round: Option<u64>,
     pub test_accuracy_at_best_meta: Option<f64>,
     /// How Ω's final weights separate clean from corrupted training samples (`loss-rescaling`).
-    pub rescaler: Option<crate::rescaler::Separation>,
+    pub rescaler: Option<crate::strategy::Separation>,
 }
 
 /// What makes a job's results what they are, recorded in `job.json` when a run directory is

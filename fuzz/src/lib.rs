@@ -3,9 +3,9 @@
 //! valid encodings.
 
 use metaloop_common::proto::{
-    encode_bundle, encode_frame, Assignment, AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef,
-    DirectionalMethod, DomainProbe, DomainSpec, DomainStat, Hello, HypergradientSpec, InnerSpec, JobSpec, ModelSource,
-    ModelSpec, RescaleMode, RescalerPlan, RoundPlan, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg,
+    encode_bundle, encode_frame, Ask, Assignment, AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef,
+    DirectionalMethod, DomainSpec, DomainStat, Hello, InnerSpec, JobSpec, ModelSource,
+    ModelSpec, RescaleMode, RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg,
 };
 use metaloop_common::tensor::{Bundle, HostTensor};
 use serde::Serialize;
@@ -160,11 +160,7 @@ fn round(model: ModelSource) -> CoordinatorMsg {
         round: 3,
         model,
         domain_weights: vec![1.5, 0.5],
-        hypergradient: Some(HypergradientSpec {
-            directional: DirectionalMethod::FiniteDifference,
-            probe: 64,
-        }),
-        rescaler: Some(RescalerPlan {
+        ask: Ask::LossRescaling(RescalerPlan {
             mode: RescaleMode::SelfTaught,
             omega: vec![SmallTensor {
                 name: "l0.weight".into(),
@@ -177,8 +173,6 @@ fn round(model: ModelSource) -> CoordinatorMsg {
             progress: 0.25,
             passes: 4,
         }),
-        probe_losses: Some(64),
-        target_rows: Some(vec![3, 1, 4]),
         assignments: vec![
             Assignment {
                 index: 0,
@@ -236,23 +230,12 @@ pub fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "result",
             frame(&WorkerMsg::Result(AssignmentResult {
-                round: 7,
-                assignment: 3,
-                delta_transfer: 99,
                 train_loss: 0.25,
                 samples: 640,
                 compute_seconds: 1.5,
                 meta_loss: Some(0.5),
-                domains: vec![DomainStat { d_sum: -1.5, count: 64 }],
-                omega_grad: vec![SmallTensor {
-                    name: "l0.bias".into(),
-                    shape: vec![2],
-                    data: vec![0.5, -1.0],
-                }],
-                probes: vec![DomainProbe {
-                    rows: vec![3, 1],
-                    losses: vec![0.5, 2.0],
-                }],
+                signal: Signal::Hypergradient(vec![DomainStat { d_sum: -1.5, count: 64 }]),
+                ..AssignmentResult::new(7, 3, 99)
             })),
         ),
         (

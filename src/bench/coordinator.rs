@@ -361,16 +361,9 @@ async fn sim_worker(
                     transfer += 1;
                     net::send_encoded(&conn, transfer, delta).await?;
                     let result = AssignmentResult {
-                        round: plan.round,
-                        assignment: a.index,
-                        delta_transfer: transfer,
                         train_loss: 1.0,
                         samples: 1,
-                        compute_seconds: 0.0,
-                        meta_loss: None,
-                        domains: Vec::new(),
-                        omega_grad: Vec::new(),
-                        probes: Vec::new(),
+                        ..AssignmentResult::new(plan.round, a.index, transfer)
                     };
                     net::write_frame(&mut send, &WorkerMsg::Result(result)).await?;
                 }

@@ -18,8 +18,8 @@ use metaloop_common::dataset::{self, Dataset};
 use metaloop_common::features::{default_features, Feature};
 use metaloop_common::model;
 use metaloop_common::proto::{
-    Assignment, DirectionalMethod, HypergradientSpec, InnerSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
-    SmallTensor, TrainOn,
+    Ask, Assignment, DirectionalMethod, HypergradientSpec, InnerSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
+    Signal, SmallTensor, TrainOn,
 };
 use metaloop_common::rng::SplitMix64;
 use metaloop_common::tensor::Bundle;
@@ -257,8 +257,8 @@ impl Setup {
         let mut asks = RoundAsks::weights(&[1.4, 1.0, 0.8, 0.8]);
         match case {
             Case::Inner => {}
-            Case::Hyper(directional) => asks.hypergradient = Some(HypergradientSpec { directional, probe }),
-            Case::Rescale => asks.rescaler = Some(rescaler_plan()),
+            Case::Hyper(directional) => asks.ask = Ask::Hypergradient(HypergradientSpec { directional, probe }),
+            Case::Rescale => asks.ask = Ask::LossRescaling(rescaler_plan()),
         }
         Self {
             job: JobSpec {
@@ -307,9 +307,14 @@ impl Setup {
             "mean_loss": out.mean_loss,
             "delta_norm": norm(&mut out.delta.tensors.iter().flat_map(|t| t.data.iter().copied())),
             "meta_loss": out.meta_loss,
-            "d_sum": (!out.domains.is_empty()).then(|| out.domains.iter().map(|d| d.d_sum).collect::<Vec<_>>()),
-            "omega_grad_norm": (!out.omega_grad.is_empty())
-                .then(|| norm(&mut out.omega_grad.iter().flat_map(|t| t.data.iter().copied()))),
+            "d_sum": match &out.signal {
+                Signal::Hypergradient(domains) => Some(domains.iter().map(|d| d.d_sum).collect::<Vec<_>>()),
+                _ => None,
+            },
+            "omega_grad_norm": match &out.signal {
+                Signal::LossRescaling(grad) => Some(norm(&mut grad.iter().flat_map(|t| t.data.iter().copied()))),
+                _ => None,
+            },
         }))
     }
 
@@ -358,12 +363,12 @@ impl Setup {
             classes,
             ..
         } = &self.job.model;
-        let hyper = self
-            .asks
-            .hypergradient
-            .map(|h| json!({"directional": directional_name(h.directional), "probe": h.probe}));
-        let rescaler = match &self.asks.rescaler {
-            Some(r) => {
+        let hyper = match &self.asks.ask {
+            Ask::Hypergradient(h) => Some(json!({"directional": directional_name(h.directional), "probe": h.probe})),
+            _ => None,
+        };
+        let rescaler = match &self.asks.ask {
+            Ask::LossRescaling(r) => {
                 let omega = SmallTensor::to_bundle(&r.omega);
                 let features: Vec<&str> = r
                     .features
@@ -380,7 +385,7 @@ impl Setup {
                     "progress": r.progress,
                 })
             }
-            None => Value::Null,
+            _ => Value::Null,
         };
         let spec = json!({
             "device": match device { tch::Device::Cuda(i) => format!("cuda:{i}"), _ => "cpu".into() },

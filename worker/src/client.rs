@@ -296,16 +296,12 @@ async fn round(
                 )
                 .await?;
                 let result = AssignmentResult {
-                    round: plan.round,
-                    assignment: index,
-                    delta_transfer: *next_transfer,
                     train_loss: out.mean_loss,
                     samples: out.samples,
                     compute_seconds: out.seconds,
                     meta_loss: out.meta_loss,
-                    domains: out.domains,
-                    omega_grad: out.omega_grad,
-                    probes: out.probes,
+                    signal: out.signal,
+                    ..AssignmentResult::new(plan.round, index, *next_transfer)
                 };
                 net::write_frame(send, &WorkerMsg::Result(result)).await?;
             }

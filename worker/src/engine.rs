@@ -223,7 +223,7 @@ mod tests {
     use metaloop_common::features::Feature;
     use metaloop_common::model;
     use metaloop_common::proto::{
-        DirectionalMethod, HypergradientSpec, InnerSpec, RescaleMode, RescalerPlan, SmallTensor, TrainOn,
+        Ask, DirectionalMethod, HypergradientSpec, InnerSpec, RescaleMode, RescalerPlan, Signal, SmallTensor, TrainOn,
     };
     use metaloop_common::rng::SplitMix64;
 
@@ -323,7 +323,7 @@ mod tests {
         };
         let weights = [0.7, 1.3];
         let hyper = |directional| RoundAsks {
-            hypergradient: Some(HypergradientSpec { directional, probe: 8 }),
+            ask: Ask::Hypergradient(HypergradientSpec { directional, probe: 8 }),
             ..RoundAsks::weights(&weights)
         };
         vec![
@@ -341,7 +341,7 @@ mod tests {
                 "DoReMi probes",
                 a(TrainOn::Mixture, 4),
                 RoundAsks {
-                    probe_losses: Some(7),
+                    ask: Ask::Doremi { probe: 7 },
                     ..RoundAsks::weights(&weights)
                 },
             ),
@@ -349,7 +349,7 @@ mod tests {
                 "Ω, self-taught",
                 a(TrainOn::Mixture, 4),
                 RoundAsks {
-                    rescaler: Some(omega(RescaleMode::SelfTaught, DirectionalMethod::Exact)),
+                    ask: Ask::LossRescaling(omega(RescaleMode::SelfTaught, DirectionalMethod::Exact)),
                     ..RoundAsks::weights(&weights)
                 },
             ),
@@ -357,7 +357,7 @@ mod tests {
                 "Ω, clean meta set, finite difference",
                 a(TrainOn::Mixture, 4),
                 RoundAsks {
-                    rescaler: Some(omega(RescaleMode::CleanMeta, DirectionalMethod::FiniteDifference)),
+                    ask: Ask::LossRescaling(omega(RescaleMode::CleanMeta, DirectionalMethod::FiniteDifference)),
                     ..RoundAsks::weights(&weights)
                 },
             ),
@@ -365,7 +365,9 @@ mod tests {
                 "source task and target rows",
                 a(TrainOn::Domain(1), 5),
                 RoundAsks {
-                    target_rows: Some(vec![0, 5, 9, 17]),
+                    ask: Ask::TaskPolicy {
+                        target_rows: vec![0, 5, 9, 17],
+                    },
                     ..RoundAsks::weights(&weights)
                 },
             ),
@@ -385,16 +387,25 @@ mod tests {
         for t in &o.delta.tensors {
             v.extend(t.data.iter().map(|&x| (format!("delta {}", t.name), f64::from(x))));
         }
-        for (k, d) in o.domains.iter().enumerate() {
-            v.push((format!("d_{k}"), d.d_sum));
-            v.push((format!("probe count {k}"), d.count as f64));
-        }
-        for (k, p) in o.probes.iter().enumerate() {
-            v.extend(p.rows.iter().map(|&r| (format!("probe row {k}"), f64::from(r))));
-            v.extend(p.losses.iter().map(|&l| (format!("probe loss {k}"), f64::from(l))));
-        }
-        for t in &o.omega_grad {
-            v.extend(t.data.iter().map(|&x| (format!("Ω gradient {}", t.name), f64::from(x))));
+        match &o.signal {
+            Signal::Nothing => {}
+            Signal::Hypergradient(domains) => {
+                for (k, d) in domains.iter().enumerate() {
+                    v.push((format!("d_{k}"), d.d_sum));
+                    v.push((format!("probe count {k}"), d.count as f64));
+                }
+            }
+            Signal::Doremi(probes) => {
+                for (k, p) in probes.iter().enumerate() {
+                    v.extend(p.rows.iter().map(|&r| (format!("probe row {k}"), f64::from(r))));
+                    v.extend(p.losses.iter().map(|&l| (format!("probe loss {k}"), f64::from(l))));
+                }
+            }
+            Signal::LossRescaling(grad) => {
+                for t in grad {
+                    v.extend(t.data.iter().map(|&x| (format!("Ω gradient {}", t.name), f64::from(x))));
+                }
+            }
         }
         v
     }

@@ -13,8 +13,8 @@ use metaloop_common::model::Mlp;
 use metaloop_common::model::{self, Model};
 use metaloop_common::proto::DomainProbe;
 use metaloop_common::proto::{
-    Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
-    RoundPlan, SmallTensor, TrainOn,
+    Ask, Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
+    RoundPlan, Signal, SmallTensor, TrainOn,
 };
 use metaloop_common::rng::{derive_seed, SplitMix64};
 use metaloop_common::tensor::Bundle;
@@ -67,12 +67,8 @@ pub struct AssignmentOutcome {
     pub samples: u64,
     pub seconds: f32,
     pub meta_loss: Option<f32>,
-    /// Per-domain hypergradient contributions (empty unless asked for).
-    pub domains: Vec<DomainStat>,
-    /// Ω's meta-gradient (empty unless the plan carried a rescaler).
-    pub omega_grad: Vec<SmallTensor>,
-    /// Per-domain probe losses (empty unless asked for).
-    pub probes: Vec<DomainProbe>,
+    /// The answer to the round's ask.
+    pub signal: Signal,
 }
 
 /// The rescaler network of a round, built from its plan.
@@ -325,18 +321,18 @@ impl Trainer {
                 want: k,
             });
         }
-        let needs_meta = asks.hypergradient.is_some()
-            || asks.target_rows.is_some()
-            || a.data == TrainOn::Meta
-            || asks.rescaler.as_ref().is_some_and(|r| r.mode == RescaleMode::CleanMeta);
+        let needs_meta = match &asks.ask {
+            Ask::Hypergradient(_) | Ask::TaskPolicy { .. } => true,
+            Ask::LossRescaling(r) => r.mode == RescaleMode::CleanMeta,
+            Ask::Nothing | Ask::Doremi { .. } => false,
+        } || a.data == TrainOn::Meta;
         if needs_meta && self.meta.is_none() {
             return Err(TrainError::NoMeta);
         }
-        let omega = asks
-            .rescaler
-            .as_ref()
-            .map(|plan| Omega::from_plan(plan, self.device))
-            .transpose()?;
+        let omega = match &asks.ask {
+            Ask::LossRescaling(plan) => Some(Omega::from_plan(plan, self.device)?),
+            _ => None,
+        };
         let mut batches = self.batches(a, &asks.weights)?;
         model::load_bundle(model.as_ref(), base)?;
         // Dropout draws from libtorch's generator: seeded by the assignment, like all else.
@@ -393,15 +389,17 @@ impl Trainer {
                 *x -= *y;
             }
         }
-        let (meta_loss, domain_stats) =
-            self.meta_signals(model.as_ref(), a, asks.hypergradient, asks.target_rows.as_deref())?;
-        let probes = match asks.probe_losses {
-            Some(n) => self.probe_losses(model.as_ref(), a, n)?,
-            None => Vec::new(),
+        let (hyper, target_rows) = match &asks.ask {
+            Ask::Hypergradient(h) => (Some(*h), None),
+            Ask::TaskPolicy { target_rows } => (None, Some(target_rows.as_slice())),
+            _ => (None, None),
         };
-        let omega_grad = match &omega {
-            Some(o) => self.omega_gradient(model.as_ref(), o, a)?,
-            None => Vec::new(),
+        let (meta_loss, domain_stats) = self.meta_signals(model.as_ref(), a, hyper, target_rows)?;
+        let signal = match (&asks.ask, &omega) {
+            (Ask::Hypergradient(_), _) => Signal::Hypergradient(domain_stats),
+            (Ask::Doremi { probe }, _) => Signal::Doremi(self.probe_losses(model.as_ref(), a, *probe)?),
+            (Ask::LossRescaling(_), Some(o)) => Signal::LossRescaling(self.omega_gradient(model.as_ref(), o, a)?),
+            _ => Signal::Nothing,
         };
         Ok(Some(AssignmentOutcome {
             delta,
@@ -409,9 +407,7 @@ impl Trainer {
             samples,
             seconds: start.elapsed().as_secs_f32(),
             meta_loss,
-            domains: domain_stats,
-            omega_grad,
-            probes,
+            signal,
         }))
     }
 
@@ -608,24 +604,27 @@ impl Trainer {
 
 /// What a round asks of each assignment besides its inner steps: the plan without the model
 /// and the assignments.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RoundAsks {
     /// The inner loss weight of every domain, in job order.
     pub weights: Vec<f64>,
-    pub hypergradient: Option<HypergradientSpec>,
-    pub rescaler: Option<RescalerPlan>,
-    pub probe_losses: Option<u32>,
-    pub target_rows: Option<Vec<u32>>,
+    pub ask: Ask,
+}
+
+impl Default for RoundAsks {
+    fn default() -> Self {
+        Self {
+            weights: Vec::new(),
+            ask: Ask::Nothing,
+        }
+    }
 }
 
 impl RoundAsks {
     pub fn of(plan: &RoundPlan) -> Self {
         Self {
             weights: plan.domain_weights.clone(),
-            hypergradient: plan.hypergradient,
-            rescaler: plan.rescaler.clone(),
-            probe_losses: plan.probe_losses,
-            target_rows: plan.target_rows.clone(),
+            ask: plan.ask.clone(),
         }
     }
 
@@ -985,7 +984,9 @@ mod tests {
             data,
         };
         let rows = RoundAsks {
-            target_rows: Some(vec![0, 3, 7]),
+            ask: Ask::TaskPolicy {
+                target_rows: vec![0, 3, 7],
+            },
             ..RoundAsks::weights(&[1.0, 1.0])
         };
         let from_two = two.run(&a(TrainOn::Domain(1)), &rows).expect("run");
@@ -1012,7 +1013,9 @@ mod tests {
         assert!(eval.delta.tensors.iter().all(|t| t.data.iter().all(|&v| v == 0.0)));
         assert!(eval.meta_loss.expect("target loss") > alone.meta_loss.expect("target loss"));
         let bad = RoundAsks {
-            target_rows: Some(vec![10]),
+            ask: Ask::TaskPolicy {
+                target_rows: vec![10],
+            },
             ..RoundAsks::weights(&[1.0, 1.0])
         };
         assert!(one.run(&a(TrainOn::Meta), &bad).is_err(), "row 10 of 10");

@@ -2,15 +2,104 @@
 //! sample's features to one logit; weight = sigmoid), ships it with every round plan, averages
 //! the workers' meta-gradients in assignment order and steps Adam(W) on it. Pure.
 
+use super::domain_weights::DomainWeights;
+use super::{mean_meta_loss, OmegaProbe, OuterStrategy, RoundDesign, StrategyReport};
 use crate::checkpoint;
-use metaloop_common::checksum::StateHasher;
-use metaloop_common::config::{Directional, RescaleMode, StrategyConfig, StrategyKind};
+use metaloop_common::config::{Directional, JobConfig, RescaleMode, StrategyConfig, StrategyKind};
 use metaloop_common::features::Feature;
 use metaloop_common::model;
-use metaloop_common::proto::{self, AssignmentResult, DirectionalMethod, ModelSpec, RescalerPlan, SmallTensor};
+use metaloop_common::proto::{
+    self, Ask, AssignmentResult, DirectionalMethod, ModelSpec, RescalerPlan, Signal, SmallTensor,
+};
 use metaloop_common::rng::derive_seed;
 use metaloop_common::tensor::{Bundle, HostTensor};
 use metaloop_common::weights::AdamW;
+use std::collections::BTreeMap;
+
+/// The strategy: inner steps on the (uniform) mixture, each sample's loss weighted by Ω
+/// (mode `none`: by 1, the baseline).
+#[derive(Debug, Clone)]
+pub struct LossRescaling {
+    mixture: DomainWeights,
+    /// `None` for mode `none`.
+    omega: Option<LossRescaler>,
+    mode: RescaleMode,
+    rounds: u64,
+}
+
+impl LossRescaling {
+    pub fn new(config: &JobConfig, mixture: DomainWeights) -> Self {
+        Self {
+            mixture,
+            omega: LossRescaler::new(&config.strategy, config.seed),
+            mode: config.strategy.mode,
+            rounds: config.rounds,
+        }
+    }
+}
+
+impl OuterStrategy for LossRescaling {
+    fn name(&self) -> String {
+        format!("loss-rescaling/{}", self.mode.as_str())
+    }
+
+    fn plan(&mut self, round: u64) -> RoundDesign {
+        let mixture = self.mixture.plan(round);
+        match &self.omega {
+            Some(omega) => RoundDesign {
+                ask: Ask::LossRescaling(omega.plan(round as f64 / self.rounds as f64)),
+                ..mixture
+            },
+            None => mixture,
+        }
+    }
+
+    fn check(&self, result: &AssignmentResult) -> Result<(), &'static str> {
+        match (&self.omega, &result.signal) {
+            (None, _) => self.mixture.check(result),
+            (Some(omega), Signal::LossRescaling(grad)) if omega.valid_gradient(grad) => Ok(()),
+            (Some(_), _) => Err("bad_rescaler_gradient"),
+        }
+    }
+
+    fn update(&mut self, results: &[&AssignmentResult]) -> StrategyReport {
+        if let Some(omega) = &mut self.omega {
+            omega.update(results);
+        }
+        StrategyReport {
+            meta_loss: mean_meta_loss(results),
+            omega_grad_norm: self.omega.as_ref().and_then(LossRescaler::last_grad_norm),
+            ..StrategyReport::default()
+        }
+    }
+
+    fn domain_weights(&self) -> BTreeMap<String, f64> {
+        self.mixture.by_name()
+    }
+
+    fn omega_probe(&self) -> Option<OmegaProbe> {
+        self.omega.as_ref().map(|o| OmegaProbe {
+            omega: o.omega(),
+            features: o.features.clone(),
+            passes: o.passes,
+        })
+    }
+
+    /// The mixture's state, then Ω's.
+    fn state(&self) -> Vec<(String, Vec<f64>)> {
+        let mut state = self.mixture.named_state();
+        state.extend(self.omega.iter().flat_map(LossRescaler::state));
+        state
+    }
+
+    fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+        self.mixture.restore_named(state)?;
+        match &mut self.omega {
+            Some(o) => o.restore(state),
+            None => Ok(()),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LossRescaler {
@@ -83,14 +172,6 @@ impl LossRescaler {
         Bundle { tensors }
     }
 
-    pub fn features(&self) -> &[Feature] {
-        &self.features
-    }
-
-    pub fn passes(&self) -> u32 {
-        self.passes
-    }
-
     /// What the workers need this round.
     pub fn plan(&self, progress: f64) -> RescalerPlan {
         RescalerPlan {
@@ -115,8 +196,8 @@ impl LossRescaler {
         let mut sum = vec![0.0f64; self.params.len()];
         let mut n = 0usize;
         for r in results {
-            let flat: Vec<f64> = r
-                .omega_grad
+            let Signal::LossRescaling(grad) = &r.signal else { continue };
+            let flat: Vec<f64> = grad
                 .iter()
                 .flat_map(|t| t.data.iter().map(|&v| f64::from(v)))
                 .collect();
@@ -167,9 +248,6 @@ impl LossRescaler {
         Ok(())
     }
 
-    pub fn hash_into(&self, h: &mut StateHasher) {
-        checkpoint::hash_named(h, &self.state());
-    }
 }
 
 /// How well Ω's weights separate clean from corrupted samples.
@@ -270,16 +348,10 @@ mod tests {
         };
         assert!(r.valid_gradient(&grad(1.0)) && !r.valid_gradient(&grad(f32::NAN)));
         let result = |g| AssignmentResult {
-            round: 0,
-            assignment: 0,
-            delta_transfer: 0,
             train_loss: 1.0,
             samples: 1,
-            compute_seconds: 0.0,
-            meta_loss: None,
-            domains: Vec::new(),
-            omega_grad: g,
-            probes: Vec::new(),
+            signal: Signal::LossRescaling(g),
+            ..AssignmentResult::new(0, 0, 0)
         };
         let before = r.omega();
         r.update(&[&result(grad(1.0)), &result(grad(3.0))]);

@@ -3,11 +3,13 @@
 //! exponentiated gradient on excess loss over a reference model. Pure: it plans what the
 //! workers need and updates from their results.
 
+use super::{mean_meta_loss, OuterStrategy, PhaseChange, RoundDesign, Shards, StrategyReport};
 use crate::checkpoint;
-use metaloop_common::checksum::StateHasher;
-use metaloop_common::config::{Directional, StrategyConfig, WeightMethod};
-use metaloop_common::proto::{AssignmentResult, DirectionalMethod, HypergradientSpec};
+use crate::outer::Combine;
+use metaloop_common::config::{Directional, JobConfig, StrategyConfig, WeightMethod};
+use metaloop_common::proto::{Ask, AssignmentResult, DirectionalMethod, HypergradientSpec, Signal};
 use metaloop_common::weights::{self, AdamW};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
 pub struct DomainWeights {
@@ -21,6 +23,11 @@ pub struct DomainWeights {
     /// ‖dL_meta/dλ‖ of the last update.
     last_grad_norm: Option<f64>,
     doremi: Option<Doremi>,
+    shards: Shards,
+    /// DoReMi's reference phase ends before this round.
+    reference_rounds: u64,
+    /// What the round in progress asked for.
+    ask: Ask,
 }
 
 /// DoReMi's state: the mixture α, its running average (what is reported), the last excess
@@ -44,7 +51,8 @@ impl Doremi {
         let k = self.alpha.len();
         let (mut sum, mut n) = (vec![0.0f64; k], vec![0u64; k]);
         for r in results {
-            for (i, p) in r.probes.iter().enumerate().take(k) {
+            let Signal::Doremi(probes) = &r.signal else { continue };
+            for (i, p) in probes.iter().enumerate().take(k) {
                 for (&row, &loss) in p.rows.iter().zip(&p.losses) {
                     if let Some(reference) = self.reference_loss[i].get(row as usize) {
                         sum[i] += (f64::from(loss) - reference).max(0.0);
@@ -60,7 +68,16 @@ impl Doremi {
 }
 
 impl DomainWeights {
-    pub fn new(config: &StrategyConfig, names: Vec<String>) -> Self {
+    /// The job's domain weights over its training domains `names`.
+    pub fn new(job: &JobConfig, names: Vec<String>) -> Self {
+        Self {
+            shards: Shards::of(job),
+            reference_rounds: job.reference_rounds(),
+            ..Self::with_strategy(&job.strategy, names)
+        }
+    }
+
+    fn with_strategy(config: &StrategyConfig, names: Vec<String>) -> Self {
         let k = names.len();
         let fixed = if config.method == WeightMethod::Fixed && config.weights.len() == k {
             let mean = config.weights.iter().sum::<f64>() / k as f64;
@@ -92,6 +109,9 @@ impl DomainWeights {
                 excess: vec![0.0; k],
                 reference_loss: Vec::new(),
             }),
+            shards: Shards::default(),
+            reference_rounds: 0,
+            ask: Ask::Nothing,
         }
     }
 
@@ -121,10 +141,6 @@ impl DomainWeights {
         self.doremi.as_ref().map(|d| d.excess.as_slice())
     }
 
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     /// Current weights, mean 1, in domain order.
     pub fn weights(&self) -> Vec<f64> {
         match self.method {
@@ -144,7 +160,7 @@ impl DomainWeights {
 
     /// The weights the workers train with: for DoReMi the current α (scaled to mean 1) in the
     /// proxy phase and uniform in the reference phase; otherwise the reported weights.
-    fn training_weights(&self) -> Vec<f64> {
+    pub fn training_weights(&self) -> Vec<f64> {
         match &self.doremi {
             Some(d) if !d.reference_loss.is_empty() => d.alpha.iter().map(|a| a * d.alpha.len() as f64).collect(),
             Some(_) => vec![1.0; self.names.len()],
@@ -152,20 +168,21 @@ impl DomainWeights {
         }
     }
 
-    /// What the workers need this round: the weights and whether to measure d_k.
-    pub fn plan(&self) -> (Vec<f64>, Option<HypergradientSpec>) {
-        let hyper = (self.method == WeightMethod::Hypergradient).then_some(self.hyper);
-        (self.training_weights(), hyper)
-    }
-
-    /// ‖dL_meta/dλ‖ of the last update, if any.
-    pub fn last_grad_norm(&self) -> Option<f64> {
-        self.last_grad_norm
+    /// What the workers measure this round: d_k (hypergradient), the probe losses (DoReMi's
+    /// proxy phase), or nothing.
+    fn round_ask(&self) -> Ask {
+        if self.method == WeightMethod::Hypergradient {
+            Ask::Hypergradient(self.hyper)
+        } else if let Some(probe) = self.probe_request() {
+            Ask::Doremi { probe }
+        } else {
+            Ask::Nothing
+        }
     }
 
     /// One outer step from a round's results (in assignment order): d_k is the
     /// sample-weighted mean of the workers' Σ c_i, then the closed-form gradient and AdamW.
-    pub fn update(&mut self, results: &[&AssignmentResult]) {
+    fn learn(&mut self, results: &[&AssignmentResult]) {
         if let Some(d) = &mut self.doremi {
             if !d.reference_loss.is_empty() {
                 d.excess = d.excess(results);
@@ -183,7 +200,8 @@ impl DomainWeights {
         let k = self.names.len();
         let (mut sums, mut counts) = (vec![0.0f64; k], vec![0u64; k]);
         for r in results {
-            for (i, s) in r.domains.iter().enumerate().take(k) {
+            let Signal::Hypergradient(domains) = &r.signal else { continue };
+            for (i, s) in domains.iter().enumerate().take(k) {
                 sums[i] += s.d_sum;
                 counts[i] += s.count;
             }
@@ -200,7 +218,7 @@ impl DomainWeights {
     }
 
     /// The whole outer state as named vectors: λ, AdamW's moments and step, the fixed weights.
-    pub fn state(&self) -> Vec<(String, Vec<f64>)> {
+    pub fn named_state(&self) -> Vec<(String, Vec<f64>)> {
         let mut state = vec![("domain_weights.lambda".into(), self.lambda.clone())];
         state.extend(checkpoint::adam_state("domain_weights", &self.adam));
         state.push(("domain_weights.fixed".into(), self.fixed.clone()));
@@ -216,11 +234,11 @@ impl DomainWeights {
         state
     }
 
-    /// Takes over a state written by [`DomainWeights::state`].
+    /// Takes over a state written by [`DomainWeights::named_state`].
     ///
     /// # Errors
     /// When names or lengths do not match this job's domains.
-    pub fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+    pub fn restore_named(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
         let get = |name: &str, len: usize| checkpoint::named(state, name, len);
         let k = self.names.len();
         let (lambda, fixed) = (get("domain_weights.lambda", k)?, get("domain_weights.fixed", k)?);
@@ -249,9 +267,81 @@ impl DomainWeights {
         Ok(())
     }
 
-    /// Adds the outer state to a state checksum.
-    pub fn hash_into(&self, h: &mut StateHasher) {
-        checkpoint::hash_named(h, &self.state());
+    /// The weights by domain name, as the record shows them.
+    pub fn by_name(&self) -> BTreeMap<String, f64> {
+        self.names.iter().cloned().zip(self.weights()).collect()
+    }
+}
+
+impl OuterStrategy for DomainWeights {
+    fn name(&self) -> String {
+        self.method.as_str().to_string()
+    }
+
+    fn phase_change(&self, round: u64) -> Option<PhaseChange> {
+        (self.needs_reference() && round >= self.reference_rounds).then_some(PhaseChange::RestartAfterReference)
+    }
+
+    fn set_reference(&mut self, losses: Vec<Vec<f64>>) {
+        DomainWeights::set_reference(self, losses);
+    }
+
+    fn plan(&mut self, round: u64) -> RoundDesign {
+        self.ask = self.round_ask();
+        RoundDesign {
+            assignments: self.shards.assignments(round),
+            domain_weights: self.training_weights(),
+            ask: self.ask.clone(),
+            combine: Combine::Mean,
+        }
+    }
+
+    fn check(&self, result: &AssignmentResult) -> Result<(), &'static str> {
+        let k = self.names.len();
+        match (&self.ask, &result.signal) {
+            (Ask::Nothing, Signal::Nothing) => Ok(()),
+            (Ask::Hypergradient(_), Signal::Hypergradient(domains))
+                if domains.len() == k && domains.iter().all(|d| d.d_sum.is_finite()) =>
+            {
+                Ok(())
+            }
+            (Ask::Hypergradient(_), _) => Err("bad_hypergradient"),
+            (Ask::Doremi { .. }, Signal::Doremi(probes))
+                if probes.len() == k
+                    && probes
+                        .iter()
+                        .all(|p| p.rows.len() == p.losses.len() && p.losses.iter().all(|l| l.is_finite())) =>
+            {
+                Ok(())
+            }
+            (Ask::Doremi { .. }, _) => Err("bad_probe"),
+            _ => Err("unexpected_signal"),
+        }
+    }
+
+    fn update(&mut self, results: &[&AssignmentResult]) -> StrategyReport {
+        self.learn(results);
+        StrategyReport {
+            meta_loss: mean_meta_loss(results),
+            hypergradient_norm: self.last_grad_norm,
+            excess_loss: self
+                .probe_request()
+                .and(self.excess())
+                .map(|e| self.names.iter().cloned().zip(e.iter().copied()).collect()),
+            ..StrategyReport::default()
+        }
+    }
+
+    fn domain_weights(&self) -> BTreeMap<String, f64> {
+        self.by_name()
+    }
+
+    fn state(&self) -> Vec<(String, Vec<f64>)> {
+        self.named_state()
+    }
+
+    fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+        self.restore_named(state)
     }
 }
 
@@ -260,22 +350,23 @@ mod tests {
     use super::*;
     use metaloop_common::proto::{DomainProbe, DomainStat};
 
-    fn result(stats: &[(f64, u64)]) -> AssignmentResult {
+    fn result(signal: Signal) -> AssignmentResult {
         AssignmentResult {
-            round: 0,
-            assignment: 0,
-            delta_transfer: 0,
             train_loss: 1.0,
             samples: 1,
-            compute_seconds: 0.0,
             meta_loss: Some(1.0),
-            domains: stats
+            signal,
+            ..AssignmentResult::new(0, 0, 0)
+        }
+    }
+
+    fn stats(stats: &[(f64, u64)]) -> AssignmentResult {
+        result(Signal::Hypergradient(
+            stats
                 .iter()
                 .map(|&(d_sum, count)| DomainStat { d_sum, count })
                 .collect(),
-            omega_grad: Vec::new(),
-            probes: Vec::new(),
-        }
+        ))
     }
 
     fn config(method: WeightMethod) -> StrategyConfig {
@@ -288,18 +379,23 @@ mod tests {
 
     #[test]
     fn aligned_domains_gain_weight_and_d_is_count_weighted() {
-        let mut s = DomainWeights::new(&config(WeightMethod::Hypergradient), vec!["good".into(), "bad".into()]);
+        let mut s = DomainWeights::with_strategy(&config(WeightMethod::Hypergradient), vec!["good".into(), "bad".into()]);
         assert_eq!(s.weights(), vec![1.0, 1.0]);
         // Worker A: d_good = 4/2, d_bad = -2/2; worker B: d_good = 0/2, d_bad = -6/2.
         // Count-weighted: d = (1, -2), not the mean of per-worker means... which is equal here,
         // so B gets more probe samples to tell them apart: d_good = (4 + 0)/(2 + 6) = 0.5.
-        let (a, b) = (result(&[(4.0, 2), (-2.0, 2)]), result(&[(0.0, 6), (-6.0, 2)]));
-        s.update(&[&a, &b]);
+        let (a, b) = (stats(&[(4.0, 2), (-2.0, 2)]), stats(&[(0.0, 6), (-6.0, 2)]));
+        assert_eq!(s.plan(0).ask, Ask::Hypergradient(s.hyper));
+        assert_eq!(s.check(&a), Ok(()));
+        assert_eq!(s.check(&stats(&[(1.0, 1)])), Err("bad_hypergradient"), "one domain of two");
+        assert_eq!(s.check(&stats(&[(f64::NAN, 1), (1.0, 1)])), Err("bad_hypergradient"));
+        let report = s.update(&[&a, &b]);
+        assert_eq!(report.meta_loss, Some(1.0));
         let w = s.weights();
         assert!(w[0] > 1.0 && w[1] < 1.0, "{w:?}");
         let expected = weights::hypergradient(&[0.0, 0.0], &[0.5, -2.0]);
         let norm = expected.iter().map(|g| g * g).sum::<f64>().sqrt();
-        assert!((s.last_grad_norm().expect("updated") - norm).abs() < 1e-12);
+        assert!((report.hypergradient_norm.expect("updated") - norm).abs() < 1e-12);
     }
 
     #[test]
@@ -309,13 +405,18 @@ mod tests {
             probe: 2,
             ..StrategyConfig::default()
         };
-        let mut s = DomainWeights::new(&cfg, vec!["a".into(), "b".into()]);
+        let mut s = DomainWeights::with_strategy(&cfg, vec!["a".into(), "b".into()]);
         assert!(s.needs_reference() && s.probe_request().is_none());
-        assert_eq!(s.plan().0, vec![1.0, 1.0], "uniform during the reference phase");
+        s.reference_rounds = 3;
+        assert_eq!(s.phase_change(2), None);
+        assert_eq!(s.phase_change(3), Some(PhaseChange::RestartAfterReference));
+        let reference = s.plan(0);
+        assert_eq!(reference.domain_weights, vec![1.0, 1.0], "uniform during the reference phase");
+        assert_eq!(reference.ask, Ask::Nothing);
         s.set_reference(vec![vec![1.0, 1.0, 1.0], vec![2.0, 2.0]]);
-        assert_eq!(s.probe_request(), Some(2));
-        let mut r = result(&[]);
-        r.probes = vec![
+        assert_eq!(s.phase_change(3), None, "once");
+        assert_eq!(s.plan(3).ask, Ask::Doremi { probe: 2 });
+        let r = result(Signal::Doremi(vec![
             DomainProbe {
                 rows: vec![0, 2],
                 losses: vec![1.5, 0.5],
@@ -324,7 +425,9 @@ mod tests {
                 rows: vec![1],
                 losses: vec![1.0],
             }, // below the reference → 0
-        ];
+        ]));
+        assert_eq!(s.check(&r), Ok(()));
+        assert_eq!(s.check(&result(Signal::Nothing)), Err("bad_probe"));
         s.update(&[&r]);
         let expect = weights::doremi_step(&[0.5, 0.5], &[0.25, 0.0], 1.0, 1e-3);
         assert_eq!(s.excess(), Some(&[0.25, 0.0][..]));
@@ -334,7 +437,7 @@ mod tests {
             "{w:?}"
         );
         // A round without probes for a domain keeps its last excess loss; the state roundtrips.
-        let mut other = DomainWeights::new(&cfg, vec!["a".into(), "b".into()]);
+        let mut other = DomainWeights::with_strategy(&cfg, vec!["a".into(), "b".into()]);
         other.restore(&s.state()).expect("restore");
         assert_eq!(other.state(), s.state());
         assert!(!other.needs_reference());
@@ -342,13 +445,16 @@ mod tests {
 
     #[test]
     fn baselines_do_not_move() {
-        let mut u = DomainWeights::new(&config(WeightMethod::Uniform), vec!["a".into(), "b".into()]);
-        let mut f = DomainWeights::new(&config(WeightMethod::Fixed), vec!["a".into(), "b".into()]);
-        let r = result(&[(1.0, 1), (-1.0, 1)]);
-        u.update(&[&r]);
-        f.update(&[&r]);
+        let mut u = DomainWeights::with_strategy(&config(WeightMethod::Uniform), vec!["a".into(), "b".into()]);
+        let mut f = DomainWeights::with_strategy(&config(WeightMethod::Fixed), vec!["a".into(), "b".into()]);
+        let r = result(Signal::Nothing);
+        for s in [&mut u, &mut f] {
+            assert_eq!(s.plan(0).ask, Ask::Nothing);
+            assert_eq!(s.check(&r), Ok(()));
+            assert_eq!(s.check(&stats(&[(1.0, 1), (-1.0, 1)])), Err("unexpected_signal"));
+            s.update(&[&r]);
+        }
         assert_eq!(u.weights(), vec![1.0, 1.0]);
         assert_eq!(f.weights(), vec![1.5, 0.5], "fixed weights are normalised to mean 1");
-        assert!(u.plan().1.is_none() && f.plan().1.is_none());
     }
 }

@@ -13,11 +13,120 @@
 //! state is a constant: truncated backpropagation of one step); the reward input of a source not
 //! sampled last round is 0; the LSTM starts with uniform output (zero output layer).
 
+use super::domain_weights::DomainWeights;
+use super::{OuterStrategy, RoundDesign, StrategyReport};
 use crate::checkpoint;
-use metaloop_common::checksum::StateHasher;
+use crate::outer::Combine;
 use metaloop_common::config::{JobConfig, PolicyMethod};
-use metaloop_common::proto::{Assignment, TrainOn};
+use metaloop_common::proto::{Ask, Assignment, AssignmentResult, Signal, TrainOn};
 use metaloop_common::rng::{derive_seed, SplitMix64};
+use std::collections::BTreeMap;
+
+/// The strategy: the policy, the round in progress, and the (uniform) mixture every plan
+/// carries.
+#[derive(Debug, Clone)]
+pub struct TaskPolicy {
+    policy: Policy,
+    mixture: DomainWeights,
+    /// Rows in the meta set (the target).
+    meta_len: usize,
+    round: Option<PolicyRound>,
+}
+
+impl TaskPolicy {
+    pub fn new(config: &JobConfig, names: Vec<String>, meta_len: usize, mixture: DomainWeights) -> Self {
+        Self {
+            policy: Policy::new(config, names),
+            mixture,
+            meta_len,
+            round: None,
+        }
+    }
+}
+
+impl OuterStrategy for TaskPolicy {
+    fn name(&self) -> String {
+        format!("task-policy/{}", self.policy.method.as_str())
+    }
+
+    fn plan(&mut self, round: u64) -> RoundDesign {
+        let p = self.policy.plan(round, self.meta_len);
+        let design = RoundDesign {
+            assignments: p.assignments.clone(),
+            domain_weights: self.mixture.training_weights(),
+            ask: Ask::TaskPolicy {
+                target_rows: p.target_rows.clone(),
+            },
+            combine: if p.finetune() {
+                Combine::First
+            } else {
+                Combine::Weighted(reptile_weights(&p.weights, &p.sources))
+            },
+        };
+        self.round = Some(p);
+        design
+    }
+
+    fn check(&self, result: &AssignmentResult) -> Result<(), &'static str> {
+        if !result.meta_loss.is_some_and(f32::is_finite) {
+            return Err("bad_target_loss");
+        }
+        match result.signal {
+            Signal::Nothing => Ok(()),
+            _ => Err("unexpected_signal"),
+        }
+    }
+
+    fn update(&mut self, results: &[&AssignmentResult]) -> StrategyReport {
+        let meta: Vec<f64> = results.iter().filter_map(|r| r.meta_loss.map(f64::from)).collect();
+        // The meta loss of a task-policy round is the target loss of θ before it (or after the
+        // fine-tuning step): the last assignment's.
+        let mut report = StrategyReport {
+            meta_loss: meta.last().copied(),
+            ..StrategyReport::default()
+        };
+        if let Some(plan) = self.round.as_ref().filter(|p| !p.finetune()) {
+            let outcome = self.policy.update(plan, &meta);
+            report.rewards = Some(
+                self.policy
+                    .names
+                    .iter()
+                    .zip(&outcome.rewards)
+                    .filter_map(|(n, r)| r.map(|r| (n.clone(), r)))
+                    .collect(),
+            );
+            report.policy_grad_norm = outcome.grad_norm;
+        }
+        report
+    }
+
+    fn domain_weights(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
+
+    fn source_weights(&self) -> Option<BTreeMap<String, f64>> {
+        (self.policy.method != PolicyMethod::TargetOnly).then(|| {
+            self.policy
+                .names
+                .iter()
+                .cloned()
+                .zip(self.policy.prev_weights.iter().copied())
+                .collect()
+        })
+    }
+
+    /// The mixture's state, then the policy's.
+    fn state(&self) -> Vec<(String, Vec<f64>)> {
+        let mut state = self.mixture.named_state();
+        state.extend(self.policy.state());
+        state
+    }
+
+    fn restore(&mut self, state: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+        self.mixture.restore_named(state)?;
+        self.policy.restore(state)
+    }
+}
 
 /// One LSTM cell followed by a linear layer to N logits. Parameters live flat in one vector:
 /// W [4H×D], U [4H×H], b [4H], V [N×H], c [N]; gate order input, forget, cell, output.
@@ -196,8 +305,9 @@ pub struct Outcome {
     pub grad_norm: Option<f64>,
 }
 
+/// The policy over the sources (Meta-RTL).
 #[derive(Debug, Clone)]
-pub struct TaskPolicy {
+struct Policy {
     names: Vec<String>,
     method: PolicyMethod,
     net: Lstm,
@@ -220,7 +330,7 @@ pub struct TaskPolicy {
     seed: u64,
 }
 
-impl TaskPolicy {
+impl Policy {
     /// The policy of a `task-policy` job over its domains (the sources).
     pub fn new(config: &JobConfig, names: Vec<String>) -> Self {
         let n = names.len();
@@ -252,15 +362,8 @@ impl TaskPolicy {
         }
     }
 
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
-    pub fn method(&self) -> PolicyMethod {
-        self.method
-    }
-
     /// The policy's weights of the last round it sampled in (uniform before the first).
+    #[cfg(test)]
     pub fn weights(&self) -> &[f64] {
         &self.prev_weights
     }
@@ -374,7 +477,7 @@ impl TaskPolicy {
         ]
     }
 
-    /// Takes over a state written by [`TaskPolicy::state`].
+    /// Takes over a state written by [`Policy::state`].
     ///
     /// # Errors
     /// When an entry is missing or has the wrong length.
@@ -391,9 +494,6 @@ impl TaskPolicy {
         Ok(())
     }
 
-    pub fn hash_into(&self, h: &mut StateHasher) {
-        checkpoint::hash_named(h, &self.state());
-    }
 }
 
 /// The source that `u` ∈ [0, 1) picks from (1−ε)·w + ε·uniform.
@@ -522,7 +622,7 @@ mod tests {
 
     #[test]
     fn a_round_is_sources_then_the_evaluation_and_ends_with_fine_tuning() {
-        let p = TaskPolicy::new(&config("learned"), names());
+        let p = Policy::new(&config("learned"), names());
         let r = p.plan(0, 20);
         assert_eq!(r.sources.len(), 4);
         assert_eq!(r.assignments.len(), 5);
@@ -556,7 +656,7 @@ mod tests {
 
     #[test]
     fn one_update_by_hand() {
-        let mut p = TaskPolicy::new(&config("learned"), names());
+        let mut p = Policy::new(&config("learned"), names());
         let r = p.plan(0, 20);
         // L_T after each source and L_T(θ) last: rewards 1 − l.
         let losses = [0.5, 0.9, 1.2, 0.7, 1.0];
@@ -594,7 +694,7 @@ mod tests {
 
     #[test]
     fn repeated_rewards_teach_the_policy_the_best_source() {
-        let mut p = TaskPolicy::new(&config("learned"), names());
+        let mut p = Policy::new(&config("learned"), names());
         for round in 0..8 {
             let r = p.plan(round, 20);
             // Source b helps (reward 0.5), a is neutral, c hurts (−0.5).
@@ -608,20 +708,20 @@ mod tests {
 
     #[test]
     fn the_uniform_policy_never_learns() {
-        let mut p = TaskPolicy::new(&config("uniform"), names());
+        let mut p = Policy::new(&config("uniform"), names());
         let r = p.plan(0, 20);
         p.update(&r, &[0.5, 0.9, 1.2, 0.7, 1.0]);
         assert_eq!(p.plan(1, 20).weights, vec![1.0 / 3.0; 3]);
-        let t = TaskPolicy::new(&config("target-only"), names());
+        let t = Policy::new(&config("target-only"), names());
         assert!(t.plan(0, 20).finetune(), "target-only fine-tunes from the start");
     }
 
     #[test]
     fn state_roundtrips() {
-        let mut p = TaskPolicy::new(&config("learned"), names());
+        let mut p = Policy::new(&config("learned"), names());
         let r = p.plan(0, 20);
         p.update(&r, &[0.5, 0.9, 1.2, 0.7, 1.0]);
-        let mut q = TaskPolicy::new(&config("learned"), names());
+        let mut q = Policy::new(&config("learned"), names());
         q.restore(&p.state()).expect("restore");
         assert_eq!(q.state(), p.state());
         assert_eq!(q.plan(1, 20).sources, p.plan(1, 20).sources);
