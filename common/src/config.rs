@@ -532,25 +532,25 @@ impl JobConfig {
         self.findings().into_iter().map(|f| f.to_string()).collect()
     }
 
-    /// Every semantic problem with its key and the other keys its check read.
+    /// Every semantic problem with its key and the other keys its check read, section by
+    /// section (strategy checks that name a `data` key among them, where they always were).
     fn findings(&self) -> Vec<Finding> {
         let mut p = Findings::default();
-        p.check(
-            self.rounds >= 1,
-            "rounds",
-            format!("must be at least 1, got {}", self.rounds),
-        );
-        p.check(
-            self.data.classes >= 2,
-            "data.classes",
-            format!("must be at least 2, got {}", self.data.classes),
-        );
-        p.check(
-            self.data.shards >= 1,
-            "data.shards",
-            format!("must be at least 1, got {}", self.data.shards),
-        );
+        p.range("rounds", self.rounds, Range::at_least(1));
+        self.check_data(&mut p);
+        self.check_strategy(&mut p);
+        self.check_model(&mut p);
+        self.check_inner(&mut p);
+        self.check_checkpoint(&mut p);
+        self.check_outer(&mut p);
+        p.0
+    }
+
+    /// `[data]`: the counts, the training domains, and that the files exist.
+    fn check_data(&self, p: &mut Findings) {
         let d = &self.data;
+        p.range("data.classes", d.classes, Range::at_least(2));
+        p.range("data.shards", d.shards, Range::at_least(1));
         p.check_using(
             !d.domains.is_empty(),
             "data",
@@ -565,45 +565,7 @@ impl JobConfig {
         );
         let mut names = std::collections::BTreeSet::new();
         for (i, dom) in d.domains.iter().enumerate() {
-            let key = if d.train_shorthand {
-                "data.train".to_string()
-            } else {
-                format!("data.domains[{i}]")
-            };
-            p.check(!dom.name.is_empty(), &format!("{key}.name"), "must not be empty".into());
-            p.check(
-                dom.name.is_empty() || names.insert(dom.name.clone()),
-                &format!("{key}.name"),
-                format!("`{}` is used twice", dom.name),
-            );
-            let src_key = if d.train_shorthand {
-                key.clone()
-            } else {
-                format!("{key}.source")
-            };
-            p.check(
-                dom.source.is_file(),
-                &src_key,
-                format!("file {} does not exist", dom.source.display()),
-            );
-            p.check(
-                (0.0..=1.0).contains(&dom.label_noise),
-                &format!("{key}.label_noise"),
-                format!("must be in [0, 1], got {}", dom.label_noise),
-            );
-            p.check(
-                dom.feature_noise.is_finite() && dom.feature_noise >= 0.0,
-                &format!("{key}.feature_noise"),
-                format!("must be ≥ 0, got {}", dom.feature_noise),
-            );
-            if let Some(s) = dom.subset {
-                p.check_using(
-                    s.count >= d.shards as usize,
-                    &format!("{key}.subset.count"),
-                    &["data.shards"],
-                    format!("{} samples cannot fill {} shards", s.count, d.shards),
-                );
-            }
+            Self::check_domain(d, i, dom, &mut names, p);
         }
         p.check(
             d.test.is_file(),
@@ -617,8 +579,60 @@ impl JobConfig {
                 format!("file {} does not exist", meta.display()),
             );
         }
-        let s = &self.strategy;
-        let k = d.domains.len();
+    }
+
+    /// One training domain, the `i`-th (`data.train` for the shorthand); `names` are those
+    /// of the domains before it.
+    fn check_domain(
+        d: &DataConfig,
+        i: usize,
+        dom: &DomainConfig,
+        names: &mut std::collections::BTreeSet<String>,
+        p: &mut Findings,
+    ) {
+        let key = if d.train_shorthand {
+            "data.train".to_string()
+        } else {
+            format!("data.domains[{i}]")
+        };
+        p.check(!dom.name.is_empty(), &format!("{key}.name"), "must not be empty".into());
+        p.check(
+            dom.name.is_empty() || names.insert(dom.name.clone()),
+            &format!("{key}.name"),
+            format!("`{}` is used twice", dom.name),
+        );
+        let src_key = if d.train_shorthand {
+            key.clone()
+        } else {
+            format!("{key}.source")
+        };
+        p.check(
+            dom.source.is_file(),
+            &src_key,
+            format!("file {} does not exist", dom.source.display()),
+        );
+        p.range(&format!("{key}.label_noise"), dom.label_noise, Range::UNIT);
+        p.range(&format!("{key}.feature_noise"), dom.feature_noise, Range::NON_NEGATIVE);
+        if let Some(s) = dom.subset {
+            p.check_using(
+                s.count >= d.shards as usize,
+                &format!("{key}.subset.count"),
+                &["data.shards"],
+                format!("{} samples cannot fill {} shards", s.count, d.shards),
+            );
+        }
+    }
+
+    /// `[strategy]`: the domain-weight method, then each kind's own settings.
+    fn check_strategy(&self, p: &mut Findings) {
+        self.check_weight_method(p);
+        self.check_loss_rescaling(p);
+        self.check_task_policy(p);
+    }
+
+    /// `strategy.method` and the settings only one method reads.
+    fn check_weight_method(&self, p: &mut Findings) {
+        let (d, s) = (&self.data, &self.strategy);
         match s.method {
             WeightMethod::Hypergradient => {
                 p.check_using(
@@ -627,23 +641,11 @@ impl JobConfig {
                     &["strategy.method"],
                     "method `hypergradient` needs a meta set".into(),
                 );
-                p.check(
-                    s.lr.is_finite() && s.lr > 0.0,
-                    "strategy.lr",
-                    format!("must be positive, got {}", s.lr),
-                );
-                p.check(
-                    s.weight_decay.is_finite() && s.weight_decay >= 0.0,
-                    "strategy.weight_decay",
-                    format!("must be ≥ 0, got {}", s.weight_decay),
-                );
-                p.check(
-                    s.probe >= 1,
-                    "strategy.probe",
-                    format!("must be at least 1, got {}", s.probe),
-                );
+                p.range("strategy.lr", s.lr, Range::POSITIVE);
+                p.range("strategy.weight_decay", s.weight_decay, Range::NON_NEGATIVE);
             }
             WeightMethod::Fixed => {
+                let k = d.domains.len();
                 p.check_using(
                     s.weights.len() == k,
                     "strategy.weights",
@@ -651,36 +653,21 @@ impl JobConfig {
                     format!("needs one weight per domain ({k}), got {}", s.weights.len()),
                 );
                 p.check(
-                    s.weights.iter().all(|w| w.is_finite() && *w > 0.0),
+                    s.weights.iter().all(|&w| Range::POSITIVE.holds(w)),
                     "strategy.weights",
                     "every weight must be positive".into(),
                 );
             }
             WeightMethod::Doremi => {
-                let r = self.reference_rounds();
-                p.check_using(
-                    r >= 1 && r < self.rounds,
-                    "strategy.reference_rounds",
-                    &["rounds"],
-                    format!("must be in 1..{} (rounds), got {r}", self.rounds),
-                );
-                p.check(
-                    s.eta.is_finite() && s.eta > 0.0,
-                    "strategy.eta",
-                    format!("must be positive, got {}", s.eta),
-                );
-                p.check(
-                    (0.0..1.0).contains(&s.smoothing),
-                    "strategy.smoothing",
-                    format!("must be in [0, 1), got {}", s.smoothing),
-                );
-                p.check(
-                    s.probe >= 1,
-                    "strategy.probe",
-                    format!("must be at least 1, got {}", s.probe),
-                );
+                let rounds = Range::at_least(1).below_key("rounds", self.rounds);
+                p.range("strategy.reference_rounds", self.reference_rounds(), rounds);
+                p.range("strategy.eta", s.eta, Range::POSITIVE);
+                p.range("strategy.smoothing", s.smoothing, Range::UNIT_OPEN);
             }
             WeightMethod::Uniform => {}
+        }
+        if matches!(s.method, WeightMethod::Hypergradient | WeightMethod::Doremi) {
+            p.range("strategy.probe", s.probe, Range::at_least(1));
         }
         p.check_using(
             s.method == WeightMethod::Fixed || s.weights.is_empty(),
@@ -694,123 +681,54 @@ impl JobConfig {
             &["strategy.method"],
             "only for method = \"doremi\"".into(),
         );
-        if s.kind == StrategyKind::LossRescaling {
-            p.check_using(
-                s.method == WeightMethod::Uniform,
-                "strategy.method",
-                &["strategy.kind"],
-                "loss-rescaling keeps domain weights uniform; leave `method` out".into(),
-            );
-            p.check_using(
-                !(s.mode == RescaleMode::CleanMeta && d.meta.is_none()),
-                "data.meta",
-                &["strategy.kind", "strategy.mode"],
-                "mode `clean-meta` needs a meta set".into(),
-            );
-            p.check(
-                !s.features.is_empty(),
-                "strategy.features",
-                "Ω needs at least one feature".into(),
-            );
-            p.check(
-                s.omega_lr.is_finite() && s.omega_lr > 0.0,
-                "strategy.omega_lr",
-                format!("must be positive, got {}", s.omega_lr),
-            );
-            p.check(
-                s.omega_weight_decay.is_finite() && s.omega_weight_decay >= 0.0,
-                "strategy.omega_weight_decay",
-                format!("must be ≥ 0, got {}", s.omega_weight_decay),
-            );
-            p.check(
-                s.omega_hidden >= 1,
-                "strategy.omega_hidden",
-                format!("must be at least 1, got {}", s.omega_hidden),
-            );
-            p.check(
-                s.passes >= 1,
-                "strategy.passes",
-                format!("must be at least 1, got {}", s.passes),
-            );
-            let ModelConfig::Mlp { dropout, .. } = &self.model;
-            p.check_using(
-                !(s.features.iter().any(|f| f.stochastic()) && *dropout == 0.0),
-                "strategy.features",
-                &["model.dropout"],
-                "`label-prob-mean` and `label-prob-spread` sample dropout passes; they need model.dropout > 0".into(),
-            );
-        } else {
+    }
+
+    /// Kind `loss-rescaling`'s settings (Ω), or that `mode` is left out for another kind.
+    fn check_loss_rescaling(&self, p: &mut Findings) {
+        let s = &self.strategy;
+        if s.kind != StrategyKind::LossRescaling {
             p.check_using(
                 s.mode == RescaleMode::None,
                 "strategy.mode",
                 &["strategy.kind"],
                 "only for kind = \"loss-rescaling\"".into(),
             );
+            return;
         }
-        if s.kind == StrategyKind::TaskPolicy {
-            p.check_using(
-                s.method == WeightMethod::Uniform,
-                "strategy.method",
-                &["strategy.kind"],
-                "task-policy picks sources with its `policy`; leave `method` out".into(),
-            );
-            p.check_using(
-                d.meta.is_some(),
-                "data.meta",
-                &["strategy.kind"],
-                "task-policy needs the target's labelled examples as the meta set".into(),
-            );
-            p.check_using(
-                d.shards == 1,
-                "data.shards",
-                &["strategy.kind"],
-                format!("task-policy trains on whole source tasks; must be 1, got {}", d.shards),
-            );
-            p.check(
-                (0.0..=1.0).contains(&s.epsilon),
-                "strategy.epsilon",
-                format!("must be in [0, 1], got {}", s.epsilon),
-            );
-            p.check(
-                s.policy_lr.is_finite() && s.policy_lr > 0.0,
-                "strategy.policy_lr",
-                format!("must be positive, got {}", s.policy_lr),
-            );
-            p.check(
-                s.entropy_bonus.is_finite() && s.entropy_bonus >= 0.0,
-                "strategy.entropy_bonus",
-                format!("must be ≥ 0, got {}", s.entropy_bonus),
-            );
-            p.check(
-                (0.0..1.0).contains(&s.baseline_decay),
-                "strategy.baseline_decay",
-                format!("must be in [0, 1), got {}", s.baseline_decay),
-            );
-            p.check(
-                s.policy_hidden >= 1,
-                "strategy.policy_hidden",
-                format!("must be at least 1, got {}", s.policy_hidden),
-            );
-            p.check(
-                s.target_batch >= 1,
-                "strategy.target_batch",
-                format!("must be at least 1, got {}", s.target_batch),
-            );
-            p.check_using(
-                self.sources_per_round() >= 1,
-                "strategy.sources_per_round",
-                &["data.domains", "data.train"],
-                format!("must be at least 1, got {}", self.sources_per_round()),
-            );
-            if s.policy != PolicyMethod::TargetOnly {
-                p.check_using(
-                    self.finetune_rounds() < self.rounds,
-                    "strategy.finetune_rounds",
-                    &["rounds"],
-                    format!("must be below rounds ({}), got {}", self.rounds, self.finetune_rounds()),
-                );
-            }
-        } else {
+        p.check_using(
+            s.method == WeightMethod::Uniform,
+            "strategy.method",
+            &["strategy.kind"],
+            "loss-rescaling keeps domain weights uniform; leave `method` out".into(),
+        );
+        p.check_using(
+            !(s.mode == RescaleMode::CleanMeta && self.data.meta.is_none()),
+            "data.meta",
+            &["strategy.kind", "strategy.mode"],
+            "mode `clean-meta` needs a meta set".into(),
+        );
+        p.check(
+            !s.features.is_empty(),
+            "strategy.features",
+            "Ω needs at least one feature".into(),
+        );
+        p.range("strategy.omega_lr", s.omega_lr, Range::POSITIVE);
+        p.range("strategy.omega_weight_decay", s.omega_weight_decay, Range::NON_NEGATIVE);
+        p.range("strategy.omega_hidden", s.omega_hidden, Range::at_least(1));
+        p.range("strategy.passes", s.passes, Range::at_least(1));
+        let ModelConfig::Mlp { dropout, .. } = &self.model;
+        p.check_using(
+            !(s.features.iter().any(|f| f.stochastic()) && *dropout == 0.0),
+            "strategy.features",
+            &["model.dropout"],
+            "`label-prob-mean` and `label-prob-spread` sample dropout passes; they need model.dropout > 0".into(),
+        );
+    }
+
+    /// Kind `task-policy`'s settings, or that its keys are left out for another kind.
+    fn check_task_policy(&self, p: &mut Findings) {
+        let (d, s) = (&self.data, &self.strategy);
+        if s.kind != StrategyKind::TaskPolicy {
             p.check_using(
                 s.policy == PolicyMethod::Learned && s.sources_per_round.is_none() && s.finetune_rounds.is_none(),
                 "strategy",
@@ -822,61 +740,72 @@ impl JobConfig {
                 ],
                 "`policy`, `sources_per_round` and `finetune_rounds` are only for kind = \"task-policy\"".into(),
             );
+            return;
         }
-        let ModelConfig::Mlp { hidden, dropout } = &self.model;
-        p.check(
-            (0.0..1.0).contains(dropout),
-            "model.dropout",
-            format!("must be in [0, 1), got {dropout}"),
+        p.check_using(
+            s.method == WeightMethod::Uniform,
+            "strategy.method",
+            &["strategy.kind"],
+            "task-policy picks sources with its `policy`; leave `method` out".into(),
         );
+        p.check_using(
+            d.meta.is_some(),
+            "data.meta",
+            &["strategy.kind"],
+            "task-policy needs the target's labelled examples as the meta set".into(),
+        );
+        p.check_using(
+            d.shards == 1,
+            "data.shards",
+            &["strategy.kind"],
+            format!("task-policy trains on whole source tasks; must be 1, got {}", d.shards),
+        );
+        p.range("strategy.epsilon", s.epsilon, Range::UNIT);
+        p.range("strategy.policy_lr", s.policy_lr, Range::POSITIVE);
+        p.range("strategy.entropy_bonus", s.entropy_bonus, Range::NON_NEGATIVE);
+        p.range("strategy.baseline_decay", s.baseline_decay, Range::UNIT_OPEN);
+        p.range("strategy.policy_hidden", s.policy_hidden, Range::at_least(1));
+        p.range("strategy.target_batch", s.target_batch, Range::at_least(1));
+        let sources = self.sources_per_round();
+        let domains = ["data.domains", "data.train"];
+        p.range_using("strategy.sources_per_round", &domains, sources, Range::at_least(1));
+        if s.policy != PolicyMethod::TargetOnly {
+            let rounds = Range::ANY.below_key("rounds", self.rounds);
+            p.range("strategy.finetune_rounds", self.finetune_rounds(), rounds);
+        }
+    }
+
+    /// `[model]`.
+    fn check_model(&self, p: &mut Findings) {
+        let ModelConfig::Mlp { hidden, dropout } = &self.model;
+        p.range("model.dropout", *dropout, Range::UNIT_OPEN);
         p.check(
             hidden.iter().all(|&h| h >= 1),
             "model.hidden",
             format!("every layer needs at least one unit, got {hidden:?}"),
         );
+    }
+
+    /// `[inner]`.
+    fn check_inner(&self, p: &mut Findings) {
         let i = &self.inner;
-        p.check(
-            i.steps >= 1,
-            "inner.steps",
-            format!("must be at least 1, got {}", i.steps),
-        );
-        p.check(
-            i.batch_size >= 1,
-            "inner.batch_size",
-            format!("must be at least 1, got {}", i.batch_size),
-        );
-        p.check(
-            i.lr.is_finite() && i.lr > 0.0,
-            "inner.lr",
-            format!("must be positive, got {}", i.lr),
-        );
-        p.check(
-            (0.0..1.0).contains(&i.momentum),
-            "inner.momentum",
-            format!("must be in [0, 1), got {}", i.momentum),
-        );
-        p.check(
-            i.weight_decay.is_finite() && i.weight_decay >= 0.0,
-            "inner.weight_decay",
-            format!("must be ≥ 0, got {}", i.weight_decay),
-        );
-        p.check(
-            self.checkpoint.keep >= 1,
-            "checkpoint.keep",
-            format!("must be at least 1, got {}", self.checkpoint.keep),
-        );
+        p.range("inner.steps", i.steps, Range::at_least(1));
+        p.range("inner.batch_size", i.batch_size, Range::at_least(1));
+        p.range("inner.lr", i.lr, Range::POSITIVE);
+        p.range("inner.momentum", i.momentum, Range::UNIT_OPEN);
+        p.range("inner.weight_decay", i.weight_decay, Range::NON_NEGATIVE);
+    }
+
+    /// `[checkpoint]`.
+    fn check_checkpoint(&self, p: &mut Findings) {
+        p.range("checkpoint.keep", self.checkpoint.keep, Range::at_least(1));
+    }
+
+    /// `[outer]`.
+    fn check_outer(&self, p: &mut Findings) {
         let o = &self.outer;
-        p.check(
-            o.lr.is_finite() && o.lr > 0.0,
-            "outer.lr",
-            format!("must be positive, got {}", o.lr),
-        );
-        p.check(
-            (0.0..1.0).contains(&o.momentum),
-            "outer.momentum",
-            format!("must be in [0, 1), got {}", o.momentum),
-        );
-        p.0
+        p.range("outer.lr", o.lr, Range::POSITIVE);
+        p.range("outer.momentum", o.momentum, Range::UNIT_OPEN);
     }
 }
 
@@ -936,6 +865,168 @@ impl Findings {
                 uses: uses.iter().map(|u| (*u).to_string()).collect(),
                 why,
             });
+        }
+    }
+
+    /// A range check: `value` is what `key` holds, and must lie in `range`.
+    fn range<T: Number>(&mut self, key: &str, value: T, range: Range<T>) {
+        self.range_using(key, &[], value, range);
+    }
+
+    /// A range check whose value was also derived from `uses` (the key an end of the range is
+    /// the value of is read too, without being named here).
+    fn range_using<T: Number>(&mut self, key: &str, uses: &[&str], value: T, range: Range<T>) {
+        if !range.holds(value) {
+            let uses: Vec<&str> = uses.iter().copied().chain(range.high_key).collect();
+            self.check_using(false, key, &uses, format!("must be {}, got {value}", range.wording()));
+        }
+    }
+}
+
+/// A number a [`Range`] bounds: the value of an integer or a float key.
+trait Number: Copy + PartialOrd + std::fmt::Display {
+    /// Integer ranges read "at least n" and "a..b"; float ones "≥ x", "positive" and "[a, b)".
+    const INTEGER: bool;
+    const ZERO: Self;
+    /// A float must also be finite, wherever its range ends.
+    fn is_finite(self) -> bool {
+        true
+    }
+}
+
+macro_rules! integer_numbers {
+    ($($t:ty),*) => {
+        $(impl Number for $t {
+            const INTEGER: bool = true;
+            const ZERO: Self = 0;
+        })*
+    };
+}
+integer_numbers!(u32, u64, usize);
+
+impl Number for f64 {
+    const INTEGER: bool = false;
+    const ZERO: Self = 0.0;
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+}
+
+/// One end of a [`Range`].
+#[derive(Debug, Clone, Copy)]
+enum End<T> {
+    /// The bound itself is allowed.
+    Closed(T),
+    /// Only values short of the bound are.
+    Open(T),
+}
+
+/// The values a numeric key may hold: a lower and an upper end, each closed, open or absent (a
+/// float must be finite too). Each key's range is declared once, in one `Findings::range` line,
+/// and every message is worded by [`Range::wording`].
+#[derive(Debug, Clone, Copy)]
+struct Range<T> {
+    low: Option<End<T>>,
+    high: Option<End<T>>,
+    /// The key whose value the upper end is: named in the message, and read by the check.
+    high_key: Option<&'static str>,
+}
+
+impl Range<f64> {
+    /// Above 0.
+    const POSITIVE: Self = Self::float(Some(End::Open(0.0)), None);
+    /// 0 or more.
+    const NON_NEGATIVE: Self = Self::float(Some(End::Closed(0.0)), None);
+    /// [0, 1]: a probability.
+    const UNIT: Self = Self::float(Some(End::Closed(0.0)), Some(End::Closed(1.0)));
+    /// [0, 1): a momentum, a decay, a drop probability.
+    const UNIT_OPEN: Self = Self::float(Some(End::Closed(0.0)), Some(End::Open(1.0)));
+
+    const fn float(low: Option<End<f64>>, high: Option<End<f64>>) -> Self {
+        Self {
+            low,
+            high,
+            high_key: None,
+        }
+    }
+}
+
+impl<T: Number> Range<T> {
+    /// Any value (any finite one, for a float) until an end is added.
+    const ANY: Self = Self {
+        low: None,
+        high: None,
+        high_key: None,
+    };
+
+    /// `n` or more.
+    fn at_least(n: T) -> Self {
+        Self {
+            low: Some(End::Closed(n)),
+            ..Self::ANY
+        }
+    }
+
+    /// Also below `high`, the value of the key `key`.
+    fn below_key(self, key: &'static str, high: T) -> Self {
+        Self {
+            high: Some(End::Open(high)),
+            high_key: Some(key),
+            ..self
+        }
+    }
+
+    fn holds(&self, v: T) -> bool {
+        let above = match self.low {
+            None => true,
+            Some(End::Closed(l)) => v >= l,
+            Some(End::Open(l)) => v > l,
+        };
+        let below = match self.high {
+            None => true,
+            Some(End::Closed(h)) => v <= h,
+            Some(End::Open(h)) => v < h,
+        };
+        v.is_finite() && above && below
+    }
+
+    /// What a value must be: "at least 1", "positive", "≥ 0", "in [0, 1)", "in 1..8 (rounds)",
+    /// "below rounds (8)".
+    fn wording(&self) -> String {
+        use End::{Closed, Open};
+        let text = match (self.low, self.high) {
+            (None, None) => "finite".into(),
+            (Some(Closed(l)), None) if T::INTEGER => format!("at least {l}"),
+            (Some(Closed(l)), None) => format!("≥ {l}"),
+            (Some(Open(l)), None) if l == T::ZERO => "positive".into(),
+            (Some(Open(l)), None) => format!("> {l}"),
+            (None, Some(high)) => {
+                let (word, h) = match high {
+                    Closed(h) => ("at most", h),
+                    Open(h) => ("below", h),
+                };
+                return match self.high_key {
+                    Some(key) => format!("{word} {key} ({h})"),
+                    None => format!("{word} {h}"),
+                };
+            }
+            (Some(Closed(l)), Some(Open(h))) if T::INTEGER => format!("in {l}..{h}"),
+            (Some(Closed(l)), Some(Closed(h))) if T::INTEGER => format!("in {l}..={h}"),
+            (Some(low), Some(high)) => {
+                let (open, l) = match low {
+                    Closed(l) => ('[', l),
+                    Open(l) => ('(', l),
+                };
+                let (close, h) = match high {
+                    Closed(h) => (']', h),
+                    Open(h) => (')', h),
+                };
+                format!("in {open}{l}, {h}{close}")
+            }
+        };
+        match self.high_key {
+            Some(key) => format!("{text} ({key})"),
+            None => text,
         }
     }
 }
@@ -1209,6 +1300,40 @@ mod tests {
         let cfg = JobConfig::parse(&ok, dir.path()).expect("self-taught needs no meta set");
         assert_eq!(cfg.strategy.features, vec![Feature::Loss, Feature::Margin]);
         assert!(cfg.strategy.normalize && cfg.strategy.omega_lr == 1e-3, "defaults");
+    }
+
+    #[test]
+    fn every_range_shape_has_its_wording() {
+        let dir = base_with_data();
+        let head = "[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n";
+        let text = format!(
+            "rounds = 3\n{head}[strategy]\nmethod = \"doremi\"\nreference_rounds = 3\neta = nan\n\
+             [inner]\nsteps = 0\nmomentum = 1.0\nweight_decay = inf\n"
+        );
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(
+            problems,
+            [
+                "strategy.reference_rounds: must be in 1..3 (rounds), got 3",
+                "strategy.eta: must be positive, got NaN",
+                "inner.steps: must be at least 1, got 0",
+                "inner.momentum: must be in [0, 1), got 1",
+                "inner.weight_decay: must be ≥ 0, got inf",
+            ]
+        );
+        let text = format!("rounds = 4\n{head}meta = \"test.st\"\nshards = 1\n[strategy]\nkind = \"task-policy\"\nepsilon = -0.5\nfinetune_rounds = 4\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&text, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(
+            problems,
+            [
+                "strategy.epsilon: must be in [0, 1], got -0.5",
+                "strategy.finetune_rounds: must be below rounds (4), got 4",
+            ]
+        );
     }
 
     #[test]
