@@ -4,10 +4,13 @@
 
 mod client;
 pub mod collective;
+mod data;
 pub mod devices;
 mod engine;
+mod inner;
 pub mod primitives;
 pub mod rescaler;
+mod signal;
 #[cfg(test)]
 mod testing;
 mod train;
