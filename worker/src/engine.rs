@@ -5,8 +5,9 @@
 //! worker's. With one device there is one trainer, alone, exactly as without this engine.
 
 use crate::collective;
+use crate::data::TrainingData;
 use crate::devices;
-use crate::train::{AssignmentOutcome, RoundAsks, TrainError, Trainer, TrainingData};
+use crate::train::{AssignmentOutcome, RoundAsks, TrainError, Trainer};
 use metaloop_common::compute::{ComputeGone, ComputeThread};
 use metaloop_common::proto::{Assignment, JobSpec, ModelSpec};
 use metaloop_common::tensor::Bundle;

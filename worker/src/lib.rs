@@ -1,13 +1,17 @@
 //! The metaloop worker: the inner loop. `client` speaks QUIC to the coordinator; `engine` runs
 //! one `train::Trainer` replica per device (`devices`), each on a dedicated compute thread,
-//! their gradients summed through a `collective`.
+//! their gradients summed through a `collective`. A trainer draws its batches from `data`, takes
+//! the inner steps in `inner` and answers the round's ask with the strategy's `signal` producer.
 
 mod client;
 pub mod collective;
+mod data;
 pub mod devices;
 mod engine;
+mod inner;
 pub mod primitives;
 pub mod rescaler;
+mod signal;
 #[cfg(test)]
 mod testing;
 mod train;

@@ -1,26 +1,21 @@
-//! The inner loop on one device: hold the current model version and run assignments on it.
-//! Synchronous and socket-free; the engine drives it from a compute thread, one `Trainer` per
-//! replica when a worker has several devices.
+//! One model replica on one device: hold the current model version and run assignments on it
+//! (check → load → inner steps → delta → the round's signal). Synchronous and socket-free; the
+//! engine drives it from a compute thread, one `Trainer` per replica when a worker has several
+//! devices. The job's data and batches are in `data`, the inner steps in `inner`, each
+//! strategy's signal in `signal`.
 
-use crate::collective::{self, Collective, CollectiveError};
-use crate::primitives;
-use crate::rescaler::{self, Batch, Validation, VirtualStep};
+use crate::collective::{Collective, CollectiveError};
+use crate::data::TrainingData;
+use crate::inner;
+use crate::signal;
 use metaloop_common::checksum::{bundle_checksum, hex};
 use metaloop_common::dataset::{self, Dataset};
-use metaloop_common::domains::{self, DomainError};
-use metaloop_common::features::{self, Feature};
-use metaloop_common::model::Mlp;
+use metaloop_common::domains::DomainError;
 use metaloop_common::model::{self, Model};
-use metaloop_common::proto::DomainProbe;
-use metaloop_common::proto::{
-    Ask, Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
-    RoundPlan, Signal, SmallTensor, TrainOn,
-};
-use metaloop_common::rng::{derive_seed, SplitMix64};
+use metaloop_common::proto::{Ask, Assignment, JobSpec, RoundPlan, Signal, TrainOn};
 use metaloop_common::tensor::Bundle;
-use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::Device;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -71,112 +66,9 @@ pub struct AssignmentOutcome {
     pub signal: Signal,
 }
 
-/// The rescaler network of a round, built from its plan.
-struct Omega {
-    model: Box<dyn Model>,
-    mode: RescaleMode,
-    features: Vec<Feature>,
-    normalize: bool,
-    directional: DirectionalMethod,
-    progress: f64,
-    /// Stochastic forward passes for the spread features.
-    passes: u32,
-}
-
-impl Omega {
-    fn from_plan(plan: &RescalerPlan, device: Device) -> Result<Self, TrainError> {
-        let features = plan
-            .features
-            .iter()
-            .map(|&c| Feature::from_code(c).ok_or_else(|| TrainError::Mismatch(format!("unknown feature code {c}"))))
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            model: Box::new(Mlp::from_bundle(&SmallTensor::to_bundle(&plan.omega), device)?),
-            mode: plan.mode,
-            features,
-            normalize: plan.normalize,
-            directional: plan.directional,
-            progress: f64::from(plan.progress),
-            passes: plan.passes,
-        })
-    }
-
-    /// Features of `(x, y)` under the model as it is now (leaves it in eval mode).
-    fn features(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
-        features::of_model(model, x, y, &self.features, self.progress, self.passes)
-    }
-
-    /// Inner-loop weights for a batch: Ω's output on the batch's features, normalised if
-    /// asked; constants for the model's gradient. Leaves the model in train mode.
-    fn weights(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
-        let f = self.features(model, x, y);
-        model.set_train(true);
-        tch::no_grad(|| {
-            let raw = rescaler::omega_weights(self.model.as_ref(), &f);
-            if let Ok(values) = Vec::<f64>::try_from(raw.to_kind(tch::Kind::Double)) {
-                let h = metrics::histogram!(metaloop_common::metrics::RESCALER_SAMPLE_WEIGHT);
-                for v in values {
-                    h.record(v);
-                }
-            }
-            rescaler::batch_weights(&raw, self.normalize)
-        })
-        .detach()
-    }
-}
-
-/// A job's training data, loaded once per worker and shared by its replicas.
-#[derive(Clone)]
-pub(crate) struct TrainingData {
-    job: JobSpec,
-    domains: Arc<[Dataset]>,
-    meta: Option<Arc<Dataset>>,
-}
-
-impl TrainingData {
-    /// Builds the job's domains and loads its meta set, checking both against the
-    /// coordinator's checksums.
-    ///
-    /// # Errors
-    /// A missing or malformed file, or data that differs from the coordinator's.
-    pub(crate) fn load(job: JobSpec) -> Result<Self, TrainError> {
-        let ModelSpec::Mlp { classes, .. } = job.model;
-        let mut built = Vec::with_capacity(job.domains.len());
-        for (i, spec) in job.domains.iter().enumerate() {
-            let d = domains::build(&domains::from_spec(spec), i, classes, job.seed)?;
-            same_data(&format!("domain `{}`", spec.name), &spec.source, &d.data, spec.checksum)?;
-            built.push(d.data);
-        }
-        let meta = match &job.meta {
-            Some(r) => {
-                let ds = dataset::load(std::path::Path::new(&r.path), classes)?;
-                same_data("the meta set", &r.path, &ds, r.checksum)?;
-                Some(ds)
-            }
-            None => None,
-        };
-        Ok(Self::new(job, built, meta))
-    }
-
-    pub(crate) fn new(job: JobSpec, domains: Vec<Dataset>, meta: Option<Dataset>) -> Self {
-        Self {
-            job,
-            domains: domains.into(),
-            meta: meta.map(Arc::new),
-        }
-    }
-
-    pub(crate) fn job(&self) -> &JobSpec {
-        &self.job
-    }
-}
-
 /// The worker's model state and data: the whole worker, or one replica of it.
 pub struct Trainer {
-    job: JobSpec,
-    /// One dataset per training domain, in job order.
-    domains: Arc<[Dataset]>,
-    meta: Option<Arc<Dataset>>,
+    data: TrainingData,
     device: Device,
     /// Host copy of the current version: the base every assignment starts from.
     params: Option<Bundle>,
@@ -211,9 +103,7 @@ impl Trainer {
     /// One replica on `device`; `collective` joins it to the others (`None`: it is alone).
     pub(crate) fn replica(data: TrainingData, device: Device, collective: Option<Box<dyn Collective>>) -> Self {
         Self {
-            job: data.job,
-            domains: data.domains,
-            meta: data.meta,
+            data,
             device,
             params: None,
             version: None,
@@ -234,7 +124,7 @@ impl Trainer {
     pub fn set_model(&mut self, version: u64, checksum: [u8; 32], params: Bundle) -> Result<(), TrainError> {
         self.version = None;
         verify(&params, checksum, version)?;
-        let model = model::build(&self.job.model, &params, self.device)?;
+        let model = model::build(&self.data.job().model, &params, self.device)?;
         self.model = Some(model);
         self.params = Some(params);
         self.version = Some(version);
@@ -314,72 +204,29 @@ impl Trainer {
         let (Some(model), Some(base)) = (&self.model, &self.params) else {
             return Err(TrainError::NoModel);
         };
-        let k = self.domains.len();
+        let data = &self.data;
+        let k = data.domains().len();
         if asks.weights.len() != k {
             return Err(TrainError::Weights {
                 got: asks.weights.len(),
                 want: k,
             });
         }
-        let needs_meta = match &asks.ask {
-            Ask::Hypergradient(_) | Ask::TaskPolicy { .. } => true,
-            Ask::LossRescaling(r) => r.mode == RescaleMode::CleanMeta,
-            Ask::Nothing | Ask::Doremi { .. } => false,
-        } || a.data == TrainOn::Meta;
-        if needs_meta && self.meta.is_none() {
+        if a.data == TrainOn::Meta && data.meta().is_none() {
             return Err(TrainError::NoMeta);
         }
-        let omega = match &asks.ask {
-            Ask::LossRescaling(plan) => Some(Omega::from_plan(plan, self.device)?),
-            _ => None,
-        };
-        let mut batches = self.batches(a, &asks.weights)?;
+        let producer = signal::producer(&asks.ask, data, self.device)?;
+        let mut batches = data.batches(a, &asks.weights)?;
         model::load_bundle(model.as_ref(), base)?;
-        // Dropout draws from libtorch's generator: seeded by the assignment, like all else.
-        tch::manual_seed(derive_seed(a.seed, &[5 << 32]) as i64);
-        model.set_train(true);
-        let inner = &self.job.inner;
-        let mut momentum: Vec<Option<Tensor>> = model.parameters().iter().map(|_| None).collect();
-        let mut loss_sum = 0.0f64;
-        let mut samples = 0u64;
-        for step in 0..a.steps {
-            let (xs, ys, ws) = batches.next();
-            samples += ys.len() as u64;
-            let (x, y) = model::batch_tensors(&xs, &ys, batches.features(), self.device);
-            let mut w = Tensor::from_slice(&ws).to_device(self.device);
-            if let Some(o) = &omega {
-                w *= o.weights(model.as_ref(), &x, &y);
-            }
-            let (value, grads) = match &self.collective {
-                None => {
-                    let logits = model.forward(&x);
-                    let loss = (primitives::cross_entropy(&logits, &y) * w).sum(tch::Kind::Float);
-                    let value = loss.f_double_value(&[]).map_err(model::ModelError::from)?;
-                    // Fresh gradients, as torch's zero_grad(set_to_none) then backward: no
-                    // pass to zero them and none to accumulate into them.
-                    let grads = if value.is_finite() {
-                        primitives::gradient(model.as_ref(), &loss)
-                    } else {
-                        Vec::new()
-                    };
-                    (value, grads)
-                }
-                Some(c) => shared_step(model.as_ref(), c.as_ref(), &x, &y, &w)?,
-            };
-            if !value.is_finite() {
-                return Err(TrainError::Diverged { step });
-            }
-            loss_sum += value;
-            sgd_step(
-                model.parameters(),
-                &grads,
-                &mut momentum,
-                inner.lr,
-                inner.momentum,
-                inner.weight_decay,
-            );
-        }
-        model.set_train(false);
+        let trained = inner::train(
+            model.as_ref(),
+            self.collective.as_deref(),
+            &data.job().inner,
+            &mut batches,
+            a,
+            self.device,
+            |m, x, y| producer.sample_weights(m, x, y),
+        )?;
         if self.collective.as_ref().is_some_and(|c| c.rank() > 0) {
             return Ok(None);
         }
@@ -389,216 +236,20 @@ impl Trainer {
                 *x -= *y;
             }
         }
-        let (hyper, target_rows) = match &asks.ask {
-            Ask::Hypergradient(h) => (Some(*h), None),
-            Ask::TaskPolicy { target_rows } => (None, Some(target_rows.as_slice())),
-            _ => (None, None),
-        };
-        let (meta_loss, domain_stats) = self.meta_signals(model.as_ref(), a, hyper, target_rows)?;
-        let signal = match (&asks.ask, &omega) {
-            (Ask::Hypergradient(_), _) => Signal::Hypergradient(domain_stats),
-            (Ask::Doremi { probe }, _) => Signal::Doremi(self.probe_losses(model.as_ref(), a, *probe)?),
-            (Ask::LossRescaling(_), Some(o)) => Signal::LossRescaling(self.omega_gradient(model.as_ref(), o, a)?),
-            _ => Signal::Nothing,
-        };
+        let (meta_loss, signal) = producer.answer(&signal::At {
+            model: model.as_ref(),
+            data,
+            a,
+            device: self.device,
+        })?;
         Ok(Some(AssignmentOutcome {
             delta,
-            mean_loss: (loss_sum / f64::from(a.steps.max(1))) as f32,
-            samples,
+            mean_loss: (trained.loss_sum / f64::from(a.steps.max(1))) as f32,
+            samples: trained.samples,
             seconds: start.elapsed().as_secs_f32(),
             meta_loss,
             signal,
         }))
-    }
-
-    /// The batch stream of an assignment, from the data it names.
-    fn batches<'a>(&'a self, a: &Assignment, weights: &'a [f64]) -> Result<Batches<'a>, TrainError> {
-        let batch = self.job.inner.batch_size as usize;
-        let single = |data: &'a Dataset, tag: u64| Batches::Single {
-            data,
-            sampler: Sampler::new((0..data.len()).collect(), derive_seed(a.seed, &[tag])),
-            batch,
-        };
-        match a.data {
-            TrainOn::Mixture => {
-                let k = self.domains.len();
-                let mut samplers = Vec::with_capacity(k);
-                for (i, d) in self.domains.iter().enumerate() {
-                    let range = d.shard_range(a.shard, self.job.shards);
-                    if range.is_empty() {
-                        return Err(TrainError::EmptyShard {
-                            domain: self.job.domains[i].name.clone(),
-                            shard: a.shard,
-                            shards: self.job.shards,
-                            samples: d.len(),
-                        });
-                    }
-                    samplers.push(Sampler::new(range.collect(), derive_seed(a.seed, &[i as u64])));
-                }
-                Ok(Batches::Mixture {
-                    domains: &self.domains,
-                    samplers,
-                    weights,
-                    per_domain: (batch / k).max(1),
-                })
-            }
-            TrainOn::Domain(i) => {
-                let d = self.domains.get(i as usize).ok_or_else(|| {
-                    TrainError::Mismatch(format!(
-                        "assignment names domain {i}; the job has {}",
-                        self.domains.len()
-                    ))
-                })?;
-                Ok(single(d, u64::from(i)))
-            }
-            TrainOn::Meta => Ok(single(self.meta.as_ref().ok_or(TrainError::NoMeta)?, 6 << 32)),
-        }
-    }
-
-    /// A batch drawn like an inner-loop batch (its share from every domain's shard), from the
-    /// assignment's stream `tag`.
-    fn draw(&self, a: &Assignment, tag: u64) -> (Tensor, Tensor) {
-        let k = self.domains.len();
-        let per_domain = (self.job.inner.batch_size as usize / k).max(1);
-        let (mut xs, mut ys) = (Vec::new(), Vec::new());
-        for (i, d) in self.domains.iter().enumerate() {
-            let rows: Vec<usize> = d.shard_range(a.shard, self.job.shards).collect();
-            let mut sampler = Sampler::new(rows, derive_seed(a.seed, &[tag, i as u64]));
-            gather(d, &sampler.next(per_domain), &mut xs, &mut ys);
-        }
-        model::batch_tensors(&xs, &ys, self.domains[0].features, self.device)
-    }
-
-    /// Ω's meta-gradient through one virtual step at the current θ, on a fresh training batch.
-    fn omega_gradient(&self, model: &dyn Model, omega: &Omega, a: &Assignment) -> Result<Vec<SmallTensor>, TrainError> {
-        let (x, y) = self.draw(a, 3 << 32);
-        let f = omega.features(model, &x, &y);
-        let meta;
-        let (vx, vy, vf);
-        let val = match omega.mode {
-            RescaleMode::CleanMeta => {
-                let m = self.meta.as_ref().ok_or(TrainError::NoMeta)?;
-                meta = model::batch_tensors(&m.x, &m.y, m.features, self.device);
-                Validation::Clean { x: &meta.0, y: &meta.1 }
-            }
-            RescaleMode::SelfTaught => {
-                (vx, vy) = self.draw(a, 4 << 32);
-                vf = omega.features(model, &vx, &vy);
-                Validation::SelfTaught {
-                    x: &vx,
-                    y: &vy,
-                    features: &vf,
-                }
-            }
-        };
-        let batch = Batch {
-            x: &x,
-            y: &y,
-            features: &f,
-        };
-        let step = VirtualStep {
-            alpha: self.job.inner.lr,
-            normalize: omega.normalize,
-            directional: omega.directional,
-        };
-        let (grads, _) = rescaler::meta_gradient(model, omega.model.as_ref(), &batch, &val, step);
-        grads
-            .iter()
-            .zip(omega.model.names())
-            .map(|(g, name)| {
-                let data = Vec::<f32>::try_from(g.to_kind(tch::Kind::Float).contiguous().view(-1))
-                    .map_err(model::ModelError::from)?;
-                Ok(SmallTensor {
-                    name: name.clone(),
-                    shape: g.size().iter().map(|&d| d as u32).collect(),
-                    data,
-                })
-            })
-            .collect()
-    }
-
-    /// Rows of domain `i`'s shard that probe the model after an assignment (seeded by it).
-    fn probe_rows(&self, a: &Assignment, i: usize, probe: u32) -> Vec<usize> {
-        let mut rows: Vec<usize> = self.domains[i].shard_range(a.shard, self.job.shards).collect();
-        SplitMix64::new(derive_seed(a.seed, &[1 << 32, i as u64])).shuffle(&mut rows);
-        rows.truncate(probe.max(1) as usize);
-        rows
-    }
-
-    /// Every domain's per-sample losses on its probe at the current θ (for DoReMi).
-    fn probe_losses(&self, model: &dyn Model, a: &Assignment, probe: u32) -> Result<Vec<DomainProbe>, TrainError> {
-        let mut out = Vec::with_capacity(self.domains.len());
-        for (i, d) in self.domains.iter().enumerate() {
-            let rows = self.probe_rows(a, i, probe);
-            let (mut xs, mut ys) = (Vec::new(), Vec::new());
-            gather(d, &rows, &mut xs, &mut ys);
-            let (x, y) = model::batch_tensors(&xs, &ys, d.features, self.device);
-            let l = tch::no_grad(|| primitives::per_sample_loss(model, &x, &y)).to_kind(tch::Kind::Float);
-            let losses = Vec::<f32>::try_from(&l).map_err(model::ModelError::from)?;
-            out.push(DomainProbe {
-                rows: rows.iter().map(|&r| r as u32).collect(),
-                losses,
-            });
-        }
-        Ok(out)
-    }
-
-    /// The meta loss at the current θ and, when asked, every domain's Σ c_i on its probe.
-    fn meta_signals(
-        &self,
-        model: &dyn Model,
-        a: &Assignment,
-        hyper: Option<HypergradientSpec>,
-        target_rows: Option<&[u32]>,
-    ) -> Result<(Option<f32>, Vec<DomainStat>), TrainError> {
-        let Some(meta) = &self.meta else {
-            return Ok((None, Vec::new()));
-        };
-        let (mx, my) = match target_rows {
-            Some(rows) => {
-                let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
-                if let Some(bad) = rows.iter().find(|&&r| r >= meta.len()) {
-                    return Err(TrainError::Mismatch(format!(
-                        "target row {bad} is outside the meta set's {} rows",
-                        meta.len()
-                    )));
-                }
-                let (mut xs, mut ys) = (Vec::new(), Vec::new());
-                gather(meta, &rows, &mut xs, &mut ys);
-                model::batch_tensors(&xs, &ys, meta.features, self.device)
-            }
-            None => model::batch_tensors(&meta.x, &meta.y, meta.features, self.device),
-        };
-        zero_grads(model.parameters());
-        let meta_loss = primitives::per_sample_loss(model, &mx, &my).mean(tch::Kind::Float);
-        let value = meta_loss.f_double_value(&[]).map_err(model::ModelError::from)? as f32;
-        let Some(h) = hyper else {
-            return Ok((Some(value), Vec::new()));
-        };
-        let v = primitives::gradient(model, &meta_loss);
-        let mut stats = Vec::with_capacity(self.domains.len());
-        for (i, d) in self.domains.iter().enumerate() {
-            let rows = self.probe_rows(a, i, h.probe);
-            let (mut xs, mut ys) = (Vec::new(), Vec::new());
-            gather(d, &rows, &mut xs, &mut ys);
-            let (x, y) = model::batch_tensors(&xs, &ys, d.features, self.device);
-            let c = match h.directional {
-                DirectionalMethod::Exact => primitives::directional_exact(model, &x, &y, &v),
-                DirectionalMethod::FiniteDifference => {
-                    primitives::directional_fd(model, &x, &y, &v, primitives::FD_RADIUS)
-                }
-            };
-            let d_sum = c
-                .to_kind(tch::Kind::Double)
-                .sum(tch::Kind::Double)
-                .f_double_value(&[])
-                .map_err(model::ModelError::from)?;
-            stats.push(DomainStat {
-                d_sum,
-                count: rows.len() as u64,
-            });
-        }
-        Ok((Some(value), stats))
     }
 }
 
@@ -637,114 +288,6 @@ impl RoundAsks {
     }
 }
 
-/// An assignment's training batches: rows with their loss weights.
-enum Batches<'a> {
-    /// A share of every domain's shard; domain k's rows weigh w_k / (K·n_k).
-    Mixture {
-        domains: &'a [Dataset],
-        samplers: Vec<Sampler>,
-        weights: &'a [f64],
-        per_domain: usize,
-    },
-    /// `batch` rows of one dataset, each weighing 1/n.
-    Single {
-        data: &'a Dataset,
-        sampler: Sampler,
-        batch: usize,
-    },
-}
-
-impl Batches<'_> {
-    fn next(&mut self) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
-        let (mut xs, mut ys, mut ws) = (Vec::new(), Vec::new(), Vec::new());
-        match self {
-            Batches::Mixture {
-                domains,
-                samplers,
-                weights,
-                per_domain,
-            } => {
-                let k = domains.len();
-                for ((d, sampler), w) in domains.iter().zip(samplers.iter_mut()).zip(weights.iter()) {
-                    let rows = sampler.next(*per_domain);
-                    gather(d, &rows, &mut xs, &mut ys);
-                    ws.extend(std::iter::repeat_n((w / (k * rows.len()) as f64) as f32, rows.len()));
-                }
-            }
-            Batches::Single { data, sampler, batch } => {
-                let rows = sampler.next(*batch);
-                gather(data, &rows, &mut xs, &mut ys);
-                ws.extend(std::iter::repeat_n(1.0 / rows.len() as f32, rows.len()));
-            }
-        }
-        (xs, ys, ws)
-    }
-
-    fn features(&self) -> usize {
-        match self {
-            Batches::Mixture { domains, .. } => domains[0].features,
-            Batches::Single { data, .. } => data.features,
-        }
-    }
-}
-
-/// Draws rows from one domain's shard without replacement, reshuffling at each epoch.
-struct Sampler {
-    order: Vec<usize>,
-    cursor: usize,
-    rng: SplitMix64,
-}
-
-impl Sampler {
-    fn new(mut order: Vec<usize>, seed: u64) -> Self {
-        let mut rng = SplitMix64::new(seed);
-        rng.shuffle(&mut order);
-        Self { order, cursor: 0, rng }
-    }
-
-    fn next(&mut self, n: usize) -> Vec<usize> {
-        let n = n.min(self.order.len());
-        if self.cursor + n > self.order.len() {
-            self.rng.shuffle(&mut self.order);
-            self.cursor = 0;
-        }
-        let rows = self.order[self.cursor..self.cursor + n].to_vec();
-        self.cursor += n;
-        rows
-    }
-}
-
-fn gather(d: &Dataset, rows: &[usize], xs: &mut Vec<f32>, ys: &mut Vec<i64>) {
-    let f = d.features;
-    for &i in rows {
-        xs.extend_from_slice(&d.x[i * f..(i + 1) * f]);
-        ys.push(d.y[i]);
-    }
-}
-
-fn zero_grads(params: &[Tensor]) {
-    for p in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
-}
-
-fn same_data(what: &str, path: &str, ds: &Dataset, theirs: [u8; 32]) -> Result<(), TrainError> {
-    let ours = domains::dataset_checksum(ds);
-    if ours == theirs {
-        Ok(())
-    } else {
-        Err(TrainError::DataMismatch {
-            what: what.into(),
-            path: path.into(),
-            ours: hex(&ours[..8]),
-            theirs: hex(&theirs[..8]),
-        })
-    }
-}
-
 fn verify(params: &Bundle, checksum: [u8; 32], version: u64) -> Result<(), TrainError> {
     let got = bundle_checksum(params);
     if got == checksum {
@@ -758,85 +301,12 @@ fn verify(params: &Bundle, checksum: [u8; 32], version: u64) -> Result<(), Train
     }
 }
 
-/// One inner step's loss and gradients when the batch is shared among replicas. This
-/// replica's rows' part of the weighted loss Σ_i w_i ℓ_i is backpropagated; then its gradients
-/// and its loss, flattened into one buffer (the loss last), are summed over the replicas in
-/// one all-reduce, so every replica gets the whole batch's gradient and loss and takes the
-/// same decision on divergence. Returns the total loss and the summed gradients (views of the
-/// buffer, shaped like the parameters).
-fn shared_step(
-    model: &dyn Model,
-    collective: &dyn Collective,
-    x: &Tensor,
-    y: &Tensor,
-    w: &Tensor,
-) -> Result<(f64, Vec<Tensor>), TrainError> {
-    zero_grads(model.parameters());
-    let rows = collective::share(y.size()[0] as usize, collective.rank(), collective.size());
-    let (start, len) = (rows.start as i64, rows.len() as i64);
-    let logits = model.forward(&x.narrow(0, start, len));
-    let loss =
-        (primitives::cross_entropy(&logits, &y.narrow(0, start, len)) * w.narrow(0, start, len)).sum(tch::Kind::Float);
-    loss.backward();
-    let params = model.parameters();
-    let mut parts: Vec<Tensor> = params
-        .iter()
-        .map(|p| {
-            let g = p.grad();
-            // A replica with no rows (a batch smaller than the replica count) adds nothing.
-            let g = if g.defined() { g } else { p.zeros_like() };
-            g.reshape([-1])
-        })
-        .collect();
-    parts.push(loss.detach().reshape([1]));
-    let mut flat = Tensor::f_cat(&parts, 0).map_err(model::ModelError::from)?;
-    collective.all_reduce_sum(&mut flat)?;
-    let total = flat.numel() as i64;
-    let value = flat.f_double_value(&[total - 1]).map_err(model::ModelError::from)?;
-    let mut offset = 0;
-    let grads = params
-        .iter()
-        .map(|p| {
-            let n = p.numel() as i64;
-            let g = flat.narrow(0, offset, n).view_as(p);
-            offset += n;
-            g
-        })
-        .collect();
-    Ok((value, grads))
-}
-
-/// PyTorch's SGD: g ← ∇ + wd·θ; b ← μ·b + g (b = g on the first step); θ ← θ − lr·b. `grads`
-/// are the parameters' gradients, in their order (undefined ones are skipped).
-fn sgd_step(params: &[Tensor], grads: &[Tensor], momentum: &mut [Option<Tensor>], lr: f64, mu: f64, wd: f64) {
-    tch::no_grad(|| {
-        for ((p, g), buf) in params.iter().zip(grads).zip(momentum.iter_mut()) {
-            if !g.defined() {
-                continue;
-            }
-            // In place, as torch.optim.SGD: no temporary the size of the model.
-            let mut g = g.shallow_clone();
-            if wd != 0.0 {
-                primitives::axpy(&mut g, wd, p);
-            }
-            let b = match buf.take() {
-                Some(mut b) if mu != 0.0 => {
-                    let _ = b.f_mul_scalar_(mu).and_then(|_| b.f_add_(&g));
-                    b
-                }
-                _ => g.copy(),
-            };
-            let mut p = p.shallow_clone();
-            primitives::axpy(&mut p, -lr, &b);
-            *buf = Some(b);
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metaloop_common::domains;
     use metaloop_common::proto::{InnerSpec, ModelSpec};
+    use metaloop_common::rng::SplitMix64;
 
     fn job(shards: u32) -> JobSpec {
         JobSpec {
@@ -1013,9 +483,7 @@ mod tests {
         assert!(eval.delta.tensors.iter().all(|t| t.data.iter().all(|&v| v == 0.0)));
         assert!(eval.meta_loss.expect("target loss") > alone.meta_loss.expect("target loss"));
         let bad = RoundAsks {
-            ask: Ask::TaskPolicy {
-                target_rows: vec![10],
-            },
+            ask: Ask::TaskPolicy { target_rows: vec![10] },
             ..RoundAsks::weights(&[1.0, 1.0])
         };
         assert!(one.run(&a(TrainOn::Meta), &bad).is_err(), "row 10 of 10");
