@@ -964,7 +964,10 @@ mod tests {
                 checksum: [3; 32],
             },
         ];
-        for (model, ask) in models.iter().flat_map(|m| asks.iter().map(move |a| (m.clone(), a.clone()))) {
+        for (model, ask) in models
+            .iter()
+            .flat_map(|m| asks.iter().map(move |a| (m.clone(), a.clone())))
+        {
             roundtrip(CoordinatorMsg::Round(RoundPlan {
                 round: 3,
                 model,

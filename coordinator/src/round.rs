@@ -431,14 +431,17 @@ impl RoundCore {
             reassigned: self.reassigned(),
             rejected: self.tally.rejected.clone(),
             workers_lost: self.tally.lost.clone(),
-            best_meta: self.tally.best_meta.map(
-                |(round, meta_accuracy, meta_loss, test_accuracy)| checkpoint::BestMeta {
-                    round,
-                    meta_accuracy,
-                    meta_loss,
-                    test_accuracy,
-                },
-            ),
+            best_meta: self
+                .tally
+                .best_meta
+                .map(
+                    |(round, meta_accuracy, meta_loss, test_accuracy)| checkpoint::BestMeta {
+                        round,
+                        meta_accuracy,
+                        meta_loss,
+                        test_accuracy,
+                    },
+                ),
             ..checkpoint::Counters::default()
         }
     }

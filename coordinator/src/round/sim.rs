@@ -584,9 +584,15 @@ fn joins_drops_stalls_duplicates_garbage_and_restarts_end_in_the_undisturbed_sta
         }
         // The runs were disturbed in every way they could be.
         for why in ["lost", "malformed_result", "assignment_timeout", "not_assigned"] {
-            assert!(lost.get(why).is_some_and(|&n| n > 0), "{name}: no worker {why}: {lost:?}");
+            assert!(
+                lost.get(why).is_some_and(|&n| n > 0),
+                "{name}: no worker {why}: {lost:?}"
+            );
         }
-        assert!(rejected > 0 && restarts > 0, "{name}: {rejected} rejected, {restarts} restarts");
+        assert!(
+            rejected > 0 && restarts > 0,
+            "{name}: {rejected} rejected, {restarts} restarts"
+        );
     }
 }
 
@@ -594,7 +600,13 @@ fn joins_drops_stalls_duplicates_garbage_and_restarts_end_in_the_undisturbed_sta
 fn misbehaving_workers_are_dropped_and_counted() {
     let (_, config) = strategies().swap_remove(1);
     let mut sim = Sim::new(config, 0, Disturbance::default());
-    for conduct in [Conduct::Lies, Conduct::Garbles, Conduct::Stutters, Conduct::Stalls, Conduct::Honest] {
+    for conduct in [
+        Conduct::Lies,
+        Conduct::Garbles,
+        Conduct::Stutters,
+        Conduct::Stalls,
+        Conduct::Honest,
+    ] {
         sim.join(conduct, None);
     }
     sim.run_round(0);

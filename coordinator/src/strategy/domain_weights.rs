@@ -200,7 +200,9 @@ impl DomainWeights {
         let k = self.names.len();
         let (mut sums, mut counts) = (vec![0.0f64; k], vec![0u64; k]);
         for r in results {
-            let Signal::Hypergradient(domains) = &r.signal else { continue };
+            let Signal::Hypergradient(domains) = &r.signal else {
+                continue;
+            };
             for (i, s) in domains.iter().enumerate().take(k) {
                 sums[i] += s.d_sum;
                 counts[i] += s.count;
@@ -379,7 +381,8 @@ mod tests {
 
     #[test]
     fn aligned_domains_gain_weight_and_d_is_count_weighted() {
-        let mut s = DomainWeights::with_strategy(&config(WeightMethod::Hypergradient), vec!["good".into(), "bad".into()]);
+        let mut s =
+            DomainWeights::with_strategy(&config(WeightMethod::Hypergradient), vec!["good".into(), "bad".into()]);
         assert_eq!(s.weights(), vec![1.0, 1.0]);
         // Worker A: d_good = 4/2, d_bad = -2/2; worker B: d_good = 0/2, d_bad = -6/2.
         // Count-weighted: d = (1, -2), not the mean of per-worker means... which is equal here,
@@ -387,7 +390,11 @@ mod tests {
         let (a, b) = (stats(&[(4.0, 2), (-2.0, 2)]), stats(&[(0.0, 6), (-6.0, 2)]));
         assert_eq!(s.plan(0).ask, Ask::Hypergradient(s.hyper));
         assert_eq!(s.check(&a), Ok(()));
-        assert_eq!(s.check(&stats(&[(1.0, 1)])), Err("bad_hypergradient"), "one domain of two");
+        assert_eq!(
+            s.check(&stats(&[(1.0, 1)])),
+            Err("bad_hypergradient"),
+            "one domain of two"
+        );
         assert_eq!(s.check(&stats(&[(f64::NAN, 1), (1.0, 1)])), Err("bad_hypergradient"));
         let report = s.update(&[&a, &b]);
         assert_eq!(report.meta_loss, Some(1.0));
@@ -411,7 +418,11 @@ mod tests {
         assert_eq!(s.phase_change(2), None);
         assert_eq!(s.phase_change(3), Some(PhaseChange::RestartAfterReference));
         let reference = s.plan(0);
-        assert_eq!(reference.domain_weights, vec![1.0, 1.0], "uniform during the reference phase");
+        assert_eq!(
+            reference.domain_weights,
+            vec![1.0, 1.0],
+            "uniform during the reference phase"
+        );
         assert_eq!(reference.ask, Ask::Nothing);
         s.set_reference(vec![vec![1.0, 1.0, 1.0], vec![2.0, 2.0]]);
         assert_eq!(s.phase_change(3), None, "once");

@@ -196,11 +196,10 @@ impl LossRescaler {
         let mut sum = vec![0.0f64; self.params.len()];
         let mut n = 0usize;
         for r in results {
-            let Signal::LossRescaling(grad) = &r.signal else { continue };
-            let flat: Vec<f64> = grad
-                .iter()
-                .flat_map(|t| t.data.iter().map(|&v| f64::from(v)))
-                .collect();
+            let Signal::LossRescaling(grad) = &r.signal else {
+                continue;
+            };
+            let flat: Vec<f64> = grad.iter().flat_map(|t| t.data.iter().map(|&v| f64::from(v))).collect();
             if flat.len() != sum.len() {
                 continue;
             }
@@ -247,7 +246,6 @@ impl LossRescaler {
         self.params = params;
         Ok(())
     }
-
 }
 
 /// How well Ω's weights separate clean from corrupted samples.

@@ -493,7 +493,6 @@ impl Policy {
         self.baseline = b[0];
         Ok(())
     }
-
 }
 
 /// The source that `u` ∈ [0, 1) picks from (1−ε)·w + ε·uniform.
