@@ -11,20 +11,21 @@ use crate::scheduler::{AssignmentTimeout, Dispatch, Rejection, Scheduler, Worker
 use crate::server::{self, Event, Outgoing, Traffic};
 use crate::strategy::DomainWeights;
 use anyhow::{bail, Context};
-use metaloop_common::checksum::{bundle_checksum, hex, StateHasher};
 use metaloop_common::compute::ComputeThread;
-use metaloop_common::config::{DeltaDType, JobConfig, ModelConfig, PolicyMethod, StrategyKind, WeightMethod};
-use metaloop_common::dataset::{self, Dataset};
-use metaloop_common::domains;
-use metaloop_common::features::{self, Feature};
+use metaloop_common::features;
 use metaloop_common::model::{self, Model};
 use metaloop_common::net::{self, TlsFiles};
-use metaloop_common::proto::{
+use metaloop_proto::checksum::{bundle_checksum, hex, StateHasher};
+use metaloop_proto::config::{DeltaDType, JobConfig, ModelConfig, PolicyMethod, StrategyKind, WeightMethod};
+use metaloop_proto::dataset::{self, Dataset};
+use metaloop_proto::domains;
+use metaloop_proto::features::Feature;
+use metaloop_proto::proto::{
     Assignment, AssignmentResult, DType, DataRef, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec,
     RescalerPlan, RoundPlan, TrainOn,
 };
-use metaloop_common::rng::derive_seed;
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::rng::derive_seed;
+use metaloop_proto::tensor::Bundle;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

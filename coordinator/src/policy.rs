@@ -14,10 +14,10 @@
 //! sampled last round is 0; the LSTM starts with uniform output (zero output layer).
 
 use crate::checkpoint;
-use metaloop_common::checksum::StateHasher;
-use metaloop_common::config::{JobConfig, PolicyMethod};
-use metaloop_common::proto::{Assignment, TrainOn};
-use metaloop_common::rng::{derive_seed, SplitMix64};
+use metaloop_proto::checksum::StateHasher;
+use metaloop_proto::config::{JobConfig, PolicyMethod};
+use metaloop_proto::proto::{Assignment, TrainOn};
+use metaloop_proto::rng::{derive_seed, SplitMix64};
 
 /// One LSTM cell followed by a linear layer to N logits. Parameters live flat in one vector:
 /// W [4H×D], U [4H×H], b [4H], V [N×H], c [N]; gate order input, forget, cell, output.

@@ -3,14 +3,14 @@
 //! the workers' meta-gradients in assignment order and steps Adam(W) on it. Pure.
 
 use crate::checkpoint;
-use metaloop_common::checksum::StateHasher;
-use metaloop_common::config::{Directional, RescaleMode, StrategyConfig, StrategyKind};
-use metaloop_common::features::Feature;
 use metaloop_common::model;
-use metaloop_common::proto::{self, AssignmentResult, DirectionalMethod, ModelSpec, RescalerPlan, SmallTensor};
-use metaloop_common::rng::derive_seed;
-use metaloop_common::tensor::{Bundle, HostTensor};
-use metaloop_common::weights::AdamW;
+use metaloop_proto::checksum::StateHasher;
+use metaloop_proto::config::{Directional, RescaleMode, StrategyConfig, StrategyKind};
+use metaloop_proto::features::Feature;
+use metaloop_proto::proto::{self, AssignmentResult, DirectionalMethod, ModelSpec, RescalerPlan, SmallTensor};
+use metaloop_proto::rng::derive_seed;
+use metaloop_proto::tensor::{Bundle, HostTensor};
+use metaloop_proto::weights::AdamW;
 
 #[derive(Debug, Clone)]
 pub struct LossRescaler {

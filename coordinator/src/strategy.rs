@@ -4,10 +4,10 @@
 //! workers need and updates from their results.
 
 use crate::checkpoint;
-use metaloop_common::checksum::StateHasher;
-use metaloop_common::config::{Directional, StrategyConfig, WeightMethod};
-use metaloop_common::proto::{AssignmentResult, DirectionalMethod, HypergradientSpec};
-use metaloop_common::weights::{self, AdamW};
+use metaloop_proto::checksum::StateHasher;
+use metaloop_proto::config::{Directional, StrategyConfig, WeightMethod};
+use metaloop_proto::proto::{AssignmentResult, DirectionalMethod, HypergradientSpec};
+use metaloop_proto::weights::{self, AdamW};
 
 #[derive(Debug, Clone)]
 pub struct DomainWeights {
@@ -258,7 +258,7 @@ impl DomainWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metaloop_common::proto::{DomainProbe, DomainStat};
+    use metaloop_proto::proto::{DomainProbe, DomainStat};
 
     fn result(stats: &[(f64, u64)]) -> AssignmentResult {
         AssignmentResult {

@@ -5,19 +5,20 @@
 use crate::collective::{self, Collective, CollectiveError};
 use crate::primitives;
 use crate::rescaler::{self, Batch, Validation, VirtualStep};
-use metaloop_common::checksum::{bundle_checksum, hex};
-use metaloop_common::dataset::{self, Dataset};
-use metaloop_common::domains::{self, DomainError};
-use metaloop_common::features::{self, Feature};
+use metaloop_common::features;
 use metaloop_common::model::Mlp;
 use metaloop_common::model::{self, Model};
-use metaloop_common::proto::DomainProbe;
-use metaloop_common::proto::{
+use metaloop_proto::checksum::{bundle_checksum, hex};
+use metaloop_proto::dataset::{self, Dataset};
+use metaloop_proto::domains::{self, DomainError};
+use metaloop_proto::features::Feature;
+use metaloop_proto::proto::DomainProbe;
+use metaloop_proto::proto::{
     Assignment, DirectionalMethod, DomainStat, HypergradientSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
     RoundPlan, SmallTensor, TrainOn,
 };
-use metaloop_common::rng::{derive_seed, SplitMix64};
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::rng::{derive_seed, SplitMix64};
+use metaloop_proto::tensor::Bundle;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
@@ -837,7 +838,7 @@ fn sgd_step(params: &[Tensor], grads: &[Tensor], momentum: &mut [Option<Tensor>]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metaloop_common::proto::{InnerSpec, ModelSpec};
+    use metaloop_proto::proto::{InnerSpec, ModelSpec};
 
     fn job(shards: u32) -> JobSpec {
         JobSpec {
@@ -857,7 +858,7 @@ mod tests {
                 momentum: 0.9,
                 weight_decay: 0.0,
             },
-            delta_dtype: metaloop_common::proto::DType::F32,
+            delta_dtype: metaloop_proto::proto::DType::F32,
         }
     }
 
@@ -918,7 +919,7 @@ mod tests {
         let path = dir.path().join("d.safetensors");
         std::fs::write(&path, dataset::to_safetensors(&blobs(16)).expect("ser")).expect("write");
         let mut spec = job(1);
-        spec.domains = vec![metaloop_common::proto::DomainSpec {
+        spec.domains = vec![metaloop_proto::proto::DomainSpec {
             name: "d".into(),
             source: path.to_string_lossy().into_owned(),
             subset: None,
