@@ -5,10 +5,10 @@
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use metaloop_common::config::{JobConfig, PolicyMethod, StrategyKind, WeightMethod};
 use metaloop_common::net::TlsFiles;
 use metaloop_common::pki;
 use metaloop_coordinator::{Coordinator, CoordinatorOptions, RoundRecord, RunDir, Summary};
+use metaloop_proto::config::{JobConfig, PolicyMethod, StrategyKind, WeightMethod};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;

@@ -5,8 +5,8 @@ mod local;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use metaloop_common::config::JobConfig;
 use metaloop_common::net::TlsFiles;
+use metaloop_proto::config::JobConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

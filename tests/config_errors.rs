@@ -168,16 +168,16 @@ fn bad_devices_are_refused_naming_the_value_before_anything_starts() {
 }
 
 /// `n` rows of `features` features with labels cycling through 0..10, as safetensors.
-fn rows(n: usize, features: usize) -> metaloop_common::dataset::Dataset {
-    metaloop_common::dataset::Dataset {
+fn rows(n: usize, features: usize) -> metaloop_proto::dataset::Dataset {
+    metaloop_proto::dataset::Dataset {
         x: (0..n * features).map(|v| (v % 17) as f32 / 17.0).collect(),
         y: (0..n as i64).map(|i| i % 10).collect(),
         features,
     }
 }
 
-fn write_data(path: &Path, ds: &metaloop_common::dataset::Dataset) {
-    let bytes = metaloop_common::dataset::to_safetensors(ds).expect("serialise");
+fn write_data(path: &Path, ds: &metaloop_proto::dataset::Dataset) {
+    let bytes = metaloop_proto::dataset::to_safetensors(ds).expect("serialise");
     std::fs::write(path, bytes).expect("write data");
 }
 

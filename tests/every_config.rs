@@ -1,7 +1,7 @@
 //! Every job config shipped in `configs/` must parse and validate, data files included, without
 //! a warning.
 
-use metaloop_common::config::JobConfig;
+use metaloop_proto::config::JobConfig;
 
 #[test]
 fn every_shipped_config_is_valid() {

@@ -98,7 +98,7 @@ fn a_worker_joining_mid_run_is_admitted_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_and_nan_results_are_rejected_and_the_round_completes() {
     use metaloop_common::net;
-    use metaloop_common::proto::{AssignmentResult, CoordinatorMsg, ModelSource, WorkerMsg};
+    use metaloop_proto::proto::{AssignmentResult, CoordinatorMsg, ModelSource, WorkerMsg};
 
     let job = ["--rounds", "20", "--seed", "3"];
     let reference = reference_run(&job, "1");
@@ -238,7 +238,7 @@ fn killed_coordinator_resumes_exactly(job: &[&str], rounds: usize) {
 /// (keep-alives flow): the assignment timeout drops it and an honest worker does its share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_worker_is_dropped_at_the_assignment_timeout() {
-    use metaloop_common::proto::CoordinatorMsg;
+    use metaloop_proto::proto::CoordinatorMsg;
     let job = ["--rounds", "10", "--seed", "4"];
     let reference = reference_run(&job, "1");
     let dir = tempfile::tempdir().expect("tmp");

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use metaloop_common::net::{self, TlsFiles};
-use metaloop_common::proto::{self, BundleHeader, CoordinatorMsg, DType, Hello, TensorMeta, WorkerMsg};
+use metaloop_proto::proto::{self, BundleHeader, CoordinatorMsg, DType, Hello, TensorMeta, WorkerMsg};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 use std::net::SocketAddr;

@@ -182,14 +182,14 @@ fn quickstart_learns_domain_weights_that_beat_uniform_weights() {
 #[test]
 fn a_domain_that_does_not_fit_the_job_is_named() {
     let dir = tempfile::tempdir().expect("tmp");
-    let odd = metaloop_common::dataset::Dataset {
+    let odd = metaloop_proto::dataset::Dataset {
         x: vec![0.5; 30],
         y: vec![1; 10],
         features: 3,
     };
     std::fs::write(
         dir.path().join("odd.safetensors"),
-        metaloop_common::dataset::to_safetensors(&odd).expect("ser"),
+        metaloop_proto::dataset::to_safetensors(&odd).expect("ser"),
     )
     .expect("write");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits");

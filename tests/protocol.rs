@@ -1,9 +1,9 @@
 //! The versioned handshake over real QUIC connections: a version mismatch is a clear error on
 //! both sides.
 
-use metaloop_common::config::JobConfig;
 use metaloop_common::net;
-use metaloop_common::proto::{self, CoordinatorMsg, Hello, InnerSpec, JobSpec, ModelSpec, Welcome, WorkerMsg};
+use metaloop_proto::config::JobConfig;
+use metaloop_proto::proto::{self, CoordinatorMsg, Hello, InnerSpec, JobSpec, ModelSpec, Welcome, WorkerMsg};
 use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -84,7 +84,7 @@ async fn worker_refuses_a_coordinator_of_another_version() {
                 momentum: 0.0,
                 weight_decay: 0.0,
             },
-            delta_dtype: metaloop_common::proto::DType::F32,
+            delta_dtype: metaloop_proto::proto::DType::F32,
         };
         let welcome = CoordinatorMsg::Welcome(Welcome {
             protocol_version: proto::PROTOCOL_VERSION + 1,

@@ -1,70 +1,12 @@
 //! Per-sample signals from the model itself (docs/algorithms.md §5), the input of the loss-rescaling
 //! network Ω: loss, probability of the given label, entropy, margin, and training progress.
 //! Each is scaled to a fixed range (loss and entropy divided by ln C) so Ω sees comparable
-//! values in every round, whatever the model's state.
+//! values in every round, whatever the model's state. Which features there are (`Feature`, its
+//! wire codes, the default set) is `metaloop_proto::features`; this module computes them.
 
 use crate::model::Model;
-use serde::Deserialize;
+use metaloop_proto::features::Feature;
 use tch::{Kind, Tensor};
-
-/// One feature Ω can see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Feature {
-    /// Cross-entropy of the given label / ln C.
-    Loss,
-    /// Softmax probability of the given label, in [0, 1].
-    LabelProb,
-    /// Entropy of the softmax / ln C, in [0, 1].
-    Entropy,
-    /// Probability of the given label minus the largest other probability, in [-1, 1].
-    Margin,
-    /// Fraction of the run done, in [0, 1] (the same for every sample of a round).
-    Progress,
-    /// Mean of the given label's probability over G stochastic (dropout) forward passes.
-    LabelProbMean,
-    /// Standard deviation of the given label's probability over G stochastic forward passes.
-    LabelProbSpread,
-}
-
-impl Feature {
-    pub fn code(self) -> u8 {
-        match self {
-            Feature::Loss => 0,
-            Feature::LabelProb => 1,
-            Feature::Entropy => 2,
-            Feature::Margin => 3,
-            Feature::Progress => 4,
-            Feature::LabelProbMean => 5,
-            Feature::LabelProbSpread => 6,
-        }
-    }
-
-    /// True for the features that need stochastic forward passes.
-    pub fn stochastic(self) -> bool {
-        matches!(self, Feature::LabelProbMean | Feature::LabelProbSpread)
-    }
-
-    pub fn from_code(c: u8) -> Option<Self> {
-        [
-            Feature::Loss,
-            Feature::LabelProb,
-            Feature::Entropy,
-            Feature::Margin,
-            Feature::Progress,
-            Feature::LabelProbMean,
-            Feature::LabelProbSpread,
-        ]
-        .into_iter()
-        .find(|f| f.code() == c)
-    }
-}
-
-/// The default inputs: loss alone was found fragile (at 60% noise Ω learned to favour noisy
-/// samples); loss + label probability + entropy was robust (docs/algorithms.md §5).
-pub fn default_features() -> Vec<Feature> {
-    vec![Feature::Loss, Feature::LabelProb, Feature::Entropy]
-}
 
 /// Features of `(x, y)` under `model`: one deterministic (eval-mode) forward pass, plus
 /// `passes` stochastic (train-mode, dropout) ones when a feature needs them. Leaves the model
@@ -175,7 +117,7 @@ mod tests {
     #[test]
     fn stochastic_features_sample_dropout() {
         use crate::model::{build, init_params};
-        use crate::proto::ModelSpec;
+        use metaloop_proto::proto::ModelSpec;
         let spec = |dropout| ModelSpec::Mlp {
             inputs: 4,
             hidden: vec![32],

@@ -1,20 +1,16 @@
-//! Everything both sides of metaloop share: the wire protocol (`proto`), host-side tensors and
-//! their codec, job configuration, dataset loading, the model zoo, deterministic randomness and
-//! the QUIC/TLS set-up (`net`), the metric names (`metrics`) and the HTTP endpoint that serves
-//! them (`http`); `net` and `http` are the only modules here that do network I/O.
+//! What both sides of metaloop share that needs libtorch or I/O, built on the pure core in
+//! `metaloop-proto` (wire protocol, tensors, config, datasets): the model zoo and its conversions
+//! to and from host tensors (`model`), Ω's features computed from a model (`features`), the
+//! compute thread that owns libtorch state (`compute`), the QUIC/TLS set-up (`net`), the CA on
+//! disk (`pki`), the metric names (`metrics`) and the HTTP endpoint that serves them (`http`).
+//! `net` and `http` are the only modules here that do network I/O; the only file I/O is `pki`'s
+//! (the CA, certificates and revocation list it reads and writes) and `net`'s (reading the PEM
+//! files of a TLS identity; `write_pki` for tests).
 
-pub mod checksum;
 pub mod compute;
-pub mod config;
-pub mod dataset;
-pub mod domains;
 pub mod features;
 pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pki;
-pub mod proto;
-pub mod rng;
-pub mod tensor;
-pub mod weights;

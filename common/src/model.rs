@@ -2,9 +2,10 @@
 //! primitive are written against [`Model`] only, so other models (a transformer, a TorchScript
 //! module) plug in without changing them.
 
-use crate::proto::ModelSpec;
-use crate::rng::SplitMix64;
-use crate::tensor::{Bundle, HostTensor};
+use metaloop_proto::dataset::Dataset;
+use metaloop_proto::proto::ModelSpec;
+use metaloop_proto::rng::SplitMix64;
+use metaloop_proto::tensor::{Bundle, HostTensor};
 use tch::{Device, Kind, Tensor};
 
 /// A trainable classifier.
@@ -232,7 +233,7 @@ pub fn batch_tensors(x: &[f32], y: &[i64], features: usize, device: Device) -> (
 ///
 /// # Errors
 /// When libtorch fails.
-pub fn evaluate(model: &dyn Model, ds: &crate::dataset::Dataset, device: Device) -> Result<(f64, f64), ModelError> {
+pub fn evaluate(model: &dyn Model, ds: &Dataset, device: Device) -> Result<(f64, f64), ModelError> {
     tch::no_grad(|| {
         let (x, y) = batch_tensors(&ds.x, &ds.y, ds.features, device);
         let logits = model.forward(&x);

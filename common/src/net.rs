@@ -3,8 +3,8 @@
 //!
 //! Every connection is TLS 1.3 with client certificates (mutual TLS) against one CA.
 
-use crate::proto::{self, ProtoError};
-use crate::tensor::Bundle;
+use metaloop_proto::proto::{self, ProtoError};
+use metaloop_proto::tensor::Bundle;
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, ServerConfig, TransportConfig};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use serde::{de::DeserializeOwned, Serialize};
@@ -596,8 +596,8 @@ pub async fn finish_and_flush(send: &mut SendStream, within: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{BundleHeader, BundleLayout, DType, TensorMeta};
-    use crate::tensor::HostTensor;
+    use metaloop_proto::proto::{BundleHeader, BundleLayout, DType, TensorMeta};
+    use metaloop_proto::tensor::HostTensor;
     use std::sync::atomic::AtomicU64;
 
     fn small() -> Bundle {

@@ -5,7 +5,7 @@
 //! corrupt or foreign files, says why and moves them into `unusable/`.
 
 use anyhow::{bail, Context};
-use metaloop_common::tensor::{Bundle, HostTensor};
+use metaloop_proto::tensor::{Bundle, HostTensor};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -89,7 +89,7 @@ pub fn named(state: &[(String, Vec<f64>)], name: &str, len: usize) -> anyhow::Re
 }
 
 /// An AdamW optimizer's moments and step as named vectors under `prefix`.
-pub fn adam_state(prefix: &str, adam: &metaloop_common::weights::AdamW) -> Vec<(String, Vec<f64>)> {
+pub fn adam_state(prefix: &str, adam: &metaloop_proto::weights::AdamW) -> Vec<(String, Vec<f64>)> {
     vec![
         (format!("{prefix}.adam_m"), adam.m.clone()),
         (format!("{prefix}.adam_v"), adam.v.clone()),
@@ -104,7 +104,7 @@ pub fn adam_state(prefix: &str, adam: &metaloop_common::weights::AdamW) -> Vec<(
 pub fn restore_adam(
     state: &[(String, Vec<f64>)],
     prefix: &str,
-    adam: &mut metaloop_common::weights::AdamW,
+    adam: &mut metaloop_proto::weights::AdamW,
     len: usize,
 ) -> anyhow::Result<()> {
     let (m, v) = (
@@ -119,7 +119,7 @@ pub fn restore_adam(
 }
 
 /// Adds named vectors to a state checksum.
-pub fn hash_named(h: &mut metaloop_common::checksum::StateHasher, state: &[(String, Vec<f64>)]) {
+pub fn hash_named(h: &mut metaloop_proto::checksum::StateHasher, state: &[(String, Vec<f64>)]) {
     for (name, values) in state {
         h.bytes(name.as_bytes());
         for v in values {

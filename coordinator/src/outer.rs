@@ -1,8 +1,8 @@
 //! The outer model update: average the workers' pseudo-gradients (θ_after − θ_before) in
 //! assignment order and turn them into the exact update the coordinator applies and ships.
 
-use metaloop_common::config::{OuterConfig, OuterMethod};
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::config::{OuterConfig, OuterMethod};
+use metaloop_proto::tensor::Bundle;
 
 /// Outer optimizer state (the Nesterov momentum buffer, in Δ's sign convention).
 #[derive(Debug, Clone)]
@@ -154,7 +154,7 @@ fn values(b: &mut Bundle) -> impl Iterator<Item = &mut f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metaloop_common::tensor::HostTensor;
+    use metaloop_proto::tensor::HostTensor;
 
     fn b(v: &[f32]) -> Bundle {
         Bundle {
@@ -218,7 +218,7 @@ mod tests {
             method: OuterMethod::Average,
             lr: 1.0,
             momentum: 0.0,
-            delta_dtype: metaloop_common::config::DeltaDType::F32,
+            delta_dtype: metaloop_proto::config::DeltaDType::F32,
         });
         assert_eq!(
             o.step(combine(Combine::Mean, vec![b(&[1.0, 2.0]), b(&[3.0, -2.0])])),
@@ -232,7 +232,7 @@ mod tests {
             method: OuterMethod::Average,
             lr: 0.5,
             momentum: 0.0,
-            delta_dtype: metaloop_common::config::DeltaDType::F32,
+            delta_dtype: metaloop_proto::config::DeltaDType::F32,
         });
         // 0.5 · (0.25·(4, 0) + 0.75·(0, −8)) = (0.5, −3).
         let u = o.step(combine(
@@ -248,7 +248,7 @@ mod tests {
             method: OuterMethod::Nesterov,
             lr: 0.5,
             momentum: 0.9,
-            delta_dtype: metaloop_common::config::DeltaDType::F32,
+            delta_dtype: metaloop_proto::config::DeltaDType::F32,
         });
         // Round 1: Δ̄ = 2; b = 2; u = 0.5·(2 + 0.9·2) = 1.9.
         let u1 = o.step(combine(Combine::Mean, vec![b(&[1.0]), b(&[3.0])]));

@@ -8,10 +8,10 @@ use crate::identity::{self, Tls};
 use crate::scheduler::WorkerId;
 use admission::{Admission, Decision, Ticket};
 use metaloop_common::net::{self, Inbox, NetError};
-use metaloop_common::proto::{
+use metaloop_proto::proto::{
     self, AssignmentResult, BundleLayout, CoordinatorMsg, Hello, JobSpec, RoundPlan, Welcome, WorkerMsg,
 };
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::tensor::Bundle;
 use quinn::{Connection, RecvStream, SendStream};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metaloop_common::proto::{decode_bundle, encode_bundle, BundleHeader, ProtoError};
 use metaloop_fuzz::{alloc_budget, bundle_seeds, peak_alloc, same_bundle, write_seeds};
+use metaloop_proto::proto::{decode_bundle, encode_bundle, BundleHeader, ProtoError};
 
 fn check(data: &[u8]) {
     let (decoded, peak) = peak_alloc(|| decode_bundle(data));

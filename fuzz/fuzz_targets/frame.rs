@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metaloop_common::proto::{
+use metaloop_fuzz::{alloc_budget, canonical, frame_seeds, peak_alloc, write_seeds};
+use metaloop_proto::proto::{
     decode_body, decode_frame, encode_frame, frame_len, BundleHeader, CoordinatorMsg, ProtoError, WorkerMsg,
     MAX_FRAME_BYTES,
 };
-use metaloop_fuzz::{alloc_budget, canonical, frame_seeds, peak_alloc, write_seeds};
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt::Debug;
 

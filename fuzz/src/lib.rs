@@ -2,12 +2,12 @@
 //! input justifies), exact (bitwise) comparisons of decoded values, and seed inputs built from
 //! valid encodings.
 
-use metaloop_common::proto::{
+use metaloop_proto::proto::{
     encode_bundle, encode_frame, Ask, Assignment, AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef,
     DirectionalMethod, DomainSpec, DomainStat, Hello, InnerSpec, JobSpec, ModelSource,
     ModelSpec, RescaleMode, RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg,
 };
-use metaloop_common::tensor::{Bundle, HostTensor};
+use metaloop_proto::tensor::{Bundle, HostTensor};
 use serde::Serialize;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

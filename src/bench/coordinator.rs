@@ -12,7 +12,7 @@
 use anyhow::{bail, ensure, Context};
 use metaloop_common::model;
 use metaloop_common::net::{self, EncodedBundle, Inbox, TlsFiles};
-use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, WorkerMsg};
+use metaloop_proto::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, WorkerMsg};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicU64;
@@ -339,9 +339,9 @@ async fn sim_worker(
             )
         })
         .await;
-    let inbox = Arc::new(Inbox::new(metaloop_common::proto::BundleLayout::of(
+    let inbox = Arc::new(Inbox::new(metaloop_proto::proto::BundleLayout::of(
         &model::init_params(&welcome.job.model, 0),
-        metaloop_common::proto::DType::F32,
+        metaloop_proto::proto::DType::F32,
     )));
     let filler = {
         let (inbox, conn) = (inbox.clone(), conn.clone());

@@ -13,16 +13,16 @@
 //! agree: the comparison is between two implementations of the same function.
 
 use anyhow::{bail, ensure, Context};
-use metaloop_common::checksum::bundle_checksum;
-use metaloop_common::dataset::{self, Dataset};
-use metaloop_common::features::{default_features, Feature};
 use metaloop_common::model;
-use metaloop_common::proto::{
+use metaloop_proto::checksum::bundle_checksum;
+use metaloop_proto::dataset::{self, Dataset};
+use metaloop_proto::features::{default_features, Feature};
+use metaloop_proto::proto::{
     Ask, Assignment, DirectionalMethod, HypergradientSpec, InnerSpec, JobSpec, ModelSpec, RescaleMode, RescalerPlan,
     Signal, SmallTensor, TrainOn,
 };
-use metaloop_common::rng::SplitMix64;
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::rng::SplitMix64;
+use metaloop_proto::tensor::Bundle;
 use metaloop_worker::{RoundAsks, Trainer};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -273,7 +273,7 @@ impl Setup {
                     momentum: 0.9,
                     weight_decay: 5e-4,
                 },
-                delta_dtype: metaloop_common::proto::DType::F32,
+                delta_dtype: metaloop_proto::proto::DType::F32,
             },
             domains,
             meta,

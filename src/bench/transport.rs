@@ -5,8 +5,8 @@
 
 use anyhow::Context;
 use metaloop_common::net;
-use metaloop_common::proto::DType;
-use metaloop_common::tensor::{Bundle, HostTensor};
+use metaloop_proto::proto::DType;
+use metaloop_proto::tensor::{Bundle, HostTensor};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -67,7 +67,7 @@ async fn quic_once(bundle: &Bundle, dtype: DType) -> anyhow::Result<Duration> {
     let (coord, worker) = net::write_pki(&dir)?;
     let server = net::server_endpoint("127.0.0.1:0".parse()?, &coord)?;
     let addr = server.local_addr()?;
-    let expected = metaloop_common::proto::BundleLayout::of(bundle, dtype);
+    let expected = metaloop_proto::proto::BundleLayout::of(bundle, dtype);
     let receiver = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
         let recv = conn.accept_uni().await?;
@@ -102,7 +102,7 @@ async fn tcp_once(bundle: &Bundle) -> anyhow::Result<Duration> {
     });
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let start = Instant::now();
-    let bytes = metaloop_common::proto::encode_payload(bundle);
+    let bytes = metaloop_proto::proto::encode_payload(bundle);
     s.write_all(&bytes).await?;
     s.shutdown().await?;
     let (done, n) = receiver.await??;

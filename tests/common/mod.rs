@@ -146,14 +146,14 @@ pub struct FakeWorker {
     pub conn: quinn::Connection,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
-    pub welcome: metaloop_common::proto::Welcome,
+    pub welcome: metaloop_proto::proto::Welcome,
     _endpoint: quinn::Endpoint,
 }
 
 impl FakeWorker {
     pub async fn join(tls: &metaloop_common::net::TlsFiles, addr: &str, name: &str) -> Self {
         use metaloop_common::net;
-        use metaloop_common::proto::{self, CoordinatorMsg, Hello, WorkerMsg};
+        use metaloop_proto::proto::{self, CoordinatorMsg, Hello, WorkerMsg};
         let endpoint = net::client_endpoint(tls, "127.0.0.1:0".parse().expect("addr")).expect("client");
         let conn = net::connect(&endpoint, addr.parse().expect("addr"))
             .await

@@ -5,7 +5,7 @@ use crate::engine::Engine;
 use anyhow::{bail, Context};
 use metaloop_common::metrics as m;
 use metaloop_common::net::{self, Inbox, TlsFiles};
-use metaloop_common::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, RoundPlan, WorkerMsg};
+use metaloop_proto::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, RoundPlan, WorkerMsg};
 use quinn::{Connection, SendStream};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;

@@ -2,12 +2,12 @@
 //! and the batches an assignment draws from them (all functions of the assignment's seed).
 
 use crate::train::TrainError;
-use metaloop_common::checksum::hex;
-use metaloop_common::dataset::{self, Dataset};
-use metaloop_common::domains;
 use metaloop_common::model;
-use metaloop_common::proto::{Assignment, JobSpec, ModelSpec, TrainOn};
-use metaloop_common::rng::{derive_seed, SplitMix64};
+use metaloop_proto::checksum::hex;
+use metaloop_proto::dataset::{self, Dataset};
+use metaloop_proto::domains;
+use metaloop_proto::proto::{Assignment, JobSpec, ModelSpec, TrainOn};
+use metaloop_proto::rng::{derive_seed, SplitMix64};
 use std::sync::Arc;
 use tch::{Device, Tensor};
 

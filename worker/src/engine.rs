@@ -9,8 +9,8 @@ use crate::data::TrainingData;
 use crate::devices;
 use crate::train::{AssignmentOutcome, RoundAsks, TrainError, Trainer};
 use metaloop_common::compute::{ComputeGone, ComputeThread};
-use metaloop_common::proto::{Assignment, JobSpec, ModelSpec};
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::proto::{Assignment, JobSpec, ModelSpec};
+use metaloop_proto::tensor::Bundle;
 use std::sync::Arc;
 use tch::Device;
 
@@ -219,14 +219,14 @@ fn trainer(t: &mut Result<Trainer, TrainError>) -> Result<&mut Trainer, TrainErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metaloop_common::checksum::bundle_checksum;
-    use metaloop_common::dataset::Dataset;
-    use metaloop_common::features::Feature;
     use metaloop_common::model;
-    use metaloop_common::proto::{
+    use metaloop_proto::checksum::bundle_checksum;
+    use metaloop_proto::dataset::Dataset;
+    use metaloop_proto::features::Feature;
+    use metaloop_proto::proto::{
         Ask, DirectionalMethod, HypergradientSpec, InnerSpec, RescaleMode, RescalerPlan, Signal, SmallTensor, TrainOn,
     };
-    use metaloop_common::rng::SplitMix64;
+    use metaloop_proto::rng::SplitMix64;
 
     /// The tolerance of replicas against one replica on the whole batch: only the order of
     /// float32 additions differs, so |a − b| ≤ TOL · (1 + |a|) for every value returned.
@@ -250,7 +250,7 @@ mod tests {
                 momentum: 0.9,
                 weight_decay: 1e-3,
             },
-            delta_dtype: metaloop_common::proto::DType::F32,
+            delta_dtype: metaloop_proto::proto::DType::F32,
         }
     }
 

@@ -6,8 +6,8 @@ use crate::data::Batches;
 use crate::primitives;
 use crate::train::TrainError;
 use metaloop_common::model::{self, Model};
-use metaloop_common::proto::{Assignment, InnerSpec};
-use metaloop_common::rng::derive_seed;
+use metaloop_proto::proto::{Assignment, InnerSpec};
+use metaloop_proto::rng::derive_seed;
 use tch::{Device, Tensor};
 
 /// What the inner steps did.

@@ -87,8 +87,8 @@ pub fn directional_fd(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor], r
 mod tests {
     use super::*;
     use crate::testing::{net, randn, Net};
-    use metaloop_common::rng::SplitMix64;
-    use metaloop_common::weights;
+    use metaloop_proto::rng::SplitMix64;
+    use metaloop_proto::weights;
     use tch::Device;
 
     fn tiny(seed: u64) -> Net {

@@ -6,7 +6,7 @@
 
 use crate::primitives::{self, FD_RADIUS};
 use metaloop_common::model::Model;
-use metaloop_common::proto::DirectionalMethod;
+use metaloop_proto::proto::DirectionalMethod;
 use tch::Tensor;
 
 /// Ω's weights `[n]` in (0, 1) for features `[n, F]`.
@@ -123,7 +123,7 @@ pub fn meta_gradient(
 mod tests {
     use super::*;
     use crate::testing::{net, randn, Net};
-    use metaloop_common::rng::SplitMix64;
+    use metaloop_proto::rng::SplitMix64;
     use tch::Kind;
 
     fn shifted(omega: &Net, dir: &[Tensor], h: f64) -> Net {

@@ -2,7 +2,7 @@
 //! to judge the training primitives by.
 
 use metaloop_common::model::Model;
-use metaloop_common::rng::SplitMix64;
+use metaloop_proto::rng::SplitMix64;
 use tch::Tensor;
 
 /// A double-precision MLP with one tanh hidden layer.

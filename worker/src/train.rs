@@ -8,12 +8,12 @@ use crate::collective::{Collective, CollectiveError};
 use crate::data::TrainingData;
 use crate::inner;
 use crate::signal;
-use metaloop_common::checksum::{bundle_checksum, hex};
-use metaloop_common::dataset::{self, Dataset};
-use metaloop_common::domains::DomainError;
 use metaloop_common::model::{self, Model};
-use metaloop_common::proto::{Ask, Assignment, JobSpec, RoundPlan, Signal, TrainOn};
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::checksum::{bundle_checksum, hex};
+use metaloop_proto::dataset::{self, Dataset};
+use metaloop_proto::domains::DomainError;
+use metaloop_proto::proto::{Ask, Assignment, JobSpec, RoundPlan, Signal, TrainOn};
+use metaloop_proto::tensor::Bundle;
 use std::time::Instant;
 use tch::Device;
 
@@ -304,9 +304,9 @@ fn verify(params: &Bundle, checksum: [u8; 32], version: u64) -> Result<(), Train
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metaloop_common::domains;
-    use metaloop_common::proto::{InnerSpec, ModelSpec};
-    use metaloop_common::rng::SplitMix64;
+    use metaloop_proto::domains;
+    use metaloop_proto::proto::{InnerSpec, ModelSpec};
+    use metaloop_proto::rng::SplitMix64;
 
     fn job(shards: u32) -> JobSpec {
         JobSpec {
@@ -326,7 +326,7 @@ mod tests {
                 momentum: 0.9,
                 weight_decay: 0.0,
             },
-            delta_dtype: metaloop_common::proto::DType::F32,
+            delta_dtype: metaloop_proto::proto::DType::F32,
         }
     }
 
@@ -387,7 +387,7 @@ mod tests {
         let path = dir.path().join("d.safetensors");
         std::fs::write(&path, dataset::to_safetensors(&blobs(16)).expect("ser")).expect("write");
         let mut spec = job(1);
-        spec.domains = vec![metaloop_common::proto::DomainSpec {
+        spec.domains = vec![metaloop_proto::proto::DomainSpec {
             name: "d".into(),
             source: path.to_string_lossy().into_owned(),
             subset: None,

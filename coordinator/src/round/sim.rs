@@ -8,13 +8,13 @@ use super::{Action, Payload, RoundCore};
 use crate::outer::OuterOptimizer;
 use crate::scheduler::{AssignmentTimeout, Scheduler, WorkerId};
 use crate::strategy::{self, PhaseChange};
-use metaloop_common::checksum::{bundle_checksum, hex};
-use metaloop_common::config::JobConfig;
-use metaloop_common::proto::{
+use metaloop_proto::checksum::{bundle_checksum, hex};
+use metaloop_proto::config::JobConfig;
+use metaloop_proto::proto::{
     Ask, AssignmentResult, DomainProbe, DomainStat, ModelSource, ModelSpec, RoundPlan, Signal, SmallTensor,
 };
-use metaloop_common::rng::{derive_seed, SplitMix64};
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::rng::{derive_seed, SplitMix64};
+use metaloop_proto::tensor::Bundle;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,9 +6,9 @@
 use super::{mean_meta_loss, OuterStrategy, PhaseChange, RoundDesign, Shards, StrategyReport};
 use crate::checkpoint;
 use crate::outer::Combine;
-use metaloop_common::config::{Directional, JobConfig, StrategyConfig, WeightMethod};
-use metaloop_common::proto::{Ask, AssignmentResult, DirectionalMethod, HypergradientSpec, Signal};
-use metaloop_common::weights::{self, AdamW};
+use metaloop_proto::config::{Directional, JobConfig, StrategyConfig, WeightMethod};
+use metaloop_proto::proto::{Ask, AssignmentResult, DirectionalMethod, HypergradientSpec, Signal};
+use metaloop_proto::weights::{self, AdamW};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone)]
@@ -350,7 +350,7 @@ impl OuterStrategy for DomainWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metaloop_common::proto::{DomainProbe, DomainStat};
+    use metaloop_proto::proto::{DomainProbe, DomainStat};
 
     fn result(signal: Signal) -> AssignmentResult {
         AssignmentResult {

@@ -5,15 +5,15 @@
 use super::domain_weights::DomainWeights;
 use super::{mean_meta_loss, OmegaProbe, OuterStrategy, RoundDesign, StrategyReport};
 use crate::checkpoint;
-use metaloop_common::config::{Directional, JobConfig, RescaleMode, StrategyConfig, StrategyKind};
-use metaloop_common::features::Feature;
 use metaloop_common::model;
-use metaloop_common::proto::{
+use metaloop_proto::config::{Directional, JobConfig, RescaleMode, StrategyConfig, StrategyKind};
+use metaloop_proto::features::Feature;
+use metaloop_proto::proto::{
     self, Ask, AssignmentResult, DirectionalMethod, ModelSpec, RescalerPlan, Signal, SmallTensor,
 };
-use metaloop_common::rng::derive_seed;
-use metaloop_common::tensor::{Bundle, HostTensor};
-use metaloop_common::weights::AdamW;
+use metaloop_proto::rng::derive_seed;
+use metaloop_proto::tensor::{Bundle, HostTensor};
+use metaloop_proto::weights::AdamW;
 use std::collections::BTreeMap;
 
 /// The strategy: inner steps on the (uniform) mixture, each sample's loss weighted by Ω

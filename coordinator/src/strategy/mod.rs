@@ -14,12 +14,12 @@ pub use loss_rescaling::{separation, Separation};
 use crate::checkpoint;
 use crate::outer::Combine;
 use domain_weights::DomainWeights;
-use metaloop_common::checksum::StateHasher;
-use metaloop_common::config::{JobConfig, StrategyKind};
-use metaloop_common::features::Feature;
-use metaloop_common::proto::{Ask, Assignment, AssignmentResult, TrainOn};
-use metaloop_common::rng::derive_seed;
-use metaloop_common::tensor::Bundle;
+use metaloop_proto::checksum::StateHasher;
+use metaloop_proto::config::{JobConfig, StrategyKind};
+use metaloop_proto::features::Feature;
+use metaloop_proto::proto::{Ask, Assignment, AssignmentResult, TrainOn};
+use metaloop_proto::rng::derive_seed;
+use metaloop_proto::tensor::Bundle;
 use std::collections::BTreeMap;
 
 /// One round as a strategy designs it.

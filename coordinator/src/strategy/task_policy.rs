@@ -17,9 +17,9 @@ use super::domain_weights::DomainWeights;
 use super::{OuterStrategy, RoundDesign, StrategyReport};
 use crate::checkpoint;
 use crate::outer::Combine;
-use metaloop_common::config::{JobConfig, PolicyMethod};
-use metaloop_common::proto::{Ask, Assignment, AssignmentResult, Signal, TrainOn};
-use metaloop_common::rng::{derive_seed, SplitMix64};
+use metaloop_proto::config::{JobConfig, PolicyMethod};
+use metaloop_proto::proto::{Ask, Assignment, AssignmentResult, Signal, TrainOn};
+use metaloop_proto::rng::{derive_seed, SplitMix64};
 use std::collections::BTreeMap;
 
 /// The strategy: the policy, the round in progress, and the (uniform) mixture every plan

@@ -5,7 +5,7 @@ use super::{meta_loss, At, Producer};
 use crate::primitives;
 use crate::train::TrainError;
 use metaloop_common::model;
-use metaloop_common::proto::{DomainProbe, Signal};
+use metaloop_proto::proto::{DomainProbe, Signal};
 
 pub(super) struct Doremi {
     /// Rows per domain's probe.

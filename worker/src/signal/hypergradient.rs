@@ -7,7 +7,7 @@ use crate::data::TrainingData;
 use crate::primitives;
 use crate::train::TrainError;
 use metaloop_common::model;
-use metaloop_common::proto::{DirectionalMethod, DomainStat, HypergradientSpec, Signal};
+use metaloop_proto::proto::{DirectionalMethod, DomainStat, HypergradientSpec, Signal};
 
 pub(super) struct Hypergradient(HypergradientSpec);
 

@@ -6,9 +6,10 @@ use super::{meta_loss, need_meta, At, Producer};
 use crate::data::TrainingData;
 use crate::rescaler::{self, Batch, Validation, VirtualStep};
 use crate::train::TrainError;
-use metaloop_common::features::{self, Feature};
+use metaloop_common::features;
 use metaloop_common::model::{self, Mlp, Model};
-use metaloop_common::proto::{DirectionalMethod, RescaleMode, RescalerPlan, Signal, SmallTensor};
+use metaloop_proto::features::Feature;
+use metaloop_proto::proto::{DirectionalMethod, RescaleMode, RescalerPlan, Signal, SmallTensor};
 use tch::{Device, Tensor};
 
 /// The rescaler network of a round, built from its plan.

@@ -15,7 +15,7 @@ use crate::inner::zero_grads;
 use crate::primitives;
 use crate::train::TrainError;
 use metaloop_common::model::{self, Model};
-use metaloop_common::proto::{Ask, Assignment, Signal};
+use metaloop_proto::proto::{Ask, Assignment, Signal};
 use tch::{Device, Tensor};
 
 /// One outer strategy's side of an assignment.

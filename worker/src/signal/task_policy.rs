@@ -5,7 +5,7 @@ use super::{mean_loss, need_meta, At, Producer};
 use crate::data::{gather, TrainingData};
 use crate::train::TrainError;
 use metaloop_common::model;
-use metaloop_common::proto::Signal;
+use metaloop_proto::proto::Signal;
 
 pub(super) struct TaskPolicy<'a> {
     /// Rows of the meta set.

@@ -3,13 +3,13 @@
 //! decodes to the same value, bit for bit; valid encodings with one byte overwritten or cut
 //! short give a value or a typed error (a cut one always `Truncated`).
 
-use metaloop_common::proto::{
+use metaloop_proto::proto::{
     decode_body, decode_bundle, decode_frame, decode_payload, encode_bundle, encode_frame, frame_len, Ask, Assignment,
     AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef, DirectionalMethod, DomainProbe, DomainSpec,
     DomainStat, Hello, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, ProtoError, RescaleMode,
     RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg, MAX_FRAME_BYTES,
 };
-use metaloop_common::tensor::{Bundle, HostTensor};
+use metaloop_proto::tensor::{Bundle, HostTensor};
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;

@@ -1,5 +1,5 @@
 //! Host-side tensors: named float32 arrays that cross the wire and are averaged by the
-//! coordinator without libtorch. Conversion to and from `tch::Tensor` lives in `model`.
+//! coordinator without libtorch. Conversion to and from `tch::Tensor` lives in `metaloop_common::model`.
 
 /// A dense float32 array in row-major order.
 #[derive(Debug, Clone, PartialEq)]
