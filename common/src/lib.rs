@@ -3,6 +3,7 @@
 //! the QUIC/TLS set-up (`net`), the metric names (`metrics`) and the HTTP endpoint that serves
 //! them (`http`); `net` and `http` are the only modules here that do network I/O.
 
+pub mod bert;
 pub mod checksum;
 pub mod compute;
 pub mod config;
