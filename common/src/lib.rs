@@ -1,12 +1,14 @@
 //! What both sides of metaloop share that needs libtorch or I/O, built on the pure core in
 //! `metaloop-proto` (wire protocol, tensors, config, datasets): the model zoo and its conversions
-//! to and from host tensors (`model`), Ω's features computed from a model (`features`), the
+//! to and from host tensors (`model`), the BERT encoder loaded from Hugging Face files (`bert`), Ω's features computed from a model (`features`), the
 //! compute thread that owns libtorch state (`compute`), the QUIC/TLS set-up (`net`), the CA on
 //! disk (`pki`), the metric names (`metrics`) and the HTTP endpoint that serves them (`http`).
 //! `net` and `http` are the only modules here that do network I/O; the only file I/O is `pki`'s
-//! (the CA, certificates and revocation list it reads and writes) and `net`'s (reading the PEM
-//! files of a TLS identity; `write_pki` for tests).
+//! (the CA, certificates and revocation list it reads and writes), `net`'s (reading the PEM
+//! files of a TLS identity; `write_pki` for tests) and `bert`'s (a Hugging Face model
+//! directory: `config.json` and `model.safetensors`).
 
+pub mod bert;
 pub mod compute;
 pub mod features;
 pub mod http;
