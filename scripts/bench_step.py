@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plain-PyTorch reference for `metaloop bench step`: the worker's assignment, timed.
 
-Mirrors one *assignment* of the Rust worker (worker/src/train.rs `Trainer::run`) as a competent
+Mirrors one *assignment* of the Rust worker (worker/src/train.rs `Trainer::run`, with worker/src/inner.rs and worker/src/signal/) as a competent
 PyTorch user would write it: data on the device, `index_select` batches, `torch.optim.SGD`,
 `torch.autograd.grad` for the double backward. Per assignment:
   1. copy the host base θ into the model (`copy_` under no_grad); fresh momentum buffers;

@@ -17,6 +17,4 @@ mod telemetry;
 
 pub use identity::Revocation;
 pub use job::{Complete, Coordinator, CoordinatorOptions, Stopped};
-pub use outer::OuterOptimizer;
 pub use rundir::{AnotherJob, RoundRecord, RunDir, Summary};
-pub use scheduler::{Dispatch, Rejection, Scheduler};

@@ -125,11 +125,6 @@ impl Default for Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler with the adaptive assignment timeout.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// A scheduler that drops stuck workers after `timeout` (fixed or adaptive).
     pub fn with_timeout(timeout: AssignmentTimeout) -> Self {
         Self {
@@ -307,7 +302,7 @@ mod tests {
 
     #[test]
     fn assignments_are_spread_in_blocks() {
-        let mut s = Scheduler::new();
+        let mut s = Scheduler::default();
         assert!(s.worker_joined(1, t0()).is_empty(), "no round yet");
         s.worker_joined(2, t0());
         assert_eq!(s.start_round(0, 5, t0()), vec![d(1, &[0, 1, 2]), d(2, &[3, 4])]);
@@ -315,7 +310,7 @@ mod tests {
 
     #[test]
     fn results_count_once_and_only_from_the_holder() {
-        let mut s = Scheduler::new();
+        let mut s = Scheduler::default();
         s.worker_joined(1, t0());
         s.worker_joined(2, t0());
         s.start_round(3, 2, t0());
@@ -332,7 +327,7 @@ mod tests {
 
     #[test]
     fn a_lost_worker_s_assignments_move_and_its_late_results_are_refused() {
-        let mut s = Scheduler::new();
+        let mut s = Scheduler::default();
         s.worker_joined(1, t0());
         s.worker_joined(2, t0());
         s.start_round(0, 4, t0());
@@ -352,7 +347,7 @@ mod tests {
 
     #[test]
     fn work_waits_for_a_worker_and_failures_are_redispatched() {
-        let mut s = Scheduler::new();
+        let mut s = Scheduler::default();
         assert!(s.start_round(0, 2, t0()).is_empty());
         assert_eq!(s.worker_joined(4, t0()), vec![d(4, &[0, 1])]);
         assert_eq!(
@@ -436,7 +431,7 @@ mod tests {
     /// the ten minutes of the old fixed default.
     #[test]
     fn a_stalled_peer_is_overdue_after_the_adaptive_timeout() {
-        let mut s = Scheduler::new();
+        let mut s = Scheduler::default();
         let start = Instant::now();
         s.worker_joined(1, start);
         s.start_round(0, 1, start);

@@ -4,13 +4,13 @@
 //! the inner steps in `inner` and answers the round's ask with the strategy's `signal` producer.
 
 mod client;
-pub mod collective;
+mod collective;
 mod data;
 pub mod devices;
 mod engine;
 mod inner;
-pub mod primitives;
-pub mod rescaler;
+mod primitives;
+mod rescaler;
 mod signal;
 #[cfg(test)]
 mod testing;
