@@ -4,14 +4,14 @@
 //! values in every round, whatever the model's state. Which features there are (`Feature`, its
 //! wire codes, the default set) is `metaloop_proto::features`; this module computes them.
 
-use crate::model::Model;
+use crate::model::{Inputs, Model};
 use metaloop_proto::features::Feature;
 use tch::{Kind, Tensor};
 
 /// Features of `(x, y)` under `model`: one deterministic (eval-mode) forward pass, plus
 /// `passes` stochastic (train-mode, dropout) ones when a feature needs them. Leaves the model
 /// in eval mode. Randomness comes from libtorch's generator, which callers seed.
-pub fn of_model(model: &dyn Model, x: &Tensor, y: &Tensor, features: &[Feature], progress: f64, passes: u32) -> Tensor {
+pub fn of_model(model: &dyn Model, x: &Inputs, y: &Tensor, features: &[Feature], progress: f64, passes: u32) -> Tensor {
     tch::no_grad(|| {
         model.set_train(false);
         let logits = model.forward(x);
@@ -125,7 +125,7 @@ mod tests {
             dropout,
         };
         let params = init_params(&spec(0.0), 1);
-        let x = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.1, 1.0, 1.0, -0.5, 0.3]).reshape([2, 4]);
+        let x = Inputs::Dense(Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.1, 1.0, 1.0, -0.5, 0.3]).reshape([2, 4]));
         let y = Tensor::from_slice(&[0i64, 2]);
         let feats = [Feature::LabelProb, Feature::LabelProbMean, Feature::LabelProbSpread];
         let column = |f: &Tensor, i: i64| Vec::<f32>::try_from(f.select(1, i)).expect("read");

@@ -8,10 +8,53 @@ use metaloop_proto::rng::SplitMix64;
 use metaloop_proto::tensor::{Bundle, HostTensor};
 use tch::{Device, Kind, Tensor};
 
+/// A batch of model inputs: what a model kind takes, one row per sample.
+#[derive(Debug)]
+pub enum Inputs {
+    /// Dense features `[n, inputs]` (f32).
+    Dense(Tensor),
+    /// Token ids `[n, len]` (i64) and the attention mask `[n, len]` (1 for a token, 0 for
+    /// padding), padded to the longest row of the batch.
+    Tokens { ids: Tensor, mask: Tensor },
+}
+
+impl Inputs {
+    /// Rows (samples) in the batch.
+    pub fn rows(&self) -> i64 {
+        match self {
+            Inputs::Dense(x) => x.size()[0],
+            Inputs::Tokens { ids, .. } => ids.size()[0],
+        }
+    }
+
+    /// Rows `start..start + len`, sharing storage.
+    pub fn narrow(&self, start: i64, len: i64) -> Inputs {
+        match self {
+            Inputs::Dense(x) => Inputs::Dense(x.narrow(0, start, len)),
+            Inputs::Tokens { ids, mask } => Inputs::Tokens {
+                ids: ids.narrow(0, start, len),
+                mask: mask.narrow(0, start, len),
+            },
+        }
+    }
+
+    /// The dense features; a model that takes them is only ever given them (the job's model
+    /// and data kinds are checked together before anything runs).
+    ///
+    /// # Panics
+    /// On token inputs: a model paired with data of another kind.
+    pub fn dense(&self) -> &Tensor {
+        match self {
+            Inputs::Dense(x) => x,
+            Inputs::Tokens { .. } => panic!("a dense-feature model was given token ids"),
+        }
+    }
+}
+
 /// A trainable classifier.
 pub trait Model: Send {
-    /// Per-sample logits `[n, classes]` for features `[n, inputs]`.
-    fn forward(&self, x: &Tensor) -> Tensor;
+    /// Per-sample logits `[n, classes]` for a batch of inputs.
+    fn forward(&self, x: &Inputs) -> Tensor;
     /// Trainable parameters, in a fixed order that matches [`Model::names`].
     fn parameters(&self) -> &[Tensor];
     /// Parameter names, in the order of [`Model::parameters`].
@@ -64,8 +107,9 @@ impl Mlp {
     }
 }
 
-impl Model for Mlp {
-    fn forward(&self, x: &Tensor) -> Tensor {
+impl Mlp {
+    /// Logits `[n, outputs]` for features `[n, inputs]`.
+    pub fn forward_dense(&self, x: &Tensor) -> Tensor {
         let layers = self.params.len() / 2;
         let mut h = x.shallow_clone();
         for (i, pair) in self.params.chunks_exact(2).enumerate() {
@@ -78,6 +122,12 @@ impl Model for Mlp {
             }
         }
         h
+    }
+}
+
+impl Model for Mlp {
+    fn forward(&self, x: &Inputs) -> Tensor {
+        self.forward_dense(x.dense())
     }
 
     fn parameters(&self) -> &[Tensor] {
@@ -221,10 +271,10 @@ pub fn load_bundle(model: &dyn Model, bundle: &Bundle) -> Result<(), ModelError>
 }
 
 /// Features and labels as libtorch tensors, for training or evaluation.
-pub fn batch_tensors(x: &[f32], y: &[i64], features: usize, device: Device) -> (Tensor, Tensor) {
+pub fn batch_tensors(x: &[f32], y: &[i64], features: usize, device: Device) -> (Inputs, Tensor) {
     let n = y.len() as i64;
     (
-        Tensor::from_slice(x).reshape([n, features as i64]).to_device(device),
+        Inputs::Dense(Tensor::from_slice(x).reshape([n, features as i64]).to_device(device)),
         Tensor::from_slice(y).to_device(device),
     )
 }
@@ -283,7 +333,7 @@ mod tests {
         let expect: Vec<f32> = (0..2)
             .map(|o| t[3].data[o] + (0..4).map(|i| t[2].data[o * 4 + i] * hidden[i]).sum::<f32>())
             .collect();
-        let out = model.forward(&Tensor::from_slice(&x).reshape([1, 3]));
+        let out = model.forward(&Inputs::Dense(Tensor::from_slice(&x).reshape([1, 3])));
         let got = Vec::<f32>::try_from(out.view(-1)).expect("read");
         for (g, e) in got.iter().zip(&expect) {
             assert!((g - e).abs() < 1e-5, "{got:?} vs {expect:?}");

@@ -12,7 +12,7 @@ use crate::strategy::{self, PhaseChange};
 use anyhow::{bail, Context};
 use metaloop_common::compute::ComputeThread;
 use metaloop_common::features;
-use metaloop_common::model::{self, Model};
+use metaloop_common::model;
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_proto::checksum::{hex, StateHasher};
 use metaloop_proto::config::{DeltaDType, JobConfig, ModelConfig, RescaleMode, StrategyKind, WeightMethod};
@@ -638,7 +638,7 @@ impl Evaluator {
             let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
             let w = tch::no_grad(|| {
                 let f = features::of_model(m.as_ref(), &x, &y, features, 1.0, passes);
-                o.forward(&f).sigmoid().squeeze_dim(1).to_kind(tch::Kind::Double)
+                o.forward_dense(&f).sigmoid().squeeze_dim(1).to_kind(tch::Kind::Double)
             });
             let w = Vec::<f64>::try_from(&w)?;
             let bad: std::collections::HashSet<usize> = flipped.iter().copied().collect();

@@ -2,7 +2,7 @@
 //! and the batches an assignment draws from them (all functions of the assignment's seed).
 
 use crate::train::TrainError;
-use metaloop_common::model;
+use metaloop_common::model::{self, Inputs};
 use metaloop_proto::checksum::hex;
 use metaloop_proto::dataset::{self, Dataset};
 use metaloop_proto::domains;
@@ -113,7 +113,7 @@ impl TrainingData {
 
     /// A batch drawn like an inner-loop batch (its share from every domain's shard), from the
     /// assignment's stream `tag`.
-    pub(crate) fn draw(&self, a: &Assignment, tag: u64, device: Device) -> (Tensor, Tensor) {
+    pub(crate) fn draw(&self, a: &Assignment, tag: u64, device: Device) -> (Inputs, Tensor) {
         let k = self.domains.len();
         let per_domain = (self.job.inner.batch_size as usize / k).max(1);
         let (mut xs, mut ys) = (Vec::new(), Vec::new());
@@ -134,7 +134,7 @@ impl TrainingData {
     }
 
     /// Domain `i`'s probe after an assignment: its rows and their tensors on `device`.
-    pub(crate) fn probe(&self, a: &Assignment, i: usize, probe: u32, device: Device) -> (Vec<usize>, Tensor, Tensor) {
+    pub(crate) fn probe(&self, a: &Assignment, i: usize, probe: u32, device: Device) -> (Vec<usize>, Inputs, Tensor) {
         let d = &self.domains[i];
         let rows = self.probe_rows(a, i, probe);
         let (mut xs, mut ys) = (Vec::new(), Vec::new());

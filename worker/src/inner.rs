@@ -5,7 +5,7 @@ use crate::collective::{self, Collective};
 use crate::data::Batches;
 use crate::primitives;
 use crate::train::TrainError;
-use metaloop_common::model::{self, Model};
+use metaloop_common::model::{self, Inputs, Model};
 use metaloop_proto::proto::{Assignment, InnerSpec};
 use metaloop_proto::rng::derive_seed;
 use tch::{Device, Tensor};
@@ -33,7 +33,7 @@ pub(crate) fn train(
     batches: &mut Batches<'_>,
     a: &Assignment,
     device: Device,
-    sample_weights: impl Fn(&dyn Model, &Tensor, &Tensor) -> Option<Tensor>,
+    sample_weights: impl Fn(&dyn Model, &Inputs, &Tensor) -> Option<Tensor>,
 ) -> Result<Trained, TrainError> {
     // Dropout draws from libtorch's generator: seeded by the assignment, like all else.
     tch::manual_seed(derive_seed(a.seed, &[5 << 32]) as i64);
@@ -101,14 +101,14 @@ pub(crate) fn zero_grads(params: &[Tensor]) {
 fn shared_step(
     model: &dyn Model,
     collective: &dyn Collective,
-    x: &Tensor,
+    x: &Inputs,
     y: &Tensor,
     w: &Tensor,
 ) -> Result<(f64, Vec<Tensor>), TrainError> {
     zero_grads(model.parameters());
     let rows = collective::share(y.size()[0] as usize, collective.rank(), collective.size());
     let (start, len) = (rows.start as i64, rows.len() as i64);
-    let logits = model.forward(&x.narrow(0, start, len));
+    let logits = model.forward(&x.narrow(start, len));
     let loss =
         (primitives::cross_entropy(&logits, &y.narrow(0, start, len)) * w.narrow(0, start, len)).sum(tch::Kind::Float);
     loss.backward();

@@ -2,14 +2,14 @@
 //! [`Model`] trait only: per-sample losses, gradients, and the directional derivative
 //! c_i = ⟨∇θ ℓ_i(θ), u⟩ both exactly (double backward) and by central finite difference.
 
-use metaloop_common::model::Model;
+use metaloop_common::model::{Inputs, Model};
 use tch::{Kind, Tensor};
 
 /// Finite-difference radius: ε = R / ‖u‖ (Betty's "darts" rule).
 pub const FD_RADIUS: f64 = 0.01;
 
 /// Per-sample cross-entropy `[n]` of `model` on `(x, y)`, in the model's own precision.
-pub fn per_sample_loss(model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
+pub fn per_sample_loss(model: &dyn Model, x: &Inputs, y: &Tensor) -> Tensor {
     cross_entropy(&model.forward(x), y)
 }
 
@@ -26,7 +26,7 @@ pub fn gradient(model: &dyn Model, loss: &Tensor) -> Vec<Tensor> {
 
 /// Exact c_i = ⟨∇θ ℓ_i(θ), u⟩ for every sample, by one double backward: with weights w = 1,
 /// g = ∇θ Σ_i w_i ℓ_i (graph kept), c = ∂⟨g, u⟩/∂w.
-pub fn directional_exact(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor]) -> Tensor {
+pub fn directional_exact(model: &dyn Model, x: &Inputs, y: &Tensor, u: &[Tensor]) -> Tensor {
     let losses = per_sample_loss(model, x, y);
     let w = Tensor::ones_like(&losses).set_requires_grad(true);
     let total = (&w * &losses).sum(losses.kind());
@@ -51,7 +51,7 @@ pub fn axpy(x: &mut Tensor, a: f64, y: &Tensor) {
 /// Central finite difference c_i ≈ (ℓ_i(θ + εu) − ℓ_i(θ − εu)) / 2ε with ε = R/‖u‖: two
 /// forward passes, no second-order autograd, so it works for any model. θ is restored bit for
 /// bit afterwards. Dropout, if any, must be off for the two passes.
-pub fn directional_fd(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor], radius: f64) -> Tensor {
+pub fn directional_fd(model: &dyn Model, x: &Inputs, y: &Tensor, u: &[Tensor], radius: f64) -> Tensor {
     tch::no_grad(|| {
         let norm = u
             .iter()
@@ -60,7 +60,7 @@ pub fn directional_fd(model: &dyn Model, x: &Tensor, y: &Tensor, u: &[Tensor], r
             .sqrt();
         let n = y.size()[0];
         if norm == 0.0 {
-            return Tensor::zeros([n], (Kind::Double, x.device()));
+            return Tensor::zeros([n], (Kind::Double, y.device()));
         }
         let eps = radius / norm;
         let saved: Vec<Tensor> = model.parameters().iter().map(Tensor::copy).collect();
@@ -95,11 +95,11 @@ mod tests {
         net(seed, [3, 4, 3])
     }
 
-    fn batch(seed: u64, n: i64) -> (Tensor, Tensor) {
+    fn batch(seed: u64, n: i64) -> (Inputs, Tensor) {
         let mut rng = SplitMix64::new(seed);
         let x = randn(&mut rng, &[n, 3]);
         let y: Vec<i64> = (0..n).map(|_| rng.below(3) as i64).collect();
-        (x, Tensor::from_slice(&y))
+        (Inputs::Dense(x), Tensor::from_slice(&y))
     }
 
     fn values(t: &Tensor) -> Vec<f64> {
@@ -107,7 +107,7 @@ mod tests {
     }
 
     /// Brute force: d/dt ℓ_i(θ + t·u) at t = 0 by a central difference with h = 1e-6 in f64.
-    fn numerical_directional(m: &Net, x: &Tensor, y: &Tensor, u: &[Tensor]) -> Vec<f64> {
+    fn numerical_directional(m: &Net, x: &Inputs, y: &Tensor, u: &[Tensor]) -> Vec<f64> {
         let h = 1e-6;
         let at = |t: f64| {
             let shifted = Net {
@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn hypergradient_matches_finite_differences_through_one_inner_step() {
         let theta = tiny(7);
-        let domains: Vec<(Tensor, Tensor)> = (0..3).map(|k| batch(10 + k, 5)).collect();
+        let domains: Vec<(Inputs, Tensor)> = (0..3).map(|k| batch(10 + k, 5)).collect();
         let (mx, my) = batch(20, 8);
         let alpha = 0.5;
         let k = domains.len() as f64;

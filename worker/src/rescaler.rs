@@ -5,13 +5,16 @@
 //! Written against the `Model` trait only, for θ and for Ω.
 
 use crate::primitives::{self, FD_RADIUS};
-use metaloop_common::model::Model;
+use metaloop_common::model::{Inputs, Model};
 use metaloop_proto::proto::DirectionalMethod;
 use tch::Tensor;
 
 /// Ω's weights `[n]` in (0, 1) for features `[n, F]`.
 pub fn omega_weights(omega: &dyn Model, features: &Tensor) -> Tensor {
-    omega.forward(features).sigmoid().squeeze_dim(1)
+    omega
+        .forward(&Inputs::Dense(features.shallow_clone()))
+        .sigmoid()
+        .squeeze_dim(1)
 }
 
 /// Training weights from raw Ω outputs: normalised to mean 1 within the batch when `normalize`
@@ -28,11 +31,11 @@ pub fn batch_weights(raw: &Tensor, normalize: bool) -> Tensor {
 #[derive(Debug)]
 pub enum Validation<'a> {
     /// Meta-Weight-Net: mean loss on a trusted clean batch.
-    Clean { x: &'a Tensor, y: &'a Tensor },
+    Clean { x: &'a Inputs, y: &'a Tensor },
     /// Self-taught: a batch of the noisy training data, its loss weighted by Ω and normalised:
     /// L_val = Σ_j Ω(f_j) ℓ_j(θ') / Σ_j Ω(f_j).
     SelfTaught {
-        x: &'a Tensor,
+        x: &'a Inputs,
         y: &'a Tensor,
         features: &'a Tensor,
     },
@@ -41,7 +44,7 @@ pub enum Validation<'a> {
 /// A training batch with Ω's input features.
 #[derive(Debug)]
 pub struct Batch<'a> {
-    pub x: &'a Tensor,
+    pub x: &'a Inputs,
     pub y: &'a Tensor,
     pub features: &'a Tensor,
 }
@@ -161,10 +164,10 @@ mod tests {
         let theta = net(1, [3, 4, 3]);
         let omega = net(2, [2, 3, 1]);
         let mut rng = SplitMix64::new(3);
-        let x = randn(&mut rng, &[6, 3]);
+        let x = Inputs::Dense(randn(&mut rng, &[6, 3]));
         let y = Tensor::from_slice(&[0i64, 1, 2, 2, 1, 0]);
         let f = randn(&mut rng, &[6, 2]);
-        let vx = randn(&mut rng, &[5, 3]);
+        let vx = Inputs::Dense(randn(&mut rng, &[5, 3]));
         let vy = Tensor::from_slice(&[1i64, 0, 2, 1, 1]);
         let vf = randn(&mut rng, &[5, 2]);
         let val = match mode {

@@ -1,7 +1,7 @@
 //! Test-only models: small double-precision MLPs, so numerical derivatives are precise enough
 //! to judge the training primitives by.
 
-use metaloop_common::model::Model;
+use metaloop_common::model::{Inputs, Model};
 use metaloop_proto::rng::SplitMix64;
 use tch::Tensor;
 
@@ -12,8 +12,8 @@ pub struct Net {
 }
 
 impl Model for Net {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let h = (x.matmul(&self.params[0].tr()) + &self.params[1]).tanh();
+    fn forward(&self, x: &Inputs) -> Tensor {
+        let h = (x.dense().matmul(&self.params[0].tr()) + &self.params[1]).tanh();
         h.matmul(&self.params[2].tr()) + &self.params[3]
     }
     fn parameters(&self) -> &[Tensor] {

@@ -7,7 +7,7 @@ use crate::data::TrainingData;
 use crate::rescaler::{self, Batch, Validation, VirtualStep};
 use crate::train::TrainError;
 use metaloop_common::features;
-use metaloop_common::model::{self, Mlp, Model};
+use metaloop_common::model::{self, Inputs, Mlp, Model};
 use metaloop_proto::features::Feature;
 use metaloop_proto::proto::{DirectionalMethod, RescaleMode, RescalerPlan, Signal, SmallTensor};
 use tch::{Device, Tensor};
@@ -49,13 +49,13 @@ impl Omega {
     }
 
     /// Features of `(x, y)` under the model as it is now (leaves it in eval mode).
-    fn features(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
+    fn features(&self, model: &dyn Model, x: &Inputs, y: &Tensor) -> Tensor {
         features::of_model(model, x, y, &self.features, self.progress, self.passes)
     }
 
     /// Inner-loop weights for a batch: Ω's output on the batch's features, normalised if
     /// asked; constants for the model's gradient. Leaves the model in train mode.
-    fn weights(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
+    fn weights(&self, model: &dyn Model, x: &Inputs, y: &Tensor) -> Tensor {
         let f = self.features(model, x, y);
         model.set_train(true);
         tch::no_grad(|| {
@@ -122,7 +122,7 @@ impl Omega {
 }
 
 impl Producer for Omega {
-    fn sample_weights(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> Option<Tensor> {
+    fn sample_weights(&self, model: &dyn Model, x: &Inputs, y: &Tensor) -> Option<Tensor> {
         Some(self.weights(model, x, y))
     }
 

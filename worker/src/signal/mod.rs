@@ -14,7 +14,7 @@ use crate::data::TrainingData;
 use crate::inner::zero_grads;
 use crate::primitives;
 use crate::train::TrainError;
-use metaloop_common::model::{self, Model};
+use metaloop_common::model::{self, Inputs, Model};
 use metaloop_proto::proto::{Ask, Assignment, Signal};
 use tch::{Device, Tensor};
 
@@ -22,7 +22,7 @@ use tch::{Device, Tensor};
 pub(crate) trait Producer {
     /// Each row's loss weight in an inner batch `(x, y)` at the current θ, multiplying the
     /// batch's own weights; `None` (the default) leaves them as they are.
-    fn sample_weights(&self, _model: &dyn Model, _x: &Tensor, _y: &Tensor) -> Option<Tensor> {
+    fn sample_weights(&self, _model: &dyn Model, _x: &Inputs, _y: &Tensor) -> Option<Tensor> {
         None
     }
 
@@ -88,7 +88,7 @@ fn meta_loss(at: &At<'_>) -> Result<Option<(Tensor, f32)>, TrainError> {
 }
 
 /// The mean loss on `(x, y)` at θ, the parameters' gradients zeroed first: the loss and its value.
-fn mean_loss(model: &dyn Model, x: &Tensor, y: &Tensor) -> Result<(Tensor, f32), TrainError> {
+fn mean_loss(model: &dyn Model, x: &Inputs, y: &Tensor) -> Result<(Tensor, f32), TrainError> {
     zero_grads(model.parameters());
     let loss = primitives::per_sample_loss(model, x, y).mean(tch::Kind::Float);
     let value = loss.f_double_value(&[]).map_err(model::ModelError::from)? as f32;
