@@ -83,6 +83,7 @@ async fn worker_refuses_a_coordinator_of_another_version() {
                 lr: 0.1,
                 momentum: 0.0,
                 weight_decay: 0.0,
+                ..InnerSpec::default()
             },
             delta_dtype: metaloop_proto::proto::DType::F32,
         };

@@ -15,11 +15,13 @@ use metaloop_common::features;
 use metaloop_common::model;
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_proto::checksum::{hex, StateHasher};
-use metaloop_proto::config::{DeltaDType, JobConfig, ModelConfig, RescaleMode, StrategyKind, WeightMethod};
+use metaloop_proto::config::{
+    DeltaDType, InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, RescaleMode, StrategyKind, WeightMethod,
+};
 use metaloop_proto::dataset::{self, Dataset};
 use metaloop_proto::domains;
 use metaloop_proto::features::Feature;
-use metaloop_proto::proto::{DType, DataRef, InnerSpec, JobSpec, ModelSpec};
+use metaloop_proto::proto::{DType, DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec};
 use metaloop_proto::tensor::Bundle;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -560,12 +562,7 @@ fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared
         domains: specs,
         meta,
         shards: d.shards,
-        inner: InnerSpec {
-            batch_size: config.inner.batch_size,
-            lr: config.inner.lr,
-            momentum: config.inner.momentum,
-            weight_decay: config.inner.weight_decay,
-        },
+        inner: inner_spec(config),
         delta_dtype: match config.outer.delta_dtype {
             DeltaDType::F32 => DType::F32,
             DeltaDType::Bf16 => DType::BF16,
@@ -579,6 +576,39 @@ fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared
         train,
         records,
     })
+}
+
+/// The workers' inner optimizer as the config gives it; the schedule's step count is the job's
+/// (rounds × inner.steps), so a step's learning rate depends only on its round and index.
+fn inner_spec(config: &JobConfig) -> InnerSpec {
+    let i = &config.inner;
+    let (beta1, beta2) = i.betas();
+    InnerSpec {
+        batch_size: i.batch_size,
+        lr: i.lr,
+        momentum: i.momentum(),
+        weight_decay: i.weight_decay,
+        optimizer: match i.optimizer {
+            InnerOptimizerKind::Sgd => InnerOptimizer::Sgd,
+            InnerOptimizerKind::AdamW => InnerOptimizer::AdamW {
+                beta1,
+                beta2,
+                eps: i.eps(),
+            },
+        },
+        schedule: LrSchedule {
+            steps_per_round: i.steps,
+            total_steps: config.rounds.saturating_mul(u64::from(i.steps)),
+            warmup_steps: i.warmup_steps,
+            decay: match i.decay {
+                LrDecayKind::None => LrDecay::None,
+                LrDecayKind::Linear => LrDecay::Linear,
+            },
+        },
+        clip_norm: i.clip_norm,
+        accumulate: i.accumulate,
+        virtual_lr: config.strategy.virtual_lr,
+    }
 }
 
 struct Evaluator {

@@ -150,6 +150,7 @@ fn job() -> JobSpec {
             lr: 0.05,
             momentum: 0.9,
             weight_decay: 1e-4,
+            ..InnerSpec::default()
         },
         delta_dtype: DType::F32,
     }

@@ -113,6 +113,10 @@ pub struct StrategyConfig {
     pub omega_weight_decay: f64,
     /// `loss-rescaling`: Ω's hidden units.
     pub omega_hidden: u32,
+    /// `loss-rescaling`: the step size α of the virtual step θ' = θ − α∇θ through which Ω's
+    /// meta-gradient flows: always one plain SGD step, whatever `inner.optimizer` is
+    /// (docs/algorithms.md §5). Default: `inner.lr`.
+    pub virtual_lr: Option<f64>,
     /// `doremi`: rounds of the first phase (the reference model on uniform weights); the proxy
     /// phase takes the rest. Default: half of `rounds`.
     pub reference_rounds: Option<u64>,
@@ -181,6 +185,7 @@ impl Default for StrategyConfig {
             omega_lr: 1e-3,
             omega_weight_decay: 1e-4,
             omega_hidden: 100,
+            virtual_lr: None,
             passes: 4,
             reference_rounds: None,
             eta: 1.0,
@@ -313,17 +318,36 @@ impl Default for ModelConfig {
     }
 }
 
-/// The workers' local optimizer (SGD with momentum), reset at the start of every assignment so
-/// an assignment's result depends only on the model and the assignment.
+/// The workers' local optimizer (SGD with momentum, or AdamW), reset at the start of every
+/// assignment so an assignment's result depends only on the model and the assignment; its
+/// learning rate follows a schedule over the job's global inner steps
+/// (round × `steps` + j), so it too is a function of the assignment.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InnerConfig {
     /// H: local steps per round (DiLoCo's inner steps).
     pub steps: u32,
     pub batch_size: u32,
+    /// The base learning rate (the schedule's peak).
     pub lr: f64,
-    pub momentum: f64,
+    /// `sgd` (torch.optim.SGD) or `adamw` (torch.optim.AdamW).
+    pub optimizer: InnerOptimizerKind,
+    /// `sgd`: momentum (default 0.9).
+    pub momentum: Option<f64>,
+    /// `sgd`: coupled (added to the gradient); `adamw`: decoupled (θ ← θ − lr·wd·θ).
     pub weight_decay: f64,
+    /// `adamw`: (β1, β2) (default [0.9, 0.999]).
+    pub betas: Option<Vec<f64>>,
+    /// `adamw`: ε (default 1e-8).
+    pub eps: Option<f64>,
+    /// Linear warmup of the learning rate from 0 over this many global steps.
+    pub warmup_steps: u64,
+    /// After the warmup: `none` (constant) or `linear` (to 0 at the job's last step).
+    pub decay: LrDecayKind,
+    /// Clip the gradient's global L2 norm to this (as clip_grad_norm_); default: no clipping.
+    pub clip_norm: Option<f64>,
+    /// Micro-batches per step (gradient accumulation), for batches larger than memory.
+    pub accumulate: u32,
 }
 
 impl Default for InnerConfig {
@@ -332,10 +356,57 @@ impl Default for InnerConfig {
             steps: 20,
             batch_size: 32,
             lr: 0.05,
-            momentum: 0.9,
+            optimizer: InnerOptimizerKind::Sgd,
+            momentum: None,
             weight_decay: 0.0,
+            betas: None,
+            eps: None,
+            warmup_steps: 0,
+            decay: LrDecayKind::None,
+            clip_norm: None,
+            accumulate: 1,
         }
     }
+}
+
+impl InnerConfig {
+    /// SGD's momentum (0.9 unless set).
+    pub fn momentum(&self) -> f64 {
+        self.momentum.unwrap_or(0.9)
+    }
+
+    /// AdamW's (β1, β2) ([0.9, 0.999] unless set; a wrong count falls back to the default,
+    /// and validation reports it).
+    pub fn betas(&self) -> (f64, f64) {
+        match self.betas.as_deref() {
+            Some(&[b1, b2]) => (b1, b2),
+            _ => (0.9, 0.999),
+        }
+    }
+
+    /// AdamW's ε (1e-8 unless set).
+    pub fn eps(&self) -> f64 {
+        self.eps.unwrap_or(1e-8)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InnerOptimizerKind {
+    /// SGD with momentum and coupled weight decay (torch.optim.SGD).
+    Sgd,
+    /// Adam with decoupled weight decay (torch.optim.AdamW).
+    #[serde(rename = "adamw")]
+    AdamW,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrDecayKind {
+    /// The base learning rate after the warmup.
+    None,
+    /// Linear decay to 0 at the job's last inner step (rounds × steps).
+    Linear,
 }
 
 /// How the coordinator applies the averaged pseudo-gradient (θ_after − θ_before).
@@ -693,7 +764,16 @@ impl JobConfig {
                 &["strategy.kind"],
                 "only for kind = \"loss-rescaling\"".into(),
             );
+            p.check_using(
+                s.virtual_lr.is_none(),
+                "strategy.virtual_lr",
+                &["strategy.kind"],
+                "only for kind = \"loss-rescaling\" (the only virtual step)".into(),
+            );
             return;
+        }
+        if let Some(lr) = s.virtual_lr {
+            p.range("strategy.virtual_lr", lr, Range::POSITIVE);
         }
         p.check_using(
             s.method == WeightMethod::Uniform,
@@ -786,14 +866,77 @@ impl JobConfig {
         );
     }
 
-    /// `[inner]`.
+    /// `[inner]`: the optimizer and the settings only it reads, the schedule, clipping and
+    /// accumulation.
     fn check_inner(&self, p: &mut Findings) {
         let i = &self.inner;
         p.range("inner.steps", i.steps, Range::at_least(1));
         p.range("inner.batch_size", i.batch_size, Range::at_least(1));
         p.range("inner.lr", i.lr, Range::POSITIVE);
-        p.range("inner.momentum", i.momentum, Range::UNIT_OPEN);
+        match i.optimizer {
+            InnerOptimizerKind::Sgd => {
+                p.range("inner.momentum", i.momentum(), Range::UNIT_OPEN);
+                for (key, given) in [("inner.betas", i.betas.is_some()), ("inner.eps", i.eps.is_some())] {
+                    p.check_using(
+                        !given,
+                        key,
+                        &["inner.optimizer"],
+                        "only for optimizer = \"adamw\"".into(),
+                    );
+                }
+            }
+            InnerOptimizerKind::AdamW => {
+                p.check_using(
+                    i.momentum.is_none(),
+                    "inner.momentum",
+                    &["inner.optimizer"],
+                    "only for optimizer = \"sgd\" (AdamW's moments are set by `betas`)".into(),
+                );
+                match i.betas.as_deref() {
+                    None => {}
+                    Some(&[b1, b2]) => {
+                        p.range("inner.betas[0]", b1, Range::UNIT_OPEN);
+                        p.range("inner.betas[1]", b2, Range::UNIT_OPEN);
+                    }
+                    Some(b) => p.check(
+                        false,
+                        "inner.betas",
+                        format!("needs two values [β1, β2], got {}", b.len()),
+                    ),
+                }
+                p.range("inner.eps", i.eps(), Range::POSITIVE);
+            }
+        }
         p.range("inner.weight_decay", i.weight_decay, Range::NON_NEGATIVE);
+        let total = self.rounds.saturating_mul(u64::from(i.steps));
+        p.check_using(
+            i.warmup_steps <= total,
+            "inner.warmup_steps",
+            &["rounds", "inner.steps"],
+            format!(
+                "must be at most the job's inner steps, rounds × inner.steps ({total}), got {}",
+                i.warmup_steps
+            ),
+        );
+        p.check_using(
+            !(i.decay == LrDecayKind::Linear && i.warmup_steps == total),
+            "inner.warmup_steps",
+            &["rounds", "inner.steps", "inner.decay"],
+            format!("with decay = \"linear\" must be below rounds × inner.steps ({total}): nothing would decay"),
+        );
+        if let Some(clip) = i.clip_norm {
+            p.range("inner.clip_norm", clip, Range::POSITIVE);
+        }
+        p.range("inner.accumulate", i.accumulate, Range::at_least(1));
+        p.check_using(
+            i.accumulate <= i.batch_size,
+            "inner.accumulate",
+            &["inner.batch_size"],
+            format!(
+                "must be at most inner.batch_size ({}): every micro-batch needs a row, got {}",
+                i.batch_size, i.accumulate
+            ),
+        );
     }
 
     /// `[checkpoint]`.
@@ -1067,7 +1210,8 @@ mod tests {
         match err {
             Err(ParseFailure::Invalid(p)) => assert_eq!(
                 p,
-                ["inner.step: unknown key (expected one of: steps, batch_size, lr, momentum, weight_decay); did you mean `steps`?"]
+                ["inner.step: unknown key (expected one of: steps, batch_size, lr, optimizer, momentum, weight_decay, \
+                  betas, eps, warmup_steps, decay, clip_norm, accumulate); did you mean `steps`?"]
             ),
             other => panic!("expected Invalid, got {other:?}"),
         }
@@ -1098,8 +1242,8 @@ mod tests {
             &[
                 "sed: unknown key (expected one of: seed, rounds, data, model, inner, outer, strategy, checkpoint); \
                  did you mean `seed`?",
-                "inner.step: unknown key (expected one of: steps, batch_size, lr, momentum, weight_decay); \
-                 did you mean `steps`?",
+                "inner.step: unknown key (expected one of: steps, batch_size, lr, optimizer, momentum, \
+                 weight_decay, betas, eps, warmup_steps, decay, clip_norm, accumulate); did you mean `steps`?",
                 "data.domains[1].label_noise: wrong type: expected a float, got a string (\"high\")",
                 "data.classes: missing (required)",
                 "inner.lr: must be positive, got -1",
@@ -1273,6 +1417,85 @@ mod tests {
             problems.iter().any(|p| p.starts_with("strategy.weights:")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn the_inner_optimizer_s_settings_are_checked() {
+        let dir = base_with_data();
+        let head = "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 10\n";
+        let problems = |inner: &str| match JobConfig::parse(&format!("{head}[inner]\n{inner}"), dir.path()) {
+            Err(ParseFailure::Invalid(problems)) => problems,
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        // The defaults are today's SGD, with no schedule, clipping or accumulation.
+        let cfg = JobConfig::parse(head, dir.path()).expect("valid");
+        let i = &cfg.inner;
+        assert_eq!(i.optimizer, InnerOptimizerKind::Sgd);
+        assert_eq!((i.momentum(), i.weight_decay, i.warmup_steps), (0.9, 0.0, 0));
+        assert_eq!((i.decay, i.clip_norm, i.accumulate), (LrDecayKind::None, None, 1));
+        assert_eq!((i.betas(), i.eps()), ((0.9, 0.999), 1e-8));
+        assert_eq!(cfg.strategy.virtual_lr, None);
+        let adamw = "optimizer = \"adamw\"\nlr = 5e-5\nbetas = [0.9, 0.98]\nweight_decay = 0.01\n\
+                     warmup_steps = 6\ndecay = \"linear\"\nclip_norm = 1.0\naccumulate = 4\n";
+        let cfg = JobConfig::parse(&format!("{head}[inner]\n{adamw}"), dir.path()).expect("valid AdamW");
+        assert_eq!(cfg.inner.optimizer, InnerOptimizerKind::AdamW);
+        assert_eq!((cfg.inner.betas(), cfg.inner.eps()), ((0.9, 0.98), 1e-8));
+        assert_problems(
+            &problems("betas = [0.9, 0.999]\neps = 1e-6\n"),
+            &[
+                "inner.betas: only for optimizer = \"adamw\"",
+                "inner.eps: only for optimizer = \"adamw\"",
+            ],
+        );
+        assert_problems(
+            &problems("optimizer = \"adamw\"\nmomentum = 0.9\nbetas = [1.0, -0.1]\neps = 0.0\n"),
+            &[
+                "inner.momentum: only for optimizer = \"sgd\" (AdamW's moments are set by `betas`)",
+                "inner.betas[0]: must be in [0, 1), got 1",
+                "inner.betas[1]: must be in [0, 1), got -0.1",
+                "inner.eps: must be positive, got 0",
+            ],
+        );
+        assert_problems(
+            &problems("optimizer = \"adamw\"\nbetas = [0.9]\n"),
+            &["inner.betas: needs two values [β1, β2], got 1"],
+        );
+        assert_problems(
+            &problems("steps = 5\nbatch_size = 4\nwarmup_steps = 16\nclip_norm = 0.0\naccumulate = 5\n"),
+            &[
+                "inner.warmup_steps: must be at most the job's inner steps, rounds × inner.steps (15), got 16",
+                "inner.clip_norm: must be positive, got 0",
+                "inner.accumulate: must be at most inner.batch_size (4): every micro-batch needs a row, got 5",
+            ],
+        );
+        assert_problems(
+            &problems("steps = 5\nwarmup_steps = 15\ndecay = \"linear\"\naccumulate = 0\n"),
+            &[
+                "inner.warmup_steps: with decay = \"linear\" must be below rounds × inner.steps (15): nothing would \
+                 decay",
+                "inner.accumulate: must be at least 1, got 0",
+            ],
+        );
+        JobConfig::parse(&format!("{head}[inner]\nsteps = 5\nwarmup_steps = 15\n"), dir.path())
+            .expect("a warmup over the whole job without decay");
+        // The virtual step's size: loss rescaling's alone.
+        let stray = format!("{head}[strategy]\nvirtual_lr = 0.1\n");
+        let Err(ParseFailure::Invalid(problems)) = JobConfig::parse(&stray, dir.path()) else {
+            panic!("expected Invalid")
+        };
+        assert_problems(
+            &problems,
+            &["strategy.virtual_lr: only for kind = \"loss-rescaling\" (the only virtual step)"],
+        );
+        let rescaling = format!("{head}[strategy]\nkind = \"loss-rescaling\"\nmode = \"self-taught\"\n");
+        let Err(ParseFailure::Invalid(problems)) =
+            JobConfig::parse(&format!("{rescaling}virtual_lr = -1.0\n"), dir.path())
+        else {
+            panic!("expected Invalid")
+        };
+        assert_problems(&problems, &["strategy.virtual_lr: must be positive, got -1"]);
+        let cfg = JobConfig::parse(&format!("{rescaling}virtual_lr = 0.05\n"), dir.path()).expect("valid");
+        assert_eq!(cfg.strategy.virtual_lr, Some(0.05));
     }
 
     #[test]

@@ -15,7 +15,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const ALPN: &[u8] = b"metaloop/1";
 /// Version carried in the hello; checked on both sides after ALPN agreed.
 /// 2: `JobSpec::delta_dtype` and bf16 tensors. 3: one `Ask` and one `Signal` per strategy.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `InnerSpec`'s optimizer (SGD or AdamW), learning-rate schedule, clipping, gradient
+/// accumulation and virtual step size.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Hard limit on one control frame. Control messages are small; anything big is a bundle.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
@@ -159,12 +161,124 @@ pub enum ModelSpec {
     },
 }
 
+/// The workers' inner optimizer (docs/algorithms.md §2), with fresh state for every
+/// assignment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InnerSpec {
     pub batch_size: u32,
+    /// The base learning rate: the schedule's peak.
     pub lr: f64,
+    /// SGD's momentum (AdamW ignores it).
     pub momentum: f64,
+    /// SGD: coupled (wd·θ added to the gradient); AdamW: decoupled (θ ← θ − lr·wd·θ).
     pub weight_decay: f64,
+    pub optimizer: InnerOptimizer,
+    /// The learning rate at every inner step of the job.
+    pub schedule: LrSchedule,
+    /// Global gradient-norm clipping to this norm (as `torch.nn.utils.clip_grad_norm_`).
+    pub clip_norm: Option<f64>,
+    /// Micro-batches per inner step (gradient accumulation); 1: the whole batch at once.
+    pub accumulate: u32,
+    /// The step size of a virtual inner step (loss rescaling's θ' = θ − α∇θ, always plain
+    /// SGD); `None`: `lr`.
+    pub virtual_lr: Option<f64>,
+}
+
+impl InnerSpec {
+    /// The virtual step size α (docs/algorithms.md §5).
+    pub fn virtual_lr(&self) -> f64 {
+        self.virtual_lr.unwrap_or(self.lr)
+    }
+}
+
+impl Default for InnerSpec {
+    /// The config's defaults: SGD, batch 32, lr 0.05, momentum 0.9, a constant learning rate
+    /// over 20 steps a round, no clipping, no accumulation.
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            optimizer: InnerOptimizer::Sgd,
+            schedule: LrSchedule::constant(20),
+            clip_norm: None,
+            accumulate: 1,
+            virtual_lr: None,
+        }
+    }
+}
+
+/// Which inner optimizer, with the settings only it has.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum InnerOptimizer {
+    /// `torch.optim.SGD` with momentum and coupled weight decay.
+    Sgd,
+    /// `torch.optim.AdamW`: bias-corrected moments, decoupled weight decay.
+    AdamW { beta1: f64, beta2: f64, eps: f64 },
+}
+
+/// The learning rate as a pure function of the job's global inner step
+/// s = round × steps_per_round + j: HF transformers' schedules (`get_constant_schedule_with_warmup`,
+/// `get_linear_schedule_with_warmup`), lr_s = lr · f(s) with f(s) = s / warmup while
+/// s < warmup, then 1 (`None`) or (total − s) / (total − warmup) down to 0 (`Linear`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LrSchedule {
+    /// `inner.steps`: the global step of an assignment's j-th step is round × this + j.
+    pub steps_per_round: u32,
+    /// rounds × steps_per_round: where `Linear` reaches 0.
+    pub total_steps: u64,
+    pub warmup_steps: u64,
+    pub decay: LrDecay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LrDecay {
+    None,
+    Linear,
+}
+
+impl LrSchedule {
+    /// The base learning rate at every step.
+    pub fn constant(steps_per_round: u32) -> Self {
+        Self {
+            steps_per_round,
+            total_steps: 0,
+            warmup_steps: 0,
+            decay: LrDecay::None,
+        }
+    }
+
+    /// The job's global step index of the `j`-th inner step of an assignment of `round`.
+    pub fn global_step(&self, round: u64, j: u32) -> u64 {
+        round
+            .saturating_mul(u64::from(self.steps_per_round))
+            .saturating_add(u64::from(j))
+    }
+
+    /// The factor f(s) on the base learning rate at global step `s`, in [0, 1] (computed in
+    /// f64 as transformers' Python does).
+    pub fn factor(&self, s: u64) -> f64 {
+        if s < self.warmup_steps {
+            return s as f64 / self.warmup_steps.max(1) as f64;
+        }
+        match self.decay {
+            LrDecay::None => 1.0,
+            LrDecay::Linear => {
+                let left = self.total_steps.saturating_sub(s) as f64;
+                (left / self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64).max(0.0)
+            }
+        }
+    }
+
+    /// The learning rate of the `j`-th inner step of an assignment of `round`: `lr` itself, bit
+    /// for bit, without warmup or decay.
+    pub fn lr(&self, lr: f64, round: u64, j: u32) -> f64 {
+        if self.warmup_steps == 0 && self.decay == LrDecay::None {
+            return lr;
+        }
+        lr * self.factor(self.global_step(round, j))
+    }
 }
 
 /// One round for one worker: how to get the current model, and what to run on it.
@@ -875,6 +989,20 @@ mod tests {
                 lr: 0.05,
                 momentum: 0.9,
                 weight_decay: 1e-4,
+                optimizer: InnerOptimizer::AdamW {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                },
+                schedule: LrSchedule {
+                    steps_per_round: 5,
+                    total_steps: 500,
+                    warmup_steps: 50,
+                    decay: LrDecay::Linear,
+                },
+                clip_norm: Some(1.0),
+                accumulate: 2,
+                virtual_lr: Some(0.1),
             },
             delta_dtype: DType::F32,
         }
@@ -1169,6 +1297,36 @@ mod tests {
     fn oversized_frame_prefix_is_rejected() {
         let prefix = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes();
         assert!(matches!(frame_len(prefix), Err(ProtoError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn the_schedule_is_transformers_linear_warmup_then_decay_over_the_job() {
+        let s = LrSchedule {
+            steps_per_round: 5,
+            total_steps: 100,
+            warmup_steps: 10,
+            decay: LrDecay::Linear,
+        };
+        assert_eq!(s.global_step(3, 2), 17);
+        // Warmup from 0: the first step's factor is 0, as with transformers' scheduler.
+        assert_eq!(s.factor(0), 0.0);
+        assert_eq!(s.factor(5), 0.5);
+        assert_eq!(s.factor(10), 1.0);
+        assert_eq!(s.factor(55), 0.5);
+        assert_eq!(s.factor(100), 0.0);
+        assert_eq!(s.factor(120), 0.0);
+        assert_eq!(s.lr(0.1, 11, 0), 0.1 * (45.0 / 90.0));
+        let flat = LrSchedule {
+            decay: LrDecay::None,
+            ..s
+        };
+        assert_eq!(flat.factor(55), 1.0);
+        assert_eq!(flat.factor(4), 0.4);
+        // No schedule: the base rate itself at every step.
+        let c = LrSchedule::constant(5);
+        for (round, j) in [(0, 0), (7, 4), (u64::MAX, 3)] {
+            assert_eq!(c.lr(0.05, round, j).to_bits(), 0.05f64.to_bits());
+        }
     }
 
     #[test]

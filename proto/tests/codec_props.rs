@@ -252,6 +252,7 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
                     lr,
                     momentum,
                     weight_decay,
+                    ..InnerSpec::default()
                 },
                 delta_dtype: DType::F32,
             },

@@ -272,6 +272,7 @@ impl Setup {
                     lr: 0.05,
                     momentum: 0.9,
                     weight_decay: 5e-4,
+                    ..InnerSpec::default()
                 },
                 delta_dtype: metaloop_proto::proto::DType::F32,
             },

@@ -224,7 +224,8 @@ mod tests {
     use metaloop_proto::dataset::Dataset;
     use metaloop_proto::features::Feature;
     use metaloop_proto::proto::{
-        Ask, DirectionalMethod, HypergradientSpec, InnerSpec, RescaleMode, RescalerPlan, Signal, SmallTensor, TrainOn,
+        Ask, DirectionalMethod, HypergradientSpec, InnerOptimizer, InnerSpec, LrDecay, LrSchedule, RescaleMode,
+        RescalerPlan, Signal, SmallTensor, TrainOn,
     };
     use metaloop_proto::rng::SplitMix64;
 
@@ -249,6 +250,7 @@ mod tests {
                 lr: 0.2,
                 momentum: 0.9,
                 weight_decay: 1e-3,
+                ..InnerSpec::default()
             },
             delta_dtype: metaloop_proto::proto::DType::F32,
         }
@@ -462,6 +464,104 @@ mod tests {
         let x = one.run(a.clone(), asks.clone()).await.expect("alive").expect("run");
         let y = three.run(a, asks).await.expect("alive").expect("run");
         compare("two rows on three replicas", &x, &y);
+    }
+
+    /// AdamW at a warmup-then-linear-decay schedule with clipping, on batches of 14 rows in
+    /// `micro` micro-batches.
+    fn adamw(micro: u32) -> InnerSpec {
+        InnerSpec {
+            batch_size: 14,
+            lr: 0.01,
+            weight_decay: 0.01,
+            optimizer: InnerOptimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            schedule: LrSchedule {
+                steps_per_round: 4,
+                total_steps: 40,
+                warmup_steps: 6,
+                decay: LrDecay::Linear,
+            },
+            clip_norm: Some(0.5),
+            accumulate: micro,
+            ..job(14, 0.0).inner
+        }
+    }
+
+    fn trainer_for(inner: InnerSpec) -> Trainer {
+        let mut job = job(inner.batch_size, 0.0);
+        job.inner = inner;
+        let data = TrainingData::new(job, vec![data(60, 1, 0), data(60, 2, 3)], Some(data(24, 3, 0)));
+        let mut t = Trainer::replica(data, Device::Cpu, None);
+        let p = params();
+        t.set_model(0, bundle_checksum(&p), p).expect("set");
+        t
+    }
+
+    async fn engine_for(devices: &[Device], inner: InnerSpec) -> Engine {
+        let mut job = job(inner.batch_size, 0.0);
+        job.inner = inner;
+        let data = TrainingData::new(job, vec![data(60, 1, 0), data(60, 2, 3)], Some(data(24, 3, 0)));
+        let e = Engine::from_data(data, devices, 1).await.expect("start");
+        let p = params();
+        e.set_model(0, bundle_checksum(&p), p)
+            .await
+            .expect("alive")
+            .expect("set");
+        e
+    }
+
+    #[tokio::test]
+    async fn adamw_with_accumulation_and_replicas_trains_like_one_whole_batch() {
+        let mut lone = trainer_for(adamw(1));
+        for (replicas, micro) in [(1, 3), (1, 14), (2, 1), (2, 3), (3, 2)] {
+            let e = engine_for(&vec![Device::Cpu; replicas], adamw(micro)).await;
+            for (case, a, asks) in cases() {
+                let asks = RoundAsks { round: 1, ..asks };
+                let x = lone.run(&a, &asks).expect(case);
+                let y = e.run(a, Arc::new(asks)).await.expect("alive").expect(case);
+                let worst = compare(case, &x, &y);
+                eprintln!(
+                    "{replicas} replicas × {micro} micro-batches, {case}: largest relative difference {worst:.2e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_learning_rate_follows_the_job_s_schedule_by_round() {
+        let a = Assignment {
+            index: 0,
+            shard: 1,
+            steps: 4,
+            seed: 11,
+            data: TrainOn::Mixture,
+        };
+        let at = |t: &mut Trainer, round| {
+            let asks = RoundAsks {
+                round,
+                ..RoundAsks::weights(&[1.0, 1.0])
+            };
+            t.run(&a, &asks).expect("run").delta
+        };
+        let mut t = trainer_for(adamw(1));
+        // Rounds 0 and 1 are in the warmup (global steps 0..4 and 4..8 of 6), round 2 past it.
+        let (r0, r1, r2) = (at(&mut t, 0), at(&mut t, 1), at(&mut t, 2));
+        assert_eq!(r1, at(&mut t, 1), "a round's assignment replays bit for bit");
+        assert_ne!(r0, r1);
+        assert_ne!(r1, r2);
+        // After the job's last step the learning rate is 0: no update at all, weight decay
+        // included (θ·(1 − 0·wd) = θ).
+        let end = at(&mut t, 10);
+        assert!(end.tensors.iter().all(|t| t.data.iter().all(|&d| d == 0.0)));
+        // Without a schedule the round does not matter.
+        let mut flat = trainer_for(InnerSpec {
+            schedule: LrSchedule::constant(4),
+            ..adamw(1)
+        });
+        assert_eq!(at(&mut flat, 0), at(&mut flat, 7));
     }
 
     #[tokio::test]

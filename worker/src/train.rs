@@ -224,6 +224,7 @@ impl Trainer {
             &data.job().inner,
             &mut batches,
             a,
+            asks.round,
             self.device,
             |m, x, y| producer.sample_weights(m, x, y),
         )?;
@@ -257,6 +258,8 @@ impl Trainer {
 /// and the assignments.
 #[derive(Debug, Clone)]
 pub struct RoundAsks {
+    /// The round: where the learning-rate schedule of its assignments' inner steps starts.
+    pub round: u64,
     /// The inner loss weight of every domain, in job order.
     pub weights: Vec<f64>,
     pub ask: Ask,
@@ -265,6 +268,7 @@ pub struct RoundAsks {
 impl Default for RoundAsks {
     fn default() -> Self {
         Self {
+            round: 0,
             weights: Vec::new(),
             ask: Ask::Nothing,
         }
@@ -274,6 +278,7 @@ impl Default for RoundAsks {
 impl RoundAsks {
     pub fn of(plan: &RoundPlan) -> Self {
         Self {
+            round: plan.round,
             weights: plan.domain_weights.clone(),
             ask: plan.ask.clone(),
         }
@@ -325,6 +330,7 @@ mod tests {
                 lr: 0.1,
                 momentum: 0.9,
                 weight_decay: 0.0,
+                ..InnerSpec::default()
             },
             delta_dtype: metaloop_proto::proto::DType::F32,
         }

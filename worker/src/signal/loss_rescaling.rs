@@ -100,7 +100,8 @@ impl Omega {
             features: &f,
         };
         let step = VirtualStep {
-            alpha: data.job().inner.lr,
+            // One plain SGD step whatever the inner optimizer (docs/algorithms.md §5).
+            alpha: data.job().inner.virtual_lr(),
             normalize: self.normalize,
             directional: self.directional,
         };
