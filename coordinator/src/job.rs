@@ -1,28 +1,24 @@
-//! The coordinator's run loop: plan each round, dispatch it through the scheduler, collect
-//! results in assignment order, take the outer step, evaluate, record. Network events arrive
-//! from `server`; compute (evaluation) runs on a dedicated thread.
+//! The coordinator's run loop around the round core (`round`): a job's lifecycle (claim the
+//! run directory, resume, wait for workers, drain and stop), network events and deadlines fed
+//! to the core and its actions carried out (bundles encoded once per version), evaluation on a
+//! dedicated compute thread (`evaluate`), and the run's record and checkpoints.
 
 use crate::checkpoint;
+use crate::evaluate::Evaluator;
 use crate::outer::OuterOptimizer;
+use crate::prepare::{job_identity, prepare_data, Prepared};
 use crate::round::{Action, Payload, RoundCore};
-use crate::rundir::{JobIdentity, RoundRecord, RunDir, Summary};
+use crate::rundir::{RoundRecord, RunDir, Summary};
 use crate::scheduler::{AssignmentTimeout, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
 use crate::strategy::{self, PhaseChange};
 use anyhow::{bail, Context};
 use metaloop_common::compute::ComputeThread;
-use metaloop_common::features;
-use metaloop_common::model;
 use metaloop_common::net::{self, TlsFiles};
-use metaloop_proto::checksum::{hex, StateHasher};
-use metaloop_proto::config::{
-    DeltaDType, InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, RescaleMode, StrategyKind, WeightMethod,
-};
-use metaloop_proto::dataset::{self, Dataset};
-use metaloop_proto::domains;
-use metaloop_proto::features::Feature;
-use metaloop_proto::proto::{DType, DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec};
-use metaloop_proto::tensor::Bundle;
+use metaloop_proto::checksum::hex;
+use metaloop_proto::config::{JobConfig, RescaleMode, StrategyKind, WeightMethod};
+use metaloop_proto::dataset::Dataset;
+use metaloop_proto::proto::JobSpec;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -450,238 +446,6 @@ fn save_checkpoint(
         Some(p) => e.context(format!("the previous checkpoint {} is kept", p.display())),
         None => e.context("there is no earlier checkpoint"),
     })
-}
-
-/// What decides this job's results ([`JobIdentity`]), for the run directory to be checked
-/// against: the config sections as parsed (a default made explicit is the same job).
-fn job_identity(config: &JobConfig, data: &Prepared) -> JobIdentity {
-    let job = &data.job;
-    let mut h = StateHasher::new();
-    for d in &job.domains {
-        h.bytes(b"domain").bytes(d.name.as_bytes()).bytes(&d.checksum);
-    }
-    if let Some(m) = &job.meta {
-        h.bytes(b"meta").bytes(&m.checksum);
-    }
-    h.bytes(b"test").bytes(&data.test_checksum);
-    h.bytes(&config.data.classes.to_le_bytes())
-        .bytes(&job.shards.to_le_bytes());
-    let section = |debug: String| hex(&StateHasher::new().bytes(debug.as_bytes()).finish());
-    JobIdentity {
-        seed: config.seed,
-        rounds: config.rounds,
-        model: format!("{:?}", job.model),
-        data: hex(&h.finish()),
-        settings: BTreeMap::from([
-            ("inner".to_string(), section(format!("{:?}", config.inner))),
-            ("outer".to_string(), section(format!("{:?}", config.outer))),
-            ("strategy".to_string(), section(format!("{:?}", config.strategy))),
-        ]),
-    }
-}
-
-/// The data the coordinator itself needs, beside the spec workers rebuild theirs from.
-struct Prepared {
-    job: JobSpec,
-    test: Dataset,
-    meta: Option<Dataset>,
-    /// Training domains with their corrupted rows, kept only when Ω's separation of clean from
-    /// corrupted samples is to be measured.
-    train: Vec<(Dataset, Vec<usize>)>,
-    /// What was done to each domain, for `domains.json`.
-    records: Vec<domains::DomainRecord>,
-    test_checksum: [u8; 32],
-}
-
-/// Builds every domain and the meta set once, checks they fit together, and returns the job
-/// spec workers rebuild the same data from, with what was done to each domain.
-fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared> {
-    let d = &config.data;
-    let test = dataset::load(&d.test, d.classes)?;
-    let mut specs = Vec::new();
-    let mut records = Vec::new();
-    let mut train = Vec::new();
-    let mut meta_data = None;
-    for (i, cfg) in d.domains.iter().enumerate() {
-        let built = domains::build(cfg, i, d.classes, config.seed)?;
-        if built.data.features != test.features {
-            bail!(
-                "domain `{}` ({}) has {} features per row but the test data ({}) has {}",
-                cfg.name,
-                cfg.source.display(),
-                built.data.features,
-                d.test.display(),
-                test.features
-            );
-        }
-        if (built.data.len() as u32) < d.shards {
-            bail!(
-                "domain `{}` ({}) has {} samples, fewer than data.shards = {}",
-                cfg.name,
-                cfg.source.display(),
-                built.data.len(),
-                d.shards
-            );
-        }
-        specs.push(domains::to_spec(cfg, domains::dataset_checksum(&built.data)));
-        if keep_train {
-            train.push((built.data, built.record.flipped.clone()));
-        }
-        records.push(built.record);
-    }
-    let meta = match &d.meta {
-        Some(path) => {
-            let m = dataset::load(path, d.classes)?;
-            if m.features != test.features {
-                bail!(
-                    "the meta set {} has {} features per row but the test data ({}) has {}",
-                    path.display(),
-                    m.features,
-                    d.test.display(),
-                    test.features
-                );
-            }
-            let r = DataRef {
-                path: path.to_string_lossy().into_owned(),
-                checksum: domains::dataset_checksum(&m),
-            };
-            meta_data = Some(m);
-            Some(r)
-        }
-        None => None,
-    };
-    let ModelConfig::Mlp { hidden, dropout } = &config.model;
-    let job = JobSpec {
-        seed: config.seed,
-        model: ModelSpec::Mlp {
-            inputs: test.features as u32,
-            hidden: hidden.clone(),
-            classes: d.classes,
-            dropout: *dropout as f32,
-        },
-        domains: specs,
-        meta,
-        shards: d.shards,
-        inner: inner_spec(config),
-        delta_dtype: match config.outer.delta_dtype {
-            DeltaDType::F32 => DType::F32,
-            DeltaDType::Bf16 => DType::BF16,
-        },
-    };
-    Ok(Prepared {
-        job,
-        test_checksum: domains::dataset_checksum(&test),
-        test,
-        meta: meta_data,
-        train,
-        records,
-    })
-}
-
-/// The workers' inner optimizer as the config gives it; the schedule's step count is the job's
-/// (rounds × inner.steps), so a step's learning rate depends only on its round and index.
-fn inner_spec(config: &JobConfig) -> InnerSpec {
-    let i = &config.inner;
-    let (beta1, beta2) = i.betas();
-    InnerSpec {
-        batch_size: i.batch_size,
-        lr: i.lr,
-        momentum: i.momentum(),
-        weight_decay: i.weight_decay,
-        optimizer: match i.optimizer {
-            InnerOptimizerKind::Sgd => InnerOptimizer::Sgd,
-            InnerOptimizerKind::AdamW => InnerOptimizer::AdamW {
-                beta1,
-                beta2,
-                eps: i.eps(),
-            },
-        },
-        schedule: LrSchedule {
-            steps_per_round: i.steps,
-            total_steps: config.rounds.saturating_mul(u64::from(i.steps)),
-            warmup_steps: i.warmup_steps,
-            decay: match i.decay {
-                LrDecayKind::None => LrDecay::None,
-                LrDecayKind::Linear => LrDecay::Linear,
-            },
-        },
-        clip_norm: i.clip_norm,
-        accumulate: i.accumulate,
-        virtual_lr: config.strategy.virtual_lr,
-    }
-}
-
-struct Evaluator {
-    spec: ModelSpec,
-    test: Dataset,
-    meta: Option<Dataset>,
-    train: Vec<(Dataset, Vec<usize>)>,
-}
-
-/// The global model's quality after a round.
-struct Evaluation {
-    test: (f64, f64),
-    /// Loss and accuracy on the meta set, when the job has one.
-    meta: Option<(f64, f64)>,
-}
-
-impl Evaluator {
-    fn evaluate(&self, params: &Bundle) -> Result<Evaluation, model::ModelError> {
-        let m = model::build(&self.spec, params, tch::Device::Cpu)?;
-        let test = model::evaluate(m.as_ref(), &self.test, tch::Device::Cpu)?;
-        let meta = self
-            .meta
-            .as_ref()
-            .map(|d| model::evaluate(m.as_ref(), d, tch::Device::Cpu))
-            .transpose()?;
-        Ok(Evaluation { test, meta })
-    }
-
-    /// The model's loss on every sample of every training domain (DoReMi's reference losses).
-    fn per_sample_losses(&self, params: &Bundle) -> Result<Vec<Vec<f64>>, model::ModelError> {
-        let m = model::build(&self.spec, params, tch::Device::Cpu)?;
-        self.train
-            .iter()
-            .map(|(d, _)| {
-                let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
-                let logits = tch::no_grad(|| m.forward(&x));
-                let logp = logits.log_softmax(-1, tch::Kind::Double);
-                let l = -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
-                Ok(Vec::<f64>::try_from(&l)?)
-            })
-            .collect()
-    }
-
-    /// Ω's raw weight for every training sample, split into (clean, corrupted).
-    fn omega_weights(
-        &self,
-        params: &Bundle,
-        omega: &Bundle,
-        features: &[Feature],
-        passes: u32,
-    ) -> Result<(Vec<f64>, Vec<f64>), model::ModelError> {
-        tch::manual_seed(0);
-        let m = model::build(&self.spec, params, tch::Device::Cpu)?;
-        let o = model::Mlp::from_bundle(omega, tch::Device::Cpu)?;
-        let (mut clean, mut corrupted) = (Vec::new(), Vec::new());
-        for (d, flipped) in &self.train {
-            let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
-            let w = tch::no_grad(|| {
-                let f = features::of_model(m.as_ref(), &x, &y, features, 1.0, passes);
-                o.forward_dense(&f).sigmoid().squeeze_dim(1).to_kind(tch::Kind::Double)
-            });
-            let w = Vec::<f64>::try_from(&w)?;
-            let bad: std::collections::HashSet<usize> = flipped.iter().copied().collect();
-            for (i, v) in w.into_iter().enumerate() {
-                if bad.contains(&i) {
-                    corrupted.push(v)
-                } else {
-                    clean.push(v)
-                }
-            }
-        }
-        Ok((clean, corrupted))
-    }
 }
 
 /// The run loop's state: the round core (every decision) and what moves bytes and time for it.

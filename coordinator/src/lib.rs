@@ -4,10 +4,12 @@
 //! run's record (`rundir`).
 
 mod checkpoint;
+mod evaluate;
 mod identity;
 mod job;
 mod outer;
 mod plot;
+mod prepare;
 mod round;
 mod rundir;
 mod scheduler;
