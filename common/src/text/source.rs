@@ -786,7 +786,7 @@ enum Kind {
 fn parquet_rows(bytes: Vec<u8>, path: &Path, b: &mut Builder<'_>) -> Result<(), TextError> {
     let unreadable = |e: parquet::errors::ParquetError| TextError::Format {
         path: path.into(),
-        reason: format!("not a readable Parquet file: {e}"),
+        reason: format!("not a readable Parquet file: {e}{}", codec_hint(&e.to_string())),
     };
     let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).map_err(unreadable)?;
     let meta = reader.metadata();
@@ -884,7 +884,10 @@ fn parquet_rows(bytes: Vec<u8>, path: &Path, b: &mut Builder<'_>) -> Result<(), 
             let max_def = schema.column(leaf).max_def_level();
             read_column(col, max_def, &mut cells, column, b).map_err(|e| TextError::Format {
                 path: path.into(),
-                reason: format!("not a readable Parquet file: row group {g}, column `{column}`: {e}"),
+                reason: format!(
+                    "not a readable Parquet file: row group {g}, column `{column}`: {e}{}",
+                    codec_hint(&e.to_string())
+                ),
             })?;
         }
         columns.push(cells);
@@ -900,6 +903,15 @@ fn parquet_rows(bytes: Vec<u8>, path: &Path, b: &mut Builder<'_>) -> Result<(), 
         b.row(at, cells);
     }
     Ok(())
+}
+
+/// What to do about a compression codec this build leaves out.
+fn codec_hint(error: &str) -> &'static str {
+    if error.contains("Disabled feature") {
+        " (this build reads uncompressed, snappy and lz4 Parquet; pyarrow and `datasets` write snappy by default)"
+    } else {
+        ""
+    }
 }
 
 /// Appends one row group's values of a flat column as cells (rows numbered on from
@@ -1176,6 +1188,18 @@ mod tests {
         let m = message(&p, &o);
         assert!(
             m.contains("junk.parquet") && m.contains("not a readable Parquet file"),
+            "{m}"
+        );
+        let o = SourceOptions::new(&["neg", "pos"]);
+        assert_eq!(
+            read_source(&fixture("lz4.parquet"), &o).expect("lz4").texts,
+            ["lz4 text"]
+        );
+        let m = message(&fixture("zstd.parquet"), &o);
+        assert!(
+            m.contains("zstd.parquet: not a readable Parquet file")
+                && m.contains("zstd")
+                && m.contains("snappy and lz4"),
             "{m}"
         );
         let good = std::fs::read(fixture("rows.parquet")).expect("fixture");

@@ -32,3 +32,6 @@ pq.write_table(
     ),
     f"{out}/bad.parquet",
 )
+# Codecs: lz4 is read; zstd is not built in (its error must name the file and the codec).
+pq.write_table(pa.table({"text": ["lz4 text"], "label": ["pos"]}), f"{out}/lz4.parquet", compression="lz4")
+pq.write_table(pa.table({"text": ["x"], "label": ["pos"]}), f"{out}/zstd.parquet", compression="zstd")
