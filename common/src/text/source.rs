@@ -571,8 +571,10 @@ fn jsonl(bytes: &[u8], b: &mut Builder<'_>) {
     use serde_json::{Map, Value};
     let wanted = b.wanted();
     // First every line, then the columns: one that no row has is reported once, not per row.
-    // (where, the object, the offset of a bad byte in the line)
-    let mut parsed: Vec<(RowRef, Map<String, Value>, Option<usize>)> = Vec::new();
+    // Per row: the object and the offset of a bad byte in the line, or why it is no object.
+    // Problems are reported in row order, after any column missing from the whole file.
+    type Parsed = Result<(Map<String, Value>, Option<usize>), Problem>;
+    let mut parsed: Vec<(RowRef, Parsed)> = Vec::new();
     let mut keys = BTreeSet::new();
     let mut row = 0;
     for (i, line) in bytes.split(|&c| c == b'\n').enumerate() {
@@ -594,27 +596,33 @@ fn jsonl(bytes: &[u8], b: &mut Builder<'_>) {
         match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(map)) => {
                 keys.extend(map.keys().cloned());
-                parsed.push((at, map, bad_at));
+                parsed.push((at, Ok((map, bad_at))));
             }
-            Ok(other) => b.problem(Problem::BadJson {
+            Ok(other) => parsed.push((
                 at,
-                column: 1,
-                reason: format!("{}, expected an object", json_type(&other)),
-            }),
+                Err(Problem::BadJson {
+                    at,
+                    column: 1,
+                    reason: format!("{}, expected an object", json_type(&other)),
+                }),
+            )),
             Err(e) => {
                 let message = e.to_string();
                 let reason = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
-                b.problem(Problem::BadJson {
+                parsed.push((
                     at,
-                    column: e.column(),
-                    reason: reason.to_owned(),
-                });
+                    Err(Problem::BadJson {
+                        at,
+                        column: e.column(),
+                        reason: reason.to_owned(),
+                    }),
+                ));
             }
         }
     }
     let found: Vec<String> = keys.iter().cloned().collect();
     let absent: Vec<bool> = wanted.iter().map(|(c, _)| !keys.contains(c)).collect();
-    if !parsed.is_empty() {
+    if parsed.iter().any(|(_, p)| p.is_ok()) {
         for ((column, role), &gone) in wanted.iter().zip(&absent) {
             if gone {
                 b.problem(Problem::MissingColumn {
@@ -625,7 +633,14 @@ fn jsonl(bytes: &[u8], b: &mut Builder<'_>) {
             }
         }
     }
-    for (at, map, bad) in parsed {
+    for (at, p) in parsed {
+        let (map, bad) = match p {
+            Ok(object) => object,
+            Err(problem) => {
+                b.problem(problem);
+                continue;
+            }
+        };
         let mut reported_bad = false;
         let mut cells = Vec::with_capacity(wanted.len());
         for ((column, _), &gone) in wanted.iter().zip(&absent) {
@@ -890,6 +905,15 @@ fn parquet_rows(bytes: Vec<u8>, path: &Path, b: &mut Builder<'_>) -> Result<(), 
                 ),
             })?;
         }
+        if cells.len() != n {
+            return Err(TextError::Format {
+                path: path.into(),
+                reason: format!(
+                    "not a readable Parquet file: column `{column}` has {} values, the file {n} rows",
+                    cells.len()
+                ),
+            });
+        }
         columns.push(cells);
     }
     let mut iters: Vec<_> = columns.into_iter().map(Vec::into_iter).collect();
@@ -1083,6 +1107,11 @@ mod tests {
         }
         let p = write(&dir, "bad.jsonl", &bytes);
         let m = message(&p, &SourceOptions::new(&["neg", "pos"]));
+        let rows: Vec<usize> = m
+            .match_indices("  - row ")
+            .map(|(i, _)| m[i + 8..].split(' ').next().and_then(|r| r.parse().ok()).unwrap_or(0))
+            .collect();
+        assert_eq!(rows, [2, 3, 4, 5, 6, 7, 8, 9], "in row order:\n{m}");
         let expect = [
             "data file ",
             "bad.jsonl has 8 problems:",
