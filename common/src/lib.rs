@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pki;
+pub mod text;
