@@ -9,6 +9,7 @@
 //! directory: `config.json` and `model.safetensors`).
 
 pub mod bert;
+pub mod classifier;
 pub mod compute;
 pub mod features;
 pub mod http;

@@ -1,0 +1,200 @@
+//! A sequence classifier on a BERT-family encoder, as a [`Model`]: the encoder's last hidden
+//! state pooled (the `[CLS]` token's state, or the mask-weighted mean that sentence-transformers
+//! checkpoints were trained with) and a linear head to the task's classes. The head is made in
+//! pure Rust from a seed, like the MLP's parameters, so every machine starts from the same bits;
+//! the encoder's parameters keep their Hugging Face names, the head's are `head.weight` and
+//! `head.bias`. Not yet a model kind of the job (`[model] kind = "bert"` comes with the text data).
+
+use crate::bert::{mean_pool, Bert};
+use crate::model::{Inputs, Model};
+use metaloop_proto::rng::SplitMix64;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tch::Tensor;
+
+/// How a sequence's hidden states become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The first (`[CLS]`) token's last hidden state, through the encoder's pooler (tanh of a
+    /// dense layer) when it has one, as `BertForSequenceClassification`.
+    Cls,
+    /// The mean of the last hidden states over the attended tokens; the pooler, if any, is
+    /// unused and is not among the classifier's parameters.
+    Mean,
+}
+
+/// The encoder, its pooling and a linear head; see the module documentation.
+#[derive(Debug)]
+pub struct BertClassifier {
+    bert: Bert,
+    pooling: Pooling,
+    head_weight: Tensor,
+    head_bias: Tensor,
+    /// The encoder's parameters then the head's, in the order of `names`.
+    params: Vec<Tensor>,
+    names: Vec<String>,
+    train: AtomicBool,
+}
+
+impl BertClassifier {
+    /// `bert` with a head to `classes` classes, initialised from `seed` as PyTorch's
+    /// `nn.Linear` (uniform in ±1/√hidden), in the encoder's kind and on its device.
+    pub fn new(bert: Bert, pooling: Pooling, classes: usize, seed: u64) -> Self {
+        let hidden = bert.config().hidden_size as usize;
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let mut rng = SplitMix64::new(seed);
+        let mut uniform = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| (((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        };
+        let (kind, device) = (bert.kind(), bert.named_parameters()[0].1.device());
+        let leaf = |data: Vec<f32>, shape: &[i64]| {
+            Tensor::from_slice(&data)
+                .reshape(shape)
+                .to_kind(kind)
+                .to_device(device)
+                .set_requires_grad(true)
+        };
+        let head_weight = leaf(uniform(classes * hidden), &[classes as i64, hidden as i64]);
+        let head_bias = leaf(uniform(classes), &[classes as i64]);
+        // Every parameter takes part in the forward pass, so every one has a gradient.
+        let used = |name: &str| pooling == Pooling::Cls || !name.starts_with("pooler.");
+        let (mut names, mut params): (Vec<String>, Vec<Tensor>) = bert
+            .named_parameters()
+            .iter()
+            .filter(|(n, _)| used(n))
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .unzip();
+        params.push(head_weight.shallow_clone());
+        params.push(head_bias.shallow_clone());
+        names.push("head.weight".into());
+        names.push("head.bias".into());
+        Self {
+            bert,
+            pooling,
+            head_weight,
+            head_bias,
+            params,
+            names,
+            train: AtomicBool::new(false),
+        }
+    }
+
+    /// The pooled sequence vectors `[n, hidden]` for token ids and their attention mask.
+    pub fn pooled(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        let train = self.train.load(Ordering::Relaxed);
+        let hidden = self.bert.forward(ids, mask, &ids.zeros_like(), train);
+        match self.pooling {
+            Pooling::Cls => self.bert.pool(&hidden).unwrap_or_else(|| hidden.select(1, 0)),
+            Pooling::Mean => mean_pool(&hidden, mask),
+        }
+    }
+}
+
+impl Model for BertClassifier {
+    /// # Panics
+    /// On dense features: an encoder takes token ids (the job's model and data kinds are
+    /// checked together before anything runs).
+    fn forward(&self, x: &Inputs) -> Tensor {
+        match x {
+            Inputs::Tokens { ids, mask } => self.pooled(ids, mask).matmul(&self.head_weight.tr()) + &self.head_bias,
+            Inputs::Dense(_) => panic!("a BERT classifier was given dense features"),
+        }
+    }
+
+    fn parameters(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    fn set_train(&self, train: bool) {
+        self.train.store(train, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn tiny(kind: Kind) -> Bert {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tiny-bert");
+        match Bert::load(&dir, Device::Cpu, kind) {
+            Ok(b) => b,
+            Err(e) => panic!("tiny BERT: {e}"),
+        }
+    }
+
+    fn batch() -> Inputs {
+        // Two sequences, the second padded after 3 tokens.
+        let ids = Tensor::from_slice(&[2i64, 10, 11, 12, 3, 2, 20, 3, 0, 0]).reshape([2, 5]);
+        let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0]).reshape([2, 5]);
+        Inputs::Tokens { ids, mask }
+    }
+
+    #[test]
+    fn logits_are_the_head_on_the_pooled_state_and_padding_is_ignored() {
+        for pooling in [Pooling::Cls, Pooling::Mean] {
+            let c = BertClassifier::new(tiny(Kind::Double), pooling, 3, 7);
+            let logits = c.forward(&batch());
+            assert_eq!(logits.size(), vec![2, 3]);
+            // The padded row gives the same logits as the same tokens alone.
+            let alone = Inputs::Tokens {
+                ids: Tensor::from_slice(&[2i64, 20, 3]).reshape([1, 3]),
+                mask: Tensor::from_slice(&[1i64, 1, 1]).reshape([1, 3]),
+            };
+            let gap = (logits.select(0, 1) - c.forward(&alone).select(0, 0))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(gap < 1e-12, "{pooling:?}: padding changed the logits by {gap}");
+        }
+    }
+
+    #[test]
+    fn the_head_is_seeded_and_named_after_the_encoder() {
+        let a = BertClassifier::new(tiny(Kind::Float), Pooling::Mean, 2, 1);
+        let b = BertClassifier::new(tiny(Kind::Float), Pooling::Mean, 2, 1);
+        let c = BertClassifier::new(tiny(Kind::Float), Pooling::Mean, 2, 2);
+        let head = |m: &BertClassifier| Vec::<f32>::try_from(m.head_weight.view(-1)).expect("read");
+        assert_eq!(head(&a), head(&b));
+        assert_ne!(head(&a), head(&c));
+        assert_eq!(a.names().len(), a.parameters().len());
+        assert_eq!(&a.names()[a.names().len() - 2..], ["head.weight", "head.bias"]);
+        assert!(a.names().iter().any(|n| n == "embeddings.word_embeddings.weight"));
+    }
+
+    #[test]
+    fn second_order_gradients_flow_through_the_encoder() {
+        // ⟨∇θ L, v⟩ differentiated again (a Hessian-vector product) is defined and non-zero for
+        // the encoder's parameters: what exact hypergradients need.
+        for pooling in [Pooling::Cls, Pooling::Mean] {
+            second_order(pooling);
+        }
+    }
+
+    fn second_order(pooling: Pooling) {
+        let c = BertClassifier::new(tiny(Kind::Double), pooling, 2, 3);
+        let y = Tensor::from_slice(&[0i64, 1]);
+        let loss = c.forward(&batch()).cross_entropy_for_logits(&y);
+        let g = Tensor::run_backward(&[&loss], c.parameters(), true, true);
+        assert!(
+            g.iter().all(Tensor::defined),
+            "{pooling:?}: every parameter has a gradient"
+        );
+        let dot = g
+            .iter()
+            .map(|g| g.square().sum(Kind::Double))
+            .fold(Tensor::zeros([], (Kind::Double, Device::Cpu)), |a, b| a + b);
+        let h = Tensor::run_backward(&[&dot], c.parameters(), false, false);
+        let i = c
+            .names()
+            .iter()
+            .position(|n| n == "encoder.layer.0.attention.self.query.weight")
+            .expect("query weight");
+        assert!(h[i].abs().sum(Kind::Double).double_value(&[]) > 0.0, "{pooling:?}");
+    }
+}
