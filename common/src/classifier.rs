@@ -6,7 +6,7 @@
 //! `head.bias`. Not yet a model kind of the job (`[model] kind = "bert"` comes with the text data).
 
 use crate::bert::{mean_pool, Bert};
-use crate::model::{Inputs, Model};
+use crate::model::{linear_init, Inputs, Model};
 use metaloop_proto::rng::SplitMix64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::Tensor;
@@ -40,13 +40,8 @@ impl BertClassifier {
     /// `nn.Linear` (uniform in ±1/√hidden), in the encoder's kind and on its device.
     pub fn new(bert: Bert, pooling: Pooling, classes: usize, seed: u64) -> Self {
         let hidden = bert.config().hidden_size as usize;
-        let bound = 1.0 / (hidden as f64).sqrt();
         let mut rng = SplitMix64::new(seed);
-        let mut uniform = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| (((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound) as f32)
-                .collect()
-        };
+        let mut uniform = |n: usize| linear_init(&mut rng, n, hidden);
         let (kind, device) = (bert.kind(), bert.named_parameters()[0].1.device());
         let leaf = |data: Vec<f32>, shape: &[i64]| {
             Tensor::from_slice(&data)

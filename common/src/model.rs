@@ -151,6 +151,16 @@ pub enum ModelError {
     Torch(#[from] tch::TchError),
 }
 
+/// `n` values drawn from `rng` uniformly in ±1/√fan_in: PyTorch's `nn.Linear` initialisation,
+/// in pure Rust so every machine starts from the same bits.
+pub fn linear_init(rng: &mut SplitMix64, n: usize, fan_in: usize) -> Vec<f32> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    (0..n)
+        .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound)
+        .map(|v| v as f32)
+        .collect()
+}
+
 /// Initial parameters for `spec`, made in pure Rust from `seed` so every machine and every
 /// libtorch build starts from the same bits. Uniform(±1/√fan_in), as PyTorch's `nn.Linear`.
 pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
@@ -167,13 +177,7 @@ pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
     let mut tensors = Vec::new();
     for (i, w) in sizes.windows(2).enumerate() {
         let (fan_in, fan_out) = (w[0], w[1]);
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        let mut uniform = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound)
-                .map(|v| v as f32)
-                .collect()
-        };
+        let mut uniform = |n: usize| linear_init(&mut rng, n, fan_in);
         tensors.push(HostTensor {
             name: format!("l{i}.weight"),
             shape: vec![fan_out, fan_in],

@@ -171,7 +171,7 @@ enum Delivery {
 }
 
 /// Deliveries ordered by time, then by when they were queued.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Queue {
     heap: BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
     items: BTreeMap<u64, Delivery>,
@@ -232,11 +232,7 @@ impl Sim {
             config,
             workers: BTreeMap::new(),
             next_id: 0,
-            queue: Queue {
-                heap: BinaryHeap::new(),
-                items: BTreeMap::new(),
-                seq: 0,
-            },
+            queue: Queue::default(),
             now: Instant::now(),
             rng: SplitMix64::new(d.seed),
             d,
@@ -506,11 +502,7 @@ impl Sim {
         assert_eq!(fresh.state_checksum(), self.core.state_checksum());
         self.core = fresh;
         self.last_update = None;
-        self.queue = Queue {
-            heap: BinaryHeap::new(),
-            items: BTreeMap::new(),
-            seq: 0,
-        };
+        self.queue = Queue::default();
         let old: Vec<SimWorker> = std::mem::take(&mut self.workers).into_values().collect();
         for w in old {
             self.join(w.conduct, w.held);
