@@ -279,7 +279,9 @@ async fn run_job(
             config,
             move |r| {
                 pb2.inc(1);
-                pb2.set_message(format!("test acc {:.1}%{}", r.test_accuracy * 100.0, weights_text(r)));
+                if let Some(acc) = r.test_accuracy {
+                    pb2.set_message(format!("test acc {:.1}%{}", acc * 100.0, weights_text(r)));
+                }
                 if !quiet && (r.round % every == 0 || r.round == last) {
                     say(&pb2, format!("{label2}{}", round_line(r)));
                 }
@@ -306,12 +308,14 @@ async fn run_job(
 
 fn round_line(r: &RoundRecord) -> String {
     let meta = r.meta_loss.map_or(String::new(), |m| format!("  meta {m:.4}"));
+    let test = match (r.test_loss, r.test_accuracy) {
+        (Some(loss), Some(acc)) => format!("  test {loss:.4}  acc {:>5.1}%", acc * 100.0),
+        _ => String::new(),
+    };
     format!(
-        "round {:>4}  train {:.4}{meta}  test {:.4}  acc {:>5.1}%  {:>5.2}s  {:>6.0} samples/s  {} workers{}",
+        "round {:>4}  train {:.4}{meta}{test}  {:>5.2}s  {:>6.0} samples/s  {} workers{}",
         r.round,
         r.train_loss,
-        r.test_loss,
-        r.test_accuracy * 100.0,
         r.seconds,
         r.samples_per_second,
         r.workers,

@@ -129,6 +129,9 @@ pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Resu
     })?;
     print_warnings(path, &checked.warnings);
     let mut config = checked.config;
+    if !print_text_problems(path, &config) {
+        return Err(ExitCode::from(EXIT_USAGE));
+    }
     if let Some(r) = overrides.rounds {
         config.rounds = r;
     }
@@ -149,6 +152,19 @@ pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Resu
         return Err(ExitCode::from(EXIT_USAGE));
     }
     Ok(config)
+}
+
+/// Checks a text job's model directory and data files and prints every problem; whether there
+/// were none.
+fn print_text_problems(path: &std::path::Path, config: &JobConfig) -> bool {
+    let problems = metaloop_common::text::check_job(config);
+    if !problems.is_empty() {
+        eprintln!("config {} has {} problem(s):", path.display(), problems.len());
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+    }
+    problems.is_empty()
 }
 
 /// Prints a config's warnings (settings the job clamps to its data) on stderr.
@@ -287,6 +303,9 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
         Command::Validate { config } => match JobConfig::load_checked(&config) {
             Ok(checked) => {
                 print_warnings(&config, &checked.warnings);
+                if !print_text_problems(&config, &checked.config) {
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
                 match checked.warnings.len() {
                     0 => println!("{}: ok", config.display()),
                     n => println!("{}: ok, with {n} warning(s)", config.display()),
@@ -333,7 +352,7 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
                         tracing::info!(
                             round = r.round,
                             train_loss = r.train_loss,
-                            test_accuracy = r.test_accuracy,
+                            test_accuracy = r.test_accuracy.unwrap_or(f64::NAN),
                             seconds = r.seconds,
                             "round done"
                         )

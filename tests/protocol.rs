@@ -86,6 +86,8 @@ async fn worker_refuses_a_coordinator_of_another_version() {
                 ..InnerSpec::default()
             },
             delta_dtype: metaloop_proto::proto::DType::F32,
+            text: None,
+            meta_batch: 0,
         };
         let welcome = CoordinatorMsg::Welcome(Welcome {
             protocol_version: proto::PROTOCOL_VERSION + 1,

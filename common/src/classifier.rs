@@ -3,13 +3,65 @@
 //! checkpoints were trained with) and a linear head to the task's classes. The head is made in
 //! pure Rust from a seed, like the MLP's parameters, so every machine starts from the same bits;
 //! the encoder's parameters keep their Hugging Face names, the head's are `head.weight` and
-//! `head.bias`. Not yet a model kind of the job (`[model] kind = "bert"` comes with the text data).
+//! `head.bias`. A job's model of `[model] kind = "bert"`: the coordinator starts it from the
+//! pretrained files ([`pretrained`]); a worker builds it from the parameters it is sent and the
+//! architecture in the spec ([`BertClassifier::from_bundle`]), so it needs no weights file.
 
-use crate::bert::{mean_pool, Bert};
-use crate::model::{linear_init, Inputs, Model};
+use crate::bert::{mean_pool, Bert, BertConfig, BertError};
+use crate::model::{host_to_tensor, linear_init, to_bundle, Inputs, Model, ModelError};
+use metaloop_proto::proto::ModelSpec;
 use metaloop_proto::rng::SplitMix64;
+use metaloop_proto::tensor::Bundle;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
+
+/// The names of the head's parameters, after the encoder's.
+const HEAD: [&str; 2] = ["head.weight", "head.bias"];
+
+/// The job's model spec and initial parameters for the pretrained encoder in `dir` (its
+/// `config.json` and `model.safetensors`) with a head to `classes` classes seeded by `seed`.
+///
+/// # Errors
+/// The encoder's load errors (a bad config, a missing, extra or misshapen tensor, each named).
+pub fn pretrained(dir: &Path, pooling: Pooling, classes: u32, seed: u64) -> Result<(ModelSpec, Bundle), ModelError> {
+    let config_path = dir.join("config.json");
+    let config = std::fs::read_to_string(&config_path).map_err(|e| bert_error(BertError::Io {
+        path: config_path,
+        source: e,
+    }))?;
+    let bert = Bert::load(dir, Device::Cpu, Kind::Float).map_err(bert_error)?;
+    let pooler = pooling == Pooling::Cls && bert.has_pooler();
+    let model = BertClassifier::new(bert, pooling, classes as usize, seed);
+    let spec = ModelSpec::Bert {
+        config,
+        cls: pooling == Pooling::Cls,
+        pooler,
+        classes,
+    };
+    Ok((spec, to_bundle(&model)?))
+}
+
+/// Every parameter's name and shape, in the classifier's order, for a [`ModelSpec::Bert`].
+///
+/// # Errors
+/// A config the encoder does not support.
+pub fn layout(config: &str, pooler: bool, classes: u32) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    let c = BertConfig::parse(config, Path::new("config.json")).map_err(bert_error)?;
+    let hidden = c.hidden_size as usize;
+    let mut out: Vec<(String, Vec<usize>)> = c
+        .parameter_shapes(pooler)
+        .into_iter()
+        .map(|(n, s)| (n, s.into_iter().map(|d| d as usize).collect()))
+        .collect();
+    out.push((HEAD[0].into(), vec![classes as usize, hidden]));
+    out.push((HEAD[1].into(), vec![classes as usize]));
+    Ok(out)
+}
+
+fn bert_error(e: BertError) -> ModelError {
+    ModelError::Layout(e.to_string())
+}
 
 /// How a sequence's hidden states become one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +104,33 @@ impl BertClassifier {
         };
         let head_weight = leaf(uniform(classes * hidden), &[classes as i64, hidden as i64]);
         let head_bias = leaf(uniform(classes), &[classes as i64]);
+        Self::with_head(bert, pooling, head_weight, head_bias)
+    }
+
+    /// The classifier holding `bundle`'s parameters (encoder by name, then the head) for the
+    /// architecture in `config` (`config.json`'s text), on `device` in f32.
+    ///
+    /// # Errors
+    /// A bad config, or parameters that do not fit it (each tensor named).
+    pub fn from_bundle(config: &str, pooling: Pooling, bundle: &Bundle, device: Device) -> Result<Self, ModelError> {
+        let c = BertConfig::parse(config, Path::new("config.json")).map_err(bert_error)?;
+        let mut encoder = Vec::with_capacity(bundle.tensors.len());
+        let mut head = Vec::new();
+        for t in &bundle.tensors {
+            if HEAD.contains(&t.name.as_str()) {
+                head.push(host_to_tensor(t, device).set_requires_grad(true));
+            } else {
+                encoder.push((t.name.clone(), host_to_tensor(t, device)));
+            }
+        }
+        let [head_weight, head_bias]: [Tensor; 2] = head
+            .try_into()
+            .map_err(|_| ModelError::Layout("a BERT classifier's bundle needs head.weight and head.bias".into()))?;
+        let bert = Bert::from_tensors(c, encoder, device, Kind::Float).map_err(bert_error)?;
+        Ok(Self::with_head(bert, pooling, head_weight, head_bias))
+    }
+
+    fn with_head(bert: Bert, pooling: Pooling, head_weight: Tensor, head_bias: Tensor) -> Self {
         // Every parameter takes part in the forward pass, so every one has a gradient.
         let used = |name: &str| pooling == Pooling::Cls || !name.starts_with("pooler.");
         let (mut names, mut params): (Vec<String>, Vec<Tensor>) = bert
@@ -62,8 +141,7 @@ impl BertClassifier {
             .unzip();
         params.push(head_weight.shallow_clone());
         params.push(head_bias.shallow_clone());
-        names.push("head.weight".into());
-        names.push("head.bias".into());
+        names.extend(HEAD.map(String::from));
         Self {
             bert,
             pooling,

@@ -2,7 +2,7 @@
 //! primitive are written against [`Model`] only, so other models (a transformer, a TorchScript
 //! module) plug in without changing them.
 
-use metaloop_proto::dataset::Dataset;
+use crate::classifier::{BertClassifier, Pooling};
 use metaloop_proto::proto::ModelSpec;
 use metaloop_proto::rng::SplitMix64;
 use metaloop_proto::tensor::{Bundle, HostTensor};
@@ -161,15 +161,38 @@ pub fn linear_init(rng: &mut SplitMix64, n: usize, fan_in: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Initial parameters for `spec`, made in pure Rust from `seed` so every machine and every
-/// libtorch build starts from the same bits. Uniform(±1/√fan_in), as PyTorch's `nn.Linear`.
+/// Every parameter's name and shape, in the model's order: what a bundle of `spec` holds.
+///
+/// # Errors
+/// A BERT config the encoder does not support.
+pub fn layout(spec: &ModelSpec) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    match spec {
+        ModelSpec::Mlp { .. } => Ok(shapes(&init_params(spec, 0))),
+        ModelSpec::Bert {
+            config,
+            pooler,
+            classes,
+            ..
+        } => crate::classifier::layout(config, *pooler, *classes),
+    }
+}
+
+/// Initial parameters for an MLP `spec`, made in pure Rust from `seed` so every machine and
+/// every libtorch build starts from the same bits. Uniform(±1/√fan_in), as PyTorch's
+/// `nn.Linear`.
+///
+/// # Panics
+/// For a BERT spec: its encoder starts from pretrained weights (`classifier::pretrained`).
 pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
     let ModelSpec::Mlp {
         inputs,
         hidden,
         classes,
         ..
-    } = spec;
+    } = spec
+    else {
+        panic!("a BERT classifier starts from its pretrained weights, not from a seed");
+    };
     let mut rng = SplitMix64::new(seed);
     let mut sizes = vec![*inputs as usize];
     sizes.extend(hidden.iter().map(|&h| h as usize));
@@ -197,22 +220,45 @@ pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
 /// # Errors
 /// When the parameters do not fit the spec.
 pub fn build(spec: &ModelSpec, params: &Bundle, device: Device) -> Result<Box<dyn Model>, ModelError> {
-    let expected = init_params(spec, 0);
-    if !expected.same_layout(params) {
+    let expected = layout(spec)?;
+    if expected != shapes(params) {
         return Err(ModelError::Layout(format!(
-            "parameters do not match the model spec {spec:?}: expected {:?}, got {:?}",
-            layout(&expected),
-            layout(params)
+            "parameters do not match the model spec: {}",
+            first_difference(&expected, &shapes(params))
         )));
     }
-    let ModelSpec::Mlp { dropout, .. } = spec;
-    Ok(Box::new(
-        Mlp::from_bundle(params, device)?.with_dropout(f64::from(*dropout)),
-    ))
+    match spec {
+        ModelSpec::Mlp { dropout, .. } => Ok(Box::new(
+            Mlp::from_bundle(params, device)?.with_dropout(f64::from(*dropout)),
+        )),
+        ModelSpec::Bert { config, cls, .. } => {
+            let pooling = if *cls { Pooling::Cls } else { Pooling::Mean };
+            Ok(Box::new(BertClassifier::from_bundle(config, pooling, params, device)?))
+        }
+    }
 }
 
-fn layout(b: &Bundle) -> Vec<(String, Vec<usize>)> {
+/// Whether a model of `spec` draws dropout masks in train mode.
+pub fn has_dropout(spec: &ModelSpec) -> bool {
+    match spec {
+        ModelSpec::Mlp { dropout, .. } => *dropout > 0.0,
+        // A BERT's rates are its config's; every BERT checkpoint in use trains with dropout.
+        ModelSpec::Bert { .. } => true,
+    }
+}
+
+fn shapes(b: &Bundle) -> Vec<(String, Vec<usize>)> {
     b.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()
+}
+
+/// The first tensor where two layouts differ, or their lengths.
+fn first_difference(want: &[(String, Vec<usize>)], got: &[(String, Vec<usize>)]) -> String {
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        if w != g {
+            return format!("tensor {i} should be {} {:?}, got {} {:?}", w.0, w.1, g.0, g.1);
+        }
+    }
+    format!("{} tensors expected, got {}", want.len(), got.len())
 }
 
 /// A host tensor as a libtorch tensor on `device`.
@@ -287,7 +333,7 @@ pub fn batch_tensors(x: &[f32], y: &[i64], features: usize, device: Device) -> (
 ///
 /// # Errors
 /// When libtorch fails.
-pub fn evaluate(model: &dyn Model, ds: &Dataset, device: Device) -> Result<(f64, f64), ModelError> {
+pub fn evaluate(model: &dyn Model, ds: &metaloop_proto::dataset::Dataset, device: Device) -> Result<(f64, f64), ModelError> {
     tch::no_grad(|| {
         let (x, y) = batch_tensors(&ds.x, &ds.y, ds.features, device);
         let logits = model.forward(&x);

@@ -1,9 +1,9 @@
 //! The coordinator's evaluation: test and meta-set loss and accuracy of the global model, the
 //! per-sample losses DoReMi keeps as its reference, and Ω's weight of every training sample.
 
+use metaloop_common::data::{self, Data};
 use metaloop_common::features;
 use metaloop_common::model;
-use metaloop_proto::dataset::Dataset;
 use metaloop_proto::features::Feature;
 use metaloop_proto::proto::ModelSpec;
 use metaloop_proto::tensor::Bundle;
@@ -12,9 +12,9 @@ use metaloop_proto::tensor::Bundle;
 /// a round, DoReMi's reference losses, and Ω's weights for the final separation report.
 pub(crate) struct Evaluator {
     pub(crate) spec: ModelSpec,
-    pub(crate) test: Dataset,
-    pub(crate) meta: Option<Dataset>,
-    pub(crate) train: Vec<(Dataset, Vec<usize>)>,
+    pub(crate) test: Data,
+    pub(crate) meta: Option<Data>,
+    pub(crate) train: Vec<(Data, Vec<usize>)>,
 }
 
 /// The global model's quality after a round.
@@ -27,11 +27,11 @@ pub(crate) struct Evaluation {
 impl Evaluator {
     pub(crate) fn evaluate(&self, params: &Bundle) -> Result<Evaluation, model::ModelError> {
         let m = model::build(&self.spec, params, tch::Device::Cpu)?;
-        let test = model::evaluate(m.as_ref(), &self.test, tch::Device::Cpu)?;
+        let test = data::evaluate(m.as_ref(), &self.test, tch::Device::Cpu)?;
         let meta = self
             .meta
             .as_ref()
-            .map(|d| model::evaluate(m.as_ref(), d, tch::Device::Cpu))
+            .map(|d| data::evaluate(m.as_ref(), d, tch::Device::Cpu))
             .transpose()?;
         Ok(Evaluation { test, meta })
     }
@@ -41,13 +41,7 @@ impl Evaluator {
         let m = model::build(&self.spec, params, tch::Device::Cpu)?;
         self.train
             .iter()
-            .map(|(d, _)| {
-                let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
-                let logits = tch::no_grad(|| m.forward(&x));
-                let logp = logits.log_softmax(-1, tch::Kind::Double);
-                let l = -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
-                Ok(Vec::<f64>::try_from(&l)?)
-            })
+            .map(|(d, _)| data::per_sample_losses(m.as_ref(), d, tch::Device::Cpu))
             .collect()
     }
 
@@ -64,12 +58,15 @@ impl Evaluator {
         let o = model::Mlp::from_bundle(omega, tch::Device::Cpu)?;
         let (mut clean, mut corrupted) = (Vec::new(), Vec::new());
         for (d, flipped) in &self.train {
-            let (x, y) = model::batch_tensors(&d.x, &d.y, d.features, tch::Device::Cpu);
-            let w = tch::no_grad(|| {
-                let f = features::of_model(m.as_ref(), &x, &y, features, 1.0, passes);
-                o.forward_dense(&f).sigmoid().squeeze_dim(1).to_kind(tch::Kind::Double)
-            });
-            let w = Vec::<f64>::try_from(&w)?;
+            let mut w = Vec::with_capacity(d.len());
+            for rows in data::eval_chunks(d) {
+                let (x, y) = d.batch(&rows, tch::Device::Cpu);
+                let chunk = tch::no_grad(|| {
+                    let f = features::of_model(m.as_ref(), &x, &y, features, 1.0, passes);
+                    o.forward_dense(&f).sigmoid().squeeze_dim(1).to_kind(tch::Kind::Double)
+                });
+                w.extend(Vec::<f64>::try_from(&chunk)?);
+            }
             let bad: std::collections::HashSet<usize> = flipped.iter().copied().collect();
             for (i, v) in w.into_iter().enumerate() {
                 if bad.contains(&i) {

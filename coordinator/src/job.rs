@@ -17,7 +17,7 @@ use metaloop_common::compute::ComputeThread;
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_proto::checksum::hex;
 use metaloop_proto::config::{JobConfig, RescaleMode, StrategyKind, WeightMethod};
-use metaloop_proto::dataset::Dataset;
+use metaloop_common::data::Data;
 use metaloop_proto::proto::JobSpec;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -469,16 +469,25 @@ struct LoopState {
     bytes_before: (u64, u64),
     /// The checkpoint this job last wrote or resumed from: what a failed save leaves intact.
     last_checkpoint: Option<PathBuf>,
+    /// Evaluate after every this many rounds, and after the last of `rounds`.
+    eval_every: u64,
+    rounds: u64,
 }
 
 impl LoopState {
     fn new(config: &JobConfig, job: &JobSpec, data: Prepared, scheduler: Scheduler) -> anyhow::Result<Self> {
         let spec = job.model.clone();
-        let Prepared { test, meta, train, .. } = data;
-        let meta_len = meta.as_ref().map_or(0, Dataset::len);
+        let Prepared {
+            initial,
+            test,
+            meta,
+            train,
+            ..
+        } = data;
+        let meta_len = meta.as_ref().map_or(0, Data::len);
         let names = job.domains.iter().map(|d| d.name.clone()).collect();
         let core = RoundCore::new(
-            job.model.clone(),
+            initial,
             config.seed,
             OuterOptimizer::new(config.outer.clone()),
             strategy::build(config, names, meta_len),
@@ -498,6 +507,8 @@ impl LoopState {
         })?;
         Ok(Self {
             core,
+            eval_every: config.eval_every.max(1),
+            rounds: config.rounds,
             peers: HashMap::new(),
             last_step: None,
             full: None,
@@ -697,11 +708,16 @@ impl LoopState {
         self.last_step = None;
         self.last_step = Some(net::EncodedBundle::new(&outcome.update));
 
-        let params = self.core.params().clone();
-        let evaluation = self.eval.call(move |e| e.evaluate(&params)).await??;
-        let (test_loss, test_accuracy) = evaluation.test;
-        self.last_eval = (test_loss, test_accuracy);
-        self.core.evaluated(round, test_accuracy, evaluation.meta);
+        let (test, meta) = if (round + 1) % self.eval_every == 0 || round + 1 == self.rounds {
+            let params = self.core.params().clone();
+            let evaluation = self.eval.call(move |e| e.evaluate(&params)).await??;
+            let (test_loss, test_accuracy) = evaluation.test;
+            self.last_eval = (test_loss, test_accuracy);
+            self.core.evaluated(round, test_accuracy, evaluation.meta);
+            (Some(evaluation.test), evaluation.meta)
+        } else {
+            (None, None)
+        };
         let seconds = started.elapsed().as_secs_f64();
         let strategy = self.core.strategy();
         let report = outcome.report;
@@ -717,9 +733,9 @@ impl LoopState {
             source_weights: strategy.source_weights(),
             rewards: report.rewards,
             policy_grad_norm: report.policy_grad_norm,
-            meta_accuracy: evaluation.meta.map(|m| m.1),
-            test_loss,
-            test_accuracy,
+            meta_accuracy: meta.map(|m| m.1),
+            test_loss: test.map(|t| t.0),
+            test_accuracy: test.map(|t| t.1),
             seconds,
             compute_seconds: outcome.compute_seconds,
             samples_per_second: outcome.samples as f64 / seconds.max(1e-9),

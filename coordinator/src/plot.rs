@@ -56,8 +56,8 @@ pub fn render(records: &[RoundRecord]) -> String {
     let losses: Vec<Series> = vec![
         pick("train loss", &|r| Some(r.train_loss)),
         pick("meta loss", &|r| r.meta_loss),
-        pick("test loss", &|r| Some(r.test_loss)),
-        pick("test accuracy", &|r| Some(r.test_accuracy)),
+        pick("test loss", &|r| r.test_loss),
+        pick("test accuracy", &|r| r.test_accuracy),
     ]
     .into_iter()
     .filter(|s| !s.points.is_empty())
@@ -276,8 +276,8 @@ mod tests {
             rewards: None,
             policy_grad_norm: None,
             meta_accuracy: None,
-            test_loss: 0.7,
-            test_accuracy: 0.9,
+            test_loss: Some(0.7),
+            test_accuracy: Some(0.9),
             seconds: 0.1,
             compute_seconds: 0.05,
             samples_per_second: 1.0,

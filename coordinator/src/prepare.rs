@@ -5,10 +5,15 @@
 use crate::rundir::JobIdentity;
 use anyhow::bail;
 use metaloop_proto::checksum::{hex, StateHasher};
-use metaloop_proto::config::{DeltaDType, InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig};
-use metaloop_proto::dataset::{self, Dataset};
+use metaloop_common::classifier;
+use metaloop_common::data::{self, Data};
+use metaloop_common::model;
+use metaloop_proto::config::{DeltaDType, InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, Pooling};
 use metaloop_proto::domains;
-use metaloop_proto::proto::{DType, DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec};
+use metaloop_proto::proto::{
+    DType, DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec, TextSpec,
+};
+use metaloop_proto::tensor::Bundle;
 use std::collections::BTreeMap;
 
 /// What decides this job's results ([`JobIdentity`]), for the run directory to be checked
@@ -25,6 +30,10 @@ pub(crate) fn job_identity(config: &JobConfig, data: &Prepared) -> JobIdentity {
     h.bytes(b"test").bytes(&data.test_checksum);
     h.bytes(&config.data.classes.to_le_bytes())
         .bytes(&job.shards.to_le_bytes());
+    // Only when set, so the identities of jobs from before the setting stay as they were.
+    if job.meta_batch > 0 {
+        h.bytes(b"meta_batch").bytes(&job.meta_batch.to_le_bytes());
+    }
     let section = |debug: String| hex(&StateHasher::new().bytes(debug.as_bytes()).finish());
     JobIdentity {
         seed: config.seed,
@@ -42,11 +51,13 @@ pub(crate) fn job_identity(config: &JobConfig, data: &Prepared) -> JobIdentity {
 /// The data the coordinator itself needs, beside the spec workers rebuild theirs from.
 pub(crate) struct Prepared {
     pub(crate) job: JobSpec,
-    pub(crate) test: Dataset,
-    pub(crate) meta: Option<Dataset>,
+    /// The model before round 0: seeded, or the pretrained encoder with a seeded head.
+    pub(crate) initial: Bundle,
+    pub(crate) test: Data,
+    pub(crate) meta: Option<Data>,
     /// Training domains with their corrupted rows, kept only when Ω's separation of clean from
     /// corrupted samples is to be measured.
-    pub(crate) train: Vec<(Dataset, Vec<usize>)>,
+    pub(crate) train: Vec<(Data, Vec<usize>)>,
     /// What was done to each domain, for `domains.json`.
     pub(crate) records: Vec<domains::DomainRecord>,
     pub(crate) test_checksum: [u8; 32],
@@ -56,68 +67,91 @@ pub(crate) struct Prepared {
 /// spec workers rebuild the same data from, with what was done to each domain.
 pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared> {
     let d = &config.data;
-    let test = dataset::load(&d.test, d.classes)?;
+    let text = match &config.model {
+        ModelConfig::Bert { path, max_len, .. } => Some(TextSpec {
+            tokenizer: path.join("tokenizer.json").to_string_lossy().into_owned(),
+            max_len: *max_len,
+            labels: d.labels.clone(),
+            text_column: d.text_column.clone(),
+            label_column: d.label_column.clone(),
+        }),
+        ModelConfig::Mlp { .. } => None,
+    };
+    let test = data::load_set(&d.test, d.classes, text.as_ref(), "the test set")?;
     let mut specs = Vec::new();
     let mut records = Vec::new();
     let mut train = Vec::new();
-    let mut meta_data = None;
     for (i, cfg) in d.domains.iter().enumerate() {
-        let built = domains::build(cfg, i, d.classes, config.seed)?;
-        if built.data.features != test.features {
+        let (built, record) = data::build_domain(cfg, i, d.classes, config.seed, text.as_ref())?;
+        if built.features() != test.features() {
             bail!(
-                "domain `{}` ({}) has {} features per row but the test data ({}) has {}",
+                "domain `{}` ({}) has {:?} features per row but the test data ({}) has {:?}",
                 cfg.name,
                 cfg.source.display(),
-                built.data.features,
+                built.features(),
                 d.test.display(),
-                test.features
+                test.features()
             );
         }
-        if (built.data.len() as u32) < d.shards {
+        if (built.len() as u32) < d.shards {
             bail!(
                 "domain `{}` ({}) has {} samples, fewer than data.shards = {}",
                 cfg.name,
                 cfg.source.display(),
-                built.data.len(),
+                built.len(),
                 d.shards
             );
         }
-        specs.push(domains::to_spec(cfg, domains::dataset_checksum(&built.data)));
+        specs.push(domains::to_spec(cfg, built.checksum()));
         if keep_train {
-            train.push((built.data, built.record.flipped.clone()));
+            train.push((built, record.flipped.clone()));
         }
-        records.push(built.record);
+        records.push(record);
     }
+    let mut meta_data = None;
     let meta = match &d.meta {
         Some(path) => {
-            let m = dataset::load(path, d.classes)?;
-            if m.features != test.features {
+            let m = data::load_set(path, d.classes, text.as_ref(), "the meta set")?;
+            if m.features() != test.features() {
                 bail!(
-                    "the meta set {} has {} features per row but the test data ({}) has {}",
+                    "the meta set {} has {:?} features per row but the test data ({}) has {:?}",
                     path.display(),
-                    m.features,
+                    m.features(),
                     d.test.display(),
-                    test.features
+                    test.features()
                 );
             }
             let r = DataRef {
                 path: path.to_string_lossy().into_owned(),
-                checksum: domains::dataset_checksum(&m),
+                checksum: m.checksum(),
             };
             meta_data = Some(m);
             Some(r)
         }
         None => None,
     };
-    let ModelConfig::Mlp { hidden, dropout } = &config.model;
+    let (model, initial) = match &config.model {
+        ModelConfig::Mlp { hidden, dropout, .. } => {
+            let spec = ModelSpec::Mlp {
+                inputs: test.features().unwrap_or(0) as u32,
+                hidden: hidden.clone(),
+                classes: d.classes,
+                dropout: *dropout as f32,
+            };
+            let initial = model::init_params(&spec, config.seed);
+            (spec, initial)
+        }
+        ModelConfig::Bert { path, pooling, .. } => {
+            let pooling = match pooling {
+                Pooling::Cls => classifier::Pooling::Cls,
+                Pooling::Mean => classifier::Pooling::Mean,
+            };
+            classifier::pretrained(path, pooling, d.classes, config.seed)?
+        }
+    };
     let job = JobSpec {
         seed: config.seed,
-        model: ModelSpec::Mlp {
-            inputs: test.features as u32,
-            hidden: hidden.clone(),
-            classes: d.classes,
-            dropout: *dropout as f32,
-        },
+        model,
         domains: specs,
         meta,
         shards: d.shards,
@@ -126,10 +160,13 @@ pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Resu
             DeltaDType::F32 => DType::F32,
             DeltaDType::Bf16 => DType::BF16,
         },
+        text,
+        meta_batch: d.meta_batch,
     };
     Ok(Prepared {
         job,
-        test_checksum: domains::dataset_checksum(&test),
+        initial,
+        test_checksum: test.checksum(),
         test,
         meta: meta_data,
         train,

@@ -14,9 +14,8 @@ use crate::outer::{Combine, OrderedSum, OuterOptimizer};
 use crate::scheduler::{Dispatch, Rejection, Scheduler, WorkerId};
 use crate::strategy::{OuterStrategy, PhaseChange, RoundDesign, StrategyReport};
 use anyhow::bail;
-use metaloop_common::model;
 use metaloop_proto::checksum::{bundle_checksum, hex, StateHasher};
-use metaloop_proto::proto::{AssignmentResult, ModelSource, ModelSpec, RoundPlan};
+use metaloop_proto::proto::{AssignmentResult, ModelSource, RoundPlan};
 use metaloop_proto::tensor::Bundle;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -91,8 +90,9 @@ pub struct Tally {
 /// The coordinator's outer-loop state and decisions.
 #[derive(Debug)]
 pub struct RoundCore {
-    spec: ModelSpec,
     seed: u64,
+    /// The model before round 0 (what DoReMi's proxy restarts from).
+    initial: Arc<Bundle>,
     /// The global model, shared (not copied) with evaluation and checkpoints.
     params: Arc<Bundle>,
     version: u64,
@@ -111,19 +111,19 @@ pub struct RoundCore {
 }
 
 impl RoundCore {
-    /// The state before round 0: the model initialised from the seed.
+    /// The state before round 0: the job's `initial` model (made from `seed`, or pretrained).
     pub fn new(
-        spec: ModelSpec,
+        initial: Bundle,
         seed: u64,
         outer: OuterOptimizer,
         strategy: Box<dyn OuterStrategy>,
         scheduler: Scheduler,
     ) -> Self {
-        let params = Arc::new(model::init_params(&spec, seed));
+        let initial = Arc::new(initial);
         Self {
-            checksum: bundle_checksum(&params),
-            params,
-            spec,
+            checksum: bundle_checksum(&initial),
+            params: initial.clone(),
+            initial,
             seed,
             version: 0,
             has_step: false,
@@ -298,7 +298,7 @@ impl RoundCore {
     /// sample); a fresh proxy starts from the job's initial parameters.
     pub fn restart_after_reference(&mut self, losses: Vec<Vec<f64>>) {
         self.strategy.set_reference(losses);
-        self.params = Arc::new(model::init_params(&self.spec, self.seed));
+        self.params = self.initial.clone();
         self.outer.set_momentum(None);
         self.version += 1;
         self.checksum = bundle_checksum(&self.params);

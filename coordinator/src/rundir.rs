@@ -34,8 +34,10 @@ pub struct RoundRecord {
     pub policy_grad_norm: Option<f64>,
     /// The global model's accuracy on the meta set after this round.
     pub meta_accuracy: Option<f64>,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
+    /// The global model's test loss and accuracy after this round, when it was evaluated
+    /// (every `eval_every` rounds and after the last).
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
     pub seconds: f64,
     /// The round's critical path of worker compute: the most seconds any one worker spent
     /// running this round's assignments (what a round cannot be shorter than).

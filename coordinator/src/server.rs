@@ -136,10 +136,14 @@ pub async fn accept_loop(
     }));
     let workers = Arc::new(Semaphore::new(limits.workers));
     // What every worker's deltas must look like: the model's tensors in the job's delta dtype.
-    let delta_layout = Arc::new(BundleLayout::of(
-        &metaloop_common::model::init_params(&job.model, 0),
-        job.delta_dtype,
-    ));
+    let delta_layout = match metaloop_common::model::layout(&job.model) {
+        Ok(shapes) => Arc::new(BundleLayout::from_shapes(&shapes, job.delta_dtype)),
+        Err(e) => {
+            // The coordinator built this model itself, so its layout is known to be good.
+            tracing::error!(error = %e, "the job's model has no layout; accepting no workers");
+            return;
+        }
+    };
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,

@@ -36,8 +36,10 @@ pub fn round(r: &RoundRecord, reassigned_before: u64) {
     if let Some(v) = r.meta_loss {
         metrics::gauge!(m::META_LOSS).set(v);
     }
-    metrics::gauge!(m::TEST_LOSS).set(r.test_loss);
-    metrics::gauge!(m::TEST_ACCURACY).set(r.test_accuracy);
+    if let (Some(loss), Some(accuracy)) = (r.test_loss, r.test_accuracy) {
+        metrics::gauge!(m::TEST_LOSS).set(loss);
+        metrics::gauge!(m::TEST_ACCURACY).set(accuracy);
+    }
     for (name, w) in &r.domain_weights {
         metrics::gauge!(m::DOMAIN_WEIGHT, "domain" => name.clone()).set(*w);
     }

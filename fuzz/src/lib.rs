@@ -138,6 +138,8 @@ fn job() -> JobSpec {
             permute_labels: true,
             feature_noise: 1.0,
             permute_features: false,
+            labels: None,
+            token_noise: 0.0,
             checksum: [9; 32],
         }],
         meta: Some(DataRef {
@@ -153,6 +155,8 @@ fn job() -> JobSpec {
             ..InnerSpec::default()
         },
         delta_dtype: DType::F32,
+        text: None,
+        meta_batch: 0,
     }
 }
 

@@ -44,6 +44,10 @@ pub struct JobConfig {
     pub strategy: StrategyConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Evaluate the global model on the test and meta sets after every this many rounds (and
+    /// after the last); rounds in between record no test figures. 1: every round.
+    #[serde(default = "defaults::eval_every")]
+    pub eval_every: u64,
 }
 
 /// Durable state: the whole coordinator state is written every `every` rounds (0: never) and
@@ -75,8 +79,24 @@ pub struct DataConfig {
     /// Small clean set the outer objective is measured on (needed by `hypergradient`).
     #[serde(default)]
     pub meta: Option<PathBuf>,
-    /// Number of classes; labels must lie in `0..classes`.
+    /// Number of classes; labels must lie in `0..classes`. For text data, the number of
+    /// `labels` unless given.
+    #[serde(default)]
     pub classes: u32,
+    /// Text data: the label names of the task, class i being `labels[i]`; a row's label column
+    /// holds one of them (a domain may map its own names with its `labels`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Text data: the column holding the text (default `text`).
+    #[serde(default = "defaults::text_column")]
+    pub text_column: String,
+    /// Text data: the column holding the label (default `label`).
+    #[serde(default = "defaults::label_column")]
+    pub label_column: String,
+    /// Rows of the meta set each assignment samples for its meta loss and meta-gradients
+    /// (seeded by the assignment); 0: the whole meta set every time.
+    #[serde(default)]
+    pub meta_batch: u32,
     /// Every domain is cut into this many contiguous shards; each round has one assignment
     /// per shard, so results do not depend on how many workers there are.
     #[serde(default = "defaults::shards")]
@@ -271,39 +291,85 @@ pub enum Directional {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(from = "ModelToml")]
 pub enum ModelConfig {
-    /// Multi-layer perceptron with ReLU between layers.
+    /// Multi-layer perceptron with ReLU between layers, on dense features.
     Mlp {
         hidden: Vec<u32>,
         /// Drop probability after every hidden layer while training (0: none). Also what the
         /// `label-prob-mean`/`label-prob-spread` features sample from.
         dropout: f64,
+        /// Keys given that only another kind reads (reported by the checks).
+        unread: Vec<&'static str>,
     },
+    /// A pretrained BERT-family encoder with a seeded classification head, on text.
+    Bert {
+        /// A Hugging Face model directory: `config.json`, `model.safetensors`, `tokenizer.json`
+        /// (empty when not given; reported by the checks).
+        path: PathBuf,
+        pooling: Pooling,
+        /// Tokens per text, `[CLS]` and `[SEP]` included; longer texts are truncated.
+        max_len: u32,
+        /// Keys given that only another kind reads (reported by the checks).
+        unread: Vec<&'static str>,
+    },
+}
+
+/// How a BERT classifier turns a sequence's hidden states into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// The `[CLS]` token's state through the encoder's pooler (as `BertForSequenceClassification`).
+    Cls,
+    /// The mean over the attended tokens (what sentence-transformers checkpoints were trained with).
+    Mean,
+}
+
+impl ModelConfig {
+    /// Whether the model reads text (token ids) rather than dense features.
+    pub fn reads_text(&self) -> bool {
+        matches!(self, ModelConfig::Bert { .. })
+    }
 }
 
 /// `[model]` as written, `kind` naming the variant. A flat struct rather than an internally
 /// tagged enum: serde buffers a tagged enum's fields, and errors inside the buffer lose their key.
+/// A key of the other kind is kept to be reported by the checks.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelToml {
     kind: ModelKind,
-    #[serde(default = "defaults::hidden")]
-    hidden: Vec<u32>,
+    hidden: Option<Vec<u32>>,
     #[serde(default)]
     dropout: f64,
+    path: Option<PathBuf>,
+    pooling: Option<Pooling>,
+    max_len: Option<u32>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum ModelKind {
     Mlp,
+    Bert,
 }
 
 impl From<ModelToml> for ModelConfig {
     fn from(m: ModelToml) -> Self {
+        let given = |keys: &[(&'static str, bool)]| keys.iter().filter(|(_, set)| *set).map(|(k, _)| *k).collect();
         match m.kind {
             ModelKind::Mlp => ModelConfig::Mlp {
-                hidden: m.hidden,
+                unread: given(&[
+                    ("path", m.path.is_some()),
+                    ("pooling", m.pooling.is_some()),
+                    ("max_len", m.max_len.is_some()),
+                ]),
+                hidden: m.hidden.unwrap_or_else(defaults::hidden),
                 dropout: m.dropout,
+            },
+            ModelKind::Bert => ModelConfig::Bert {
+                unread: given(&[("hidden", m.hidden.is_some()), ("dropout", m.dropout != 0.0)]),
+                path: m.path.unwrap_or_default(),
+                pooling: m.pooling.unwrap_or(Pooling::Mean),
+                max_len: m.max_len.unwrap_or(128),
             },
         }
     }
@@ -314,6 +380,7 @@ impl Default for ModelConfig {
         ModelConfig::Mlp {
             hidden: defaults::hidden(),
             dropout: 0.0,
+            unread: Vec::new(),
         }
     }
 }
@@ -457,6 +524,15 @@ mod defaults {
     pub fn hidden() -> Vec<u32> {
         vec![128]
     }
+    pub fn eval_every() -> u64 {
+        1
+    }
+    pub fn text_column() -> String {
+        "text".into()
+    }
+    pub fn label_column() -> String {
+        "label".into()
+    }
 }
 
 impl JobConfig {
@@ -535,9 +611,14 @@ impl JobConfig {
                     permute_labels: false,
                     feature_noise: 0.0,
                     permute_features: false,
+                    labels: None,
+                    token_noise: 0.0,
                 },
             );
             cfg.data.train_shorthand = true;
+        }
+        if cfg.data.classes == 0 {
+            cfg.data.classes = cfg.data.labels.len() as u32;
         }
         let paths = cfg
             .data
@@ -545,7 +626,12 @@ impl JobConfig {
             .iter_mut()
             .map(|d| &mut d.source)
             .chain([&mut cfg.data.test])
-            .chain(cfg.data.meta.as_mut());
+            .chain(cfg.data.meta.as_mut())
+            .chain(match &mut cfg.model {
+                ModelConfig::Bert { path, .. } if !path.as_os_str().is_empty() => Some(path),
+                ModelConfig::Bert { .. } => None,
+                ModelConfig::Mlp { .. } => None,
+            });
         for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -556,7 +642,9 @@ impl JobConfig {
         // problem or be spurious.
         let mut findings = cfg.findings();
         let mut warnings = Vec::new();
-        if depth == Depth::Data {
+        // Text files are read by the text module (`metaloop_common::text::check_job`), which
+        // this crate does not link.
+        if depth == Depth::Data && !cfg.model.reads_text() {
             let data = data::check(&cfg);
             findings.extend(data.problems);
             warnings = data.warnings;
@@ -608,6 +696,7 @@ impl JobConfig {
     fn findings(&self) -> Vec<Finding> {
         let mut p = Findings::default();
         p.range("rounds", self.rounds, Range::at_least(1));
+        p.range("eval_every", self.eval_every, Range::at_least(1));
         self.check_data(&mut p);
         self.check_strategy(&mut p);
         self.check_model(&mut p);
@@ -622,6 +711,32 @@ impl JobConfig {
         let d = &self.data;
         p.range("data.classes", d.classes, Range::at_least(2));
         p.range("data.shards", d.shards, Range::at_least(1));
+        let text = self.model.reads_text();
+        if text {
+            p.check_using(
+                d.labels.len() >= 2,
+                "data.labels",
+                &["model.kind"],
+                "a text model needs the task's label names, at least two (class i is labels[i])".into(),
+            );
+            p.check_using(
+                d.labels.is_empty() || d.classes as usize == d.labels.len(),
+                "data.classes",
+                &["data.labels"],
+                format!("{} classes but {} labels", d.classes, d.labels.len()),
+            );
+            let mut seen = std::collections::BTreeSet::new();
+            for l in &d.labels {
+                p.check(seen.insert(l), "data.labels", format!("`{l}` is given twice"));
+            }
+        } else {
+            p.check_using(
+                d.labels.is_empty(),
+                "data.labels",
+                &["model.kind"],
+                "only a text model (`model.kind = \"bert\"`) reads labels by name".into(),
+            );
+        }
         p.check_using(
             !d.domains.is_empty(),
             "data",
@@ -636,7 +751,7 @@ impl JobConfig {
         );
         let mut names = std::collections::BTreeSet::new();
         for (i, dom) in d.domains.iter().enumerate() {
-            Self::check_domain(d, i, dom, &mut names, p);
+            Self::check_domain(d, text, i, dom, &mut names, p);
         }
         p.check(
             d.test.is_file(),
@@ -656,6 +771,7 @@ impl JobConfig {
     /// of the domains before it.
     fn check_domain(
         d: &DataConfig,
+        text: bool,
         i: usize,
         dom: &DomainConfig,
         names: &mut std::collections::BTreeSet<String>,
@@ -684,6 +800,34 @@ impl JobConfig {
         );
         p.range(&format!("{key}.label_noise"), dom.label_noise, Range::UNIT);
         p.range(&format!("{key}.feature_noise"), dom.feature_noise, Range::NON_NEGATIVE);
+        p.range(&format!("{key}.token_noise"), dom.token_noise, Range::UNIT);
+        let only = |set: bool, field: &str, kind: &str, p: &mut Findings| {
+            p.check_using(
+                !set,
+                &format!("{key}.{field}"),
+                &["model.kind"],
+                format!("only applies to {kind} data"),
+            );
+        };
+        if text {
+            only(dom.feature_noise != 0.0, "feature_noise", "dense-feature", p);
+            only(dom.permute_features, "permute_features", "dense-feature", p);
+            if let Some(labels) = &dom.labels {
+                p.check_using(
+                    !labels.is_empty() && labels.len() <= d.classes as usize,
+                    &format!("{key}.labels"),
+                    &["data.classes"],
+                    format!(
+                        "maps a domain's own label names to classes 0..; needs 1 to {} names, got {}",
+                        d.classes,
+                        labels.len()
+                    ),
+                );
+            }
+        } else {
+            only(dom.token_noise != 0.0, "token_noise", "text", p);
+            only(dom.labels.is_some(), "labels", "text", p);
+        }
         if let Some(s) = dom.subset {
             p.check_using(
                 s.count >= d.shards as usize,
@@ -796,9 +940,13 @@ impl JobConfig {
         p.range("strategy.omega_weight_decay", s.omega_weight_decay, Range::NON_NEGATIVE);
         p.range("strategy.omega_hidden", s.omega_hidden, Range::at_least(1));
         p.range("strategy.passes", s.passes, Range::at_least(1));
-        let ModelConfig::Mlp { dropout, .. } = &self.model;
+        // A BERT's dropout is its config.json's.
+        let dropout = match &self.model {
+            ModelConfig::Mlp { dropout, .. } => *dropout,
+            ModelConfig::Bert { .. } => 0.1,
+        };
         p.check_using(
-            !(s.features.iter().any(|f| f.stochastic()) && *dropout == 0.0),
+            !(s.features.iter().any(|f| f.stochastic()) && dropout == 0.0),
             "strategy.features",
             &["model.dropout"],
             "`label-prob-mean` and `label-prob-spread` sample dropout passes; they need model.dropout > 0".into(),
@@ -857,13 +1005,52 @@ impl JobConfig {
 
     /// `[model]`.
     fn check_model(&self, p: &mut Findings) {
-        let ModelConfig::Mlp { hidden, dropout } = &self.model;
-        p.range("model.dropout", *dropout, Range::UNIT_OPEN);
-        p.check(
-            hidden.iter().all(|&h| h >= 1),
-            "model.hidden",
-            format!("every layer needs at least one unit, got {hidden:?}"),
-        );
+        let (kind, unread) = match &self.model {
+            ModelConfig::Mlp { unread, .. } => ("mlp", unread),
+            ModelConfig::Bert { unread, .. } => ("bert", unread),
+        };
+        for key in unread {
+            p.check_using(
+                false,
+                &format!("model.{key}"),
+                &["model.kind"],
+                format!("`kind = \"{kind}\"` does not read it"),
+            );
+        }
+        match &self.model {
+            ModelConfig::Mlp { hidden, dropout, .. } => {
+                p.range("model.dropout", *dropout, Range::UNIT_OPEN);
+                p.check(
+                    hidden.iter().all(|&h| h >= 1),
+                    "model.hidden",
+                    format!("every layer needs at least one unit, got {hidden:?}"),
+                );
+            }
+            ModelConfig::Bert { path, max_len, .. } => {
+                // [CLS], [SEP] and at least one token of text.
+                p.range("model.max_len", *max_len, Range::at_least(3));
+                if path.as_os_str().is_empty() {
+                    p.check(false, "model.path", "`kind = \"bert\"` needs a Hugging Face model directory".into());
+                    return;
+                }
+                p.check(
+                    path.is_dir(),
+                    "model.path",
+                    format!("directory {} does not exist", path.display()),
+                );
+                for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+                    p.check(
+                        !path.is_dir() || path.join(file).is_file(),
+                        "model.path",
+                        format!(
+                            "{} has no {file}: a Hugging Face model directory has config.json, \
+                             model.safetensors and tokenizer.json",
+                            path.display()
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     /// `[inner]`: the optimizer and the settings only it reads, the schedule, clipping and

@@ -34,6 +34,14 @@ pub struct DomainConfig {
     /// pixels are shuffled the same way in every image, a different task on the same labels).
     #[serde(default)]
     pub permute_features: bool,
+    /// Text: the domain's own label names, the i-th being class i (default: `data.labels`);
+    /// maps a source with other names (`plot`/`review`) into the task's classes.
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// Text: the fraction of every text's tokens replaced by random vocabulary tokens (special
+    /// tokens kept), an out-of-distribution version of the text.
+    #[serde(default)]
+    pub token_noise: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -58,6 +66,9 @@ pub struct DomainRecord {
     pub feature_noise: f64,
     /// `feature_permutation[j]` is the source feature placed at position j.
     pub feature_permutation: Option<Vec<usize>>,
+    /// Text: the fraction of tokens replaced, and how many were.
+    pub token_noise: f64,
+    pub tokens_replaced: usize,
     pub checksum: String,
 }
 
@@ -84,6 +95,12 @@ pub enum DomainError {
     },
     #[error("domain `{name}` is empty")]
     Empty { name: String },
+}
+
+/// The seed of domain `index`'s corruptions (label permutation, then label noise, then feature
+/// or token noise, drawn in that order from one stream).
+pub fn corruption_seed(job_seed: u64, index: usize) -> u64 {
+    derive_seed(job_seed, &[0xD0_0A1, index as u64])
 }
 
 /// Builds domain `index` of a job: loads its source and applies its transforms, seeded by
@@ -119,7 +136,7 @@ pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> R
         y: full.y[start..end].to_vec(),
         features: f,
     };
-    let mut rng = SplitMix64::new(derive_seed(job_seed, &[0xD0_0A1, index as u64]));
+    let mut rng = SplitMix64::new(corruption_seed(job_seed, index));
     let permutation = cfg.permute_labels.then(|| derangement(classes as usize, &mut rng));
     if let Some(p) = &permutation {
         for y in &mut data.y {
@@ -165,6 +182,8 @@ pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> R
         permutation,
         feature_noise: cfg.feature_noise,
         feature_permutation,
+        token_noise: 0.0,
+        tokens_replaced: 0,
         checksum: crate::checksum::hex(&dataset_checksum(&data)),
     };
     Ok(Domain { data, record })
@@ -180,6 +199,8 @@ pub fn to_spec(cfg: &DomainConfig, checksum: [u8; 32]) -> crate::proto::DomainSp
         permute_labels: cfg.permute_labels,
         feature_noise: cfg.feature_noise,
         permute_features: cfg.permute_features,
+        labels: cfg.labels.clone(),
+        token_noise: cfg.token_noise,
         checksum,
     }
 }
@@ -197,6 +218,8 @@ pub fn from_spec(spec: &crate::proto::DomainSpec) -> DomainConfig {
         permute_labels: spec.permute_labels,
         feature_noise: spec.feature_noise,
         permute_features: spec.permute_features,
+        labels: spec.labels.clone(),
+        token_noise: spec.token_noise,
     }
 }
 
@@ -262,6 +285,8 @@ mod tests {
             permute_labels: false,
             feature_noise: 0.0,
             permute_features: false,
+            labels: None,
+            token_noise: 0.0,
         }
     }
 

@@ -16,8 +16,9 @@ pub const ALPN: &[u8] = b"metaloop/1";
 /// Version carried in the hello; checked on both sides after ALPN agreed.
 /// 2: `JobSpec::delta_dtype` and bf16 tensors. 3: one `Ask` and one `Signal` per strategy.
 /// 4: `InnerSpec`'s optimizer (SGD or AdamW), learning-rate schedule, clipping, gradient
-/// accumulation and virtual step size.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// accumulation and virtual step size. 5: BERT models and text data (`ModelSpec::Bert`,
+/// `JobSpec::text`, a domain's label names and token noise) and the meta batch.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Hard limit on one control frame. Control messages are small; anything big is a bundle.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
@@ -126,6 +127,22 @@ pub struct JobSpec {
     pub inner: InnerSpec,
     /// How workers encode their deltas.
     pub delta_dtype: DType,
+    /// Text data: how every data file is read and tokenized (`None`: dense features).
+    pub text: Option<TextSpec>,
+    /// Meta-set rows each assignment samples (seeded by it); 0: the whole meta set.
+    pub meta_batch: u32,
+}
+
+/// How a text job's files are read and tokenized, the same on every machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextSpec {
+    /// The model directory's `tokenizer.json`.
+    pub tokenizer: String,
+    pub max_len: u32,
+    /// Class i is `labels[i]`.
+    pub labels: Vec<String>,
+    pub text_column: String,
+    pub label_column: String,
 }
 
 /// A training domain: a file as the worker should open it, plus its seeded transforms.
@@ -139,6 +156,9 @@ pub struct DomainSpec {
     pub permute_labels: bool,
     pub feature_noise: f64,
     pub permute_features: bool,
+    /// Text: the domain's own label names (class i is `labels[i]`).
+    pub labels: Option<Vec<String>>,
+    pub token_noise: f64,
     /// Checksum of the built domain on the coordinator.
     pub checksum: [u8; 32],
 }
@@ -159,6 +179,28 @@ pub enum ModelSpec {
         classes: u32,
         dropout: f32,
     },
+    /// A BERT-family encoder with a linear head to `classes`; the parameters (the pretrained
+    /// encoder's and the seeded head's) arrive with the model, so a worker needs only the
+    /// architecture.
+    Bert {
+        /// The model's `config.json`, as text.
+        config: String,
+        /// Pooling by the `[CLS]` token (true) or the mean over attended tokens (false).
+        cls: bool,
+        /// Whether the `[CLS]` state goes through the encoder's pooler (whose parameters are
+        /// then among the model's).
+        pooler: bool,
+        classes: u32,
+    },
+}
+
+impl ModelSpec {
+    /// Classes the model's head predicts.
+    pub fn classes(&self) -> u32 {
+        match self {
+            ModelSpec::Mlp { classes, .. } | ModelSpec::Bert { classes, .. } => *classes,
+        }
+    }
 }
 
 /// The workers' inner optimizer (docs/algorithms.md §2), with fresh state for every
@@ -723,6 +765,20 @@ impl BundleLayout {
         }
     }
 
+    /// The layout of tensors with these names and shapes, in this order, sent as `dtype`.
+    pub fn from_shapes(shapes: &[(String, Vec<usize>)], dtype: DType) -> Self {
+        Self {
+            tensors: shapes
+                .iter()
+                .map(|(name, shape)| TensorMeta {
+                    name: name.clone(),
+                    dtype,
+                    shape: shape.iter().map(|&d| d as u64).collect(),
+                })
+                .collect(),
+        }
+    }
+
     /// Bytes the tensors take once decoded (f32 in memory, whatever the wire dtype).
     pub fn decoded_bytes(&self) -> u64 {
         self.tensors
@@ -977,6 +1033,8 @@ mod tests {
                 permute_labels: true,
                 feature_noise: 1.0,
                 permute_features: true,
+                labels: None,
+                token_noise: 0.0,
                 checksum: [9; 32],
             }],
             meta: Some(DataRef {
@@ -1005,6 +1063,8 @@ mod tests {
                 virtual_lr: Some(0.1),
             },
             delta_dtype: DType::F32,
+            text: None,
+            meta_batch: 0,
         }
     }
 

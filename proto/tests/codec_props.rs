@@ -213,6 +213,8 @@ fn domain_spec() -> impl Strategy<Value = DomainSpec> {
                     permute_labels,
                     feature_noise,
                     permute_features,
+                    labels: None,
+                    token_noise: 0.0,
                     checksum,
                 }
             },
@@ -255,6 +257,8 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
                     ..InnerSpec::default()
                 },
                 delta_dtype: DType::F32,
+                text: None,
+                meta_batch: 0,
             },
         )
 }

@@ -13,6 +13,7 @@
 //! agree: the comparison is between two implementations of the same function.
 
 use anyhow::{bail, ensure, Context};
+use metaloop_common::data::Data;
 use metaloop_common::model;
 use metaloop_proto::checksum::bundle_checksum;
 use metaloop_proto::dataset::{self, Dataset};
@@ -242,7 +243,9 @@ struct Setup {
 
 impl Setup {
     fn new(shape: &Shape, case: Case, check: bool) -> Self {
-        let ModelSpec::Mlp { inputs, classes, .. } = shape.spec;
+        let ModelSpec::Mlp { inputs, classes, .. } = shape.spec else {
+            unreachable!("the step benchmark's shapes are MLPs")
+        };
         let per_domain = shape.batch as usize / DOMAINS;
         // In the check every batch is a whole domain and every probe all of it.
         let rows = if check { per_domain } else { shape.rows };
@@ -275,6 +278,8 @@ impl Setup {
                     ..InnerSpec::default()
                 },
                 delta_dtype: metaloop_proto::proto::DType::F32,
+                text: None,
+                meta_batch: 0,
             },
             domains,
             meta,
@@ -285,7 +290,9 @@ impl Setup {
     }
 
     fn trainer(&self, device: tch::Device) -> anyhow::Result<Trainer> {
-        let mut t = Trainer::with_data(self.job.clone(), self.domains.clone(), Some(self.meta.clone()), device);
+        let domains = self.domains.iter().cloned().map(Data::Dense).collect();
+        let meta = Some(Data::Dense(self.meta.clone()));
+        let mut t = Trainer::with_data(self.job.clone(), domains, meta, device);
         t.set_model(0, bundle_checksum(&self.params), self.params.clone())?;
         Ok(t)
     }
@@ -363,7 +370,10 @@ impl Setup {
             hidden,
             classes,
             ..
-        } = &self.job.model;
+        } = &self.job.model
+        else {
+            unreachable!("the step benchmark's shapes are MLPs")
+        };
         let hyper = match &self.asks.ask {
             Ask::Hypergradient(h) => Some(json!({"directional": directional_name(h.directional), "probe": h.probe})),
             _ => None,

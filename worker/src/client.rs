@@ -191,10 +191,8 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
 
     // Every bundle from the coordinator (the full model or a step) has the model's layout in
     // f32; a header that announces anything else is refused before its payload is read.
-    let inbox = Arc::new(Inbox::new(proto::BundleLayout::of(
-        &metaloop_common::model::init_params(&welcome.job.model, 0),
-        proto::DType::F32,
-    )));
+    let layout = metaloop_common::model::layout(&welcome.job.model).map_err(fatal)?;
+    let inbox = Arc::new(Inbox::new(proto::BundleLayout::from_shapes(&layout, proto::DType::F32)));
     let bytes_in = Arc::new(AtomicU64::new(0));
     let filler = {
         let (inbox, conn, bytes_in) = (inbox.clone(), conn.clone(), bytes_in.clone());

@@ -2,11 +2,11 @@
 //! and the batches an assignment draws from them (all functions of the assignment's seed).
 
 use crate::train::TrainError;
-use metaloop_common::model::{self, Inputs};
+use metaloop_common::data::{self, Data, Rows};
+use metaloop_common::model::Inputs;
 use metaloop_proto::checksum::hex;
-use metaloop_proto::dataset::{self, Dataset};
 use metaloop_proto::domains;
-use metaloop_proto::proto::{Assignment, JobSpec, ModelSpec, TrainOn};
+use metaloop_proto::proto::{Assignment, JobSpec, TrainOn};
 use metaloop_proto::rng::{derive_seed, SplitMix64};
 use std::sync::Arc;
 use tch::{Device, Tensor};
@@ -15,9 +15,9 @@ use tch::{Device, Tensor};
 #[derive(Clone)]
 pub(crate) struct TrainingData {
     job: JobSpec,
-    /// One dataset per training domain, in job order.
-    domains: Arc<[Dataset]>,
-    meta: Option<Arc<Dataset>>,
+    /// One data set per training domain, in job order.
+    domains: Arc<[Data]>,
+    meta: Option<Arc<Data>>,
 }
 
 impl TrainingData {
@@ -27,25 +27,26 @@ impl TrainingData {
     /// # Errors
     /// A missing or malformed file, or data that differs from the coordinator's.
     pub(crate) fn load(job: JobSpec) -> Result<Self, TrainError> {
-        let ModelSpec::Mlp { classes, .. } = job.model;
+        let classes = job.model.classes();
+        let text = job.text.as_ref();
         let mut built = Vec::with_capacity(job.domains.len());
         for (i, spec) in job.domains.iter().enumerate() {
-            let d = domains::build(&domains::from_spec(spec), i, classes, job.seed)?;
-            same_data(&format!("domain `{}`", spec.name), &spec.source, &d.data, spec.checksum)?;
-            built.push(d.data);
+            let (d, _) = data::build_domain(&domains::from_spec(spec), i, classes, job.seed, text)?;
+            same_data(&format!("domain `{}`", spec.name), &spec.source, &d, spec.checksum)?;
+            built.push(d);
         }
         let meta = match &job.meta {
             Some(r) => {
-                let ds = dataset::load(std::path::Path::new(&r.path), classes)?;
-                same_data("the meta set", &r.path, &ds, r.checksum)?;
-                Some(ds)
+                let d = data::load_set(std::path::Path::new(&r.path), classes, text, "the meta set")?;
+                same_data("the meta set", &r.path, &d, r.checksum)?;
+                Some(d)
             }
             None => None,
         };
         Ok(Self::new(job, built, meta))
     }
 
-    pub(crate) fn new(job: JobSpec, domains: Vec<Dataset>, meta: Option<Dataset>) -> Self {
+    pub(crate) fn new(job: JobSpec, domains: Vec<Data>, meta: Option<Data>) -> Self {
         Self {
             job,
             domains: domains.into(),
@@ -58,19 +59,33 @@ impl TrainingData {
     }
 
     /// The training domains, in job order.
-    pub(crate) fn domains(&self) -> &[Dataset] {
+    pub(crate) fn domains(&self) -> &[Data] {
         &self.domains
     }
 
     /// The meta set, when the job has one.
-    pub(crate) fn meta(&self) -> Option<&Dataset> {
+    pub(crate) fn meta(&self) -> Option<&Data> {
         self.meta.as_deref()
+    }
+
+    /// The assignment's meta batch, when the job has a meta set: `meta_batch` rows drawn
+    /// without replacement (seeded by the assignment, so every use within it sees the same
+    /// rows), or the whole set when `meta_batch` is 0 or covers it.
+    pub(crate) fn meta_batch(&self, a: &Assignment, device: Device) -> Option<(Inputs, Tensor)> {
+        let meta = self.meta.as_deref()?;
+        let k = self.job.meta_batch as usize;
+        let mut rows: Vec<usize> = (0..meta.len()).collect();
+        if k > 0 && k < rows.len() {
+            SplitMix64::new(derive_seed(a.seed, &[7 << 32])).shuffle(&mut rows);
+            rows.truncate(k);
+        }
+        Some(meta.batch(&rows, device))
     }
 
     /// The batch stream of an assignment, from the data it names.
     pub(crate) fn batches<'a>(&'a self, a: &Assignment, weights: &'a [f64]) -> Result<Batches<'a>, TrainError> {
         let batch = self.job.inner.batch_size as usize;
-        let single = |data: &'a Dataset, tag: u64| Batches::Single {
+        let single = |data: &'a Data, tag: u64| Batches::Single {
             data,
             sampler: Sampler::new((0..data.len()).collect(), derive_seed(a.seed, &[tag])),
             batch,
@@ -116,13 +131,13 @@ impl TrainingData {
     pub(crate) fn draw(&self, a: &Assignment, tag: u64, device: Device) -> (Inputs, Tensor) {
         let k = self.domains.len();
         let per_domain = (self.job.inner.batch_size as usize / k).max(1);
-        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        let mut batch = Rows::default();
         for (i, d) in self.domains.iter().enumerate() {
             let rows: Vec<usize> = d.shard_range(a.shard, self.job.shards).collect();
             let mut sampler = Sampler::new(rows, derive_seed(a.seed, &[tag, i as u64]));
-            gather(d, &sampler.next(per_domain), &mut xs, &mut ys);
+            batch.push(d, &sampler.next(per_domain));
         }
-        model::batch_tensors(&xs, &ys, self.domains[0].features, device)
+        batch.tensors(device)
     }
 
     /// Rows of domain `i`'s shard that probe the model after an assignment (seeded by it).
@@ -135,11 +150,8 @@ impl TrainingData {
 
     /// Domain `i`'s probe after an assignment: its rows and their tensors on `device`.
     pub(crate) fn probe(&self, a: &Assignment, i: usize, probe: u32, device: Device) -> (Vec<usize>, Inputs, Tensor) {
-        let d = &self.domains[i];
         let rows = self.probe_rows(a, i, probe);
-        let (mut xs, mut ys) = (Vec::new(), Vec::new());
-        gather(d, &rows, &mut xs, &mut ys);
-        let (x, y) = model::batch_tensors(&xs, &ys, d.features, device);
+        let (x, y) = self.domains[i].batch(&rows, device);
         (rows, x, y)
     }
 }
@@ -148,23 +160,23 @@ impl TrainingData {
 pub(crate) enum Batches<'a> {
     /// A share of every domain's shard; domain k's rows weigh w_k / (K·n_k).
     Mixture {
-        domains: &'a [Dataset],
+        domains: &'a [Data],
         samplers: Vec<Sampler>,
         weights: &'a [f64],
         per_domain: usize,
     },
     /// `batch` rows of one dataset, each weighing 1/n.
     Single {
-        data: &'a Dataset,
+        data: &'a Data,
         sampler: Sampler,
         batch: usize,
     },
 }
 
 impl Batches<'_> {
-    /// The next batch: features (row-major), labels and each row's loss weight.
-    pub(crate) fn next(&mut self) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
-        let (mut xs, mut ys, mut ws) = (Vec::new(), Vec::new(), Vec::new());
+    /// The next batch: its rows and each row's loss weight.
+    pub(crate) fn next(&mut self) -> (Rows, Vec<f32>) {
+        let (mut batch, mut ws) = (Rows::default(), Vec::new());
         match self {
             Batches::Mixture {
                 domains,
@@ -175,25 +187,17 @@ impl Batches<'_> {
                 let k = domains.len();
                 for ((d, sampler), w) in domains.iter().zip(samplers.iter_mut()).zip(weights.iter()) {
                     let rows = sampler.next(*per_domain);
-                    gather(d, &rows, &mut xs, &mut ys);
+                    batch.push(d, &rows);
                     ws.extend(std::iter::repeat_n((w / (k * rows.len()) as f64) as f32, rows.len()));
                 }
             }
-            Batches::Single { data, sampler, batch } => {
-                let rows = sampler.next(*batch);
-                gather(data, &rows, &mut xs, &mut ys);
+            Batches::Single { data, sampler, batch: n } => {
+                let rows = sampler.next(*n);
+                batch.push(data, &rows);
                 ws.extend(std::iter::repeat_n(1.0 / rows.len() as f32, rows.len()));
             }
         }
-        (xs, ys, ws)
-    }
-
-    /// Features per row.
-    pub(crate) fn features(&self) -> usize {
-        match self {
-            Batches::Mixture { domains, .. } => domains[0].features,
-            Batches::Single { data, .. } => data.features,
-        }
+        (batch, ws)
     }
 }
 
@@ -223,17 +227,8 @@ impl Sampler {
     }
 }
 
-/// Appends rows `rows` of `d` to `xs` (features) and `ys` (labels).
-pub(crate) fn gather(d: &Dataset, rows: &[usize], xs: &mut Vec<f32>, ys: &mut Vec<i64>) {
-    let f = d.features;
-    for &i in rows {
-        xs.extend_from_slice(&d.x[i * f..(i + 1) * f]);
-        ys.push(d.y[i]);
-    }
-}
-
-fn same_data(what: &str, path: &str, ds: &Dataset, theirs: [u8; 32]) -> Result<(), TrainError> {
-    let ours = domains::dataset_checksum(ds);
+fn same_data(what: &str, path: &str, d: &Data, theirs: [u8; 32]) -> Result<(), TrainError> {
+    let ours = d.checksum();
     if ours == theirs {
         Ok(())
     } else {

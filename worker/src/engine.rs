@@ -9,7 +9,8 @@ use crate::data::TrainingData;
 use crate::devices;
 use crate::train::{AssignmentOutcome, RoundAsks, TrainError, Trainer};
 use metaloop_common::compute::{ComputeGone, ComputeThread};
-use metaloop_proto::proto::{Assignment, JobSpec, ModelSpec};
+use metaloop_common::model;
+use metaloop_proto::proto::{Assignment, JobSpec};
 use metaloop_proto::tensor::Bundle;
 use std::sync::Arc;
 use tch::Device;
@@ -54,8 +55,7 @@ impl StartError {
 /// thread would share (`tch::manual_seed` seeds them all), so the masks, and the result,
 /// would depend on thread timing; and split batches draw other masks than one whole batch.
 pub fn replicas_for<'a>(job: &JobSpec, devices: &'a [Device]) -> &'a [Device] {
-    let ModelSpec::Mlp { dropout, .. } = job.model;
-    if dropout > 0.0 {
+    if model::has_dropout(&job.model) {
         &devices[..devices.len().min(1)]
     } else {
         devices
@@ -221,10 +221,11 @@ mod tests {
     use super::*;
     use metaloop_common::model;
     use metaloop_proto::checksum::bundle_checksum;
+    use metaloop_common::data::Data;
     use metaloop_proto::dataset::Dataset;
     use metaloop_proto::features::Feature;
     use metaloop_proto::proto::{
-        Ask, DirectionalMethod, HypergradientSpec, InnerOptimizer, InnerSpec, LrDecay, LrSchedule, RescaleMode,
+        Ask, DirectionalMethod, HypergradientSpec, InnerOptimizer, InnerSpec, LrDecay, LrSchedule, ModelSpec, RescaleMode,
         RescalerPlan, Signal, SmallTensor, TrainOn,
     };
     use metaloop_proto::rng::SplitMix64;
@@ -253,11 +254,13 @@ mod tests {
                 ..InnerSpec::default()
             },
             delta_dtype: metaloop_proto::proto::DType::F32,
+            text: None,
+            meta_batch: 0,
         }
     }
 
     /// Three classes around three centres in 3-D; every `flip`-th label is wrong (0: none).
-    fn data(n: usize, seed: u64, flip: usize) -> Dataset {
+    fn data(n: usize, seed: u64, flip: usize) -> Data {
         let mut rng = SplitMix64::new(seed);
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for i in 0..n {
@@ -269,7 +272,7 @@ mod tests {
             let wrong = flip > 0 && i % flip == 0;
             y.push(if wrong { ((c + 1) % 3) as i64 } else { c as i64 });
         }
-        Dataset { x, y, features: 3 }
+        Data::Dense(Dataset { x, y, features: 3 })
     }
 
     fn training_data(batch: u32) -> TrainingData {

@@ -51,9 +51,9 @@ pub(crate) fn train(
     let mut loss_sum = 0.0f64;
     let mut samples = 0u64;
     for step in 0..a.steps {
-        let (xs, ys, ws) = batches.next();
-        samples += ys.len() as u64;
-        let (x, y) = model::batch_tensors(&xs, &ys, batches.features(), device);
+        let (rows, ws) = batches.next();
+        samples += rows.len() as u64;
+        let (x, y) = rows.tensors(device);
         let mut w = Tensor::from_slice(&ws).to_device(device);
         if let Some(s) = sample_weights(model, &x, &y) {
             w *= s;

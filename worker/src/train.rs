@@ -10,7 +10,8 @@ use crate::inner;
 use crate::signal;
 use metaloop_common::model::{self, Model};
 use metaloop_proto::checksum::{bundle_checksum, hex};
-use metaloop_proto::dataset::{self, Dataset};
+use metaloop_common::data::Data;
+use metaloop_proto::dataset;
 use metaloop_proto::domains::DomainError;
 use metaloop_proto::proto::{Ask, Assignment, JobSpec, RoundPlan, Signal, TrainOn};
 use metaloop_proto::tensor::Bundle;
@@ -23,6 +24,8 @@ pub enum TrainError {
     Data(#[from] dataset::DataError),
     #[error(transparent)]
     Domain(#[from] DomainError),
+    #[error(transparent)]
+    Load(#[from] metaloop_common::data::LoadError),
     #[error("{what} differs from the coordinator's (checksum {ours} here, {theirs} there): is {path} the same file on this machine?")]
     DataMismatch {
         what: String,
@@ -96,7 +99,7 @@ impl Trainer {
         Ok(Self::replica(TrainingData::load(job)?, device, None))
     }
 
-    pub fn with_data(job: JobSpec, domains: Vec<Dataset>, meta: Option<Dataset>, device: Device) -> Self {
+    pub fn with_data(job: JobSpec, domains: Vec<Data>, meta: Option<Data>, device: Device) -> Self {
         Self::replica(TrainingData::new(job, domains, meta), device, None)
     }
 
@@ -309,6 +312,7 @@ fn verify(params: &Bundle, checksum: [u8; 32], version: u64) -> Result<(), Train
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metaloop_proto::dataset::Dataset;
     use metaloop_proto::domains;
     use metaloop_proto::proto::{InnerSpec, ModelSpec};
     use metaloop_proto::rng::SplitMix64;
@@ -333,6 +337,8 @@ mod tests {
                 ..InnerSpec::default()
             },
             delta_dtype: metaloop_proto::proto::DType::F32,
+            text: None,
+            meta_batch: 0,
         }
     }
 
@@ -353,7 +359,7 @@ mod tests {
     }
 
     fn trainer() -> Trainer {
-        let mut t = Trainer::with_data(job(2), vec![blobs(64)], None, Device::Cpu);
+        let mut t = Trainer::with_data(job(2), vec![Data::Dense(blobs(64))], None, Device::Cpu);
         let p = model::init_params(&job(2).model, 3);
         t.set_model(0, bundle_checksum(&p), p).expect("set");
         t
@@ -401,6 +407,8 @@ mod tests {
             permute_labels: false,
             feature_noise: 0.0,
             permute_features: false,
+            labels: None,
+            token_noise: 0.0,
             checksum: domains::dataset_checksum(&blobs(16)),
         }];
         Trainer::new(spec.clone(), Device::Cpu).expect("same data is accepted");
@@ -416,7 +424,7 @@ mod tests {
     fn domain_weights_scale_each_domain_s_loss() {
         // Two copies of the same data, one with a weight of zero: the result must equal
         // training on the other copy alone at the batch share it gets.
-        let mut two = Trainer::with_data(job(1), vec![blobs(32), blobs(32)], None, Device::Cpu);
+        let mut two = Trainer::with_data(job(1), vec![Data::Dense(blobs(32)), Data::Dense(blobs(32))], None, Device::Cpu);
         let p = model::init_params(&job(1).model, 3);
         two.set_model(0, bundle_checksum(&p), p.clone()).expect("set");
         let a = Assignment {
@@ -431,7 +439,7 @@ mod tests {
         assert_ne!(zero.delta, even.delta);
         let mut spec = job(1);
         spec.inner.batch_size = 4;
-        let mut one = Trainer::with_data(spec, vec![blobs(32)], None, Device::Cpu);
+        let mut one = Trainer::with_data(spec, vec![Data::Dense(blobs(32))], None, Device::Cpu);
         one.set_model(0, bundle_checksum(&p), p).expect("set");
         let alone = one.run(&a, &RoundAsks::weights(&[1.0])).expect("run");
         for (x, y) in zero.delta.tensors.iter().zip(&alone.delta.tensors) {
@@ -448,9 +456,9 @@ mod tests {
             y: blobs(32).y.iter().map(|y| 1 - y).collect(),
             ..blobs(32)
         };
-        let mut two = Trainer::with_data(job(1), vec![flipped, blobs(32)], Some(blobs(10)), Device::Cpu);
+        let mut two = Trainer::with_data(job(1), vec![Data::Dense(flipped), Data::Dense(blobs(32))], Some(Data::Dense(blobs(10))), Device::Cpu);
         two.set_model(0, bundle_checksum(&p), p.clone()).expect("set");
-        let mut one = Trainer::with_data(job(1), vec![blobs(20), blobs(32)], Some(blobs(10)), Device::Cpu);
+        let mut one = Trainer::with_data(job(1), vec![Data::Dense(blobs(20)), Data::Dense(blobs(32))], Some(Data::Dense(blobs(10))), Device::Cpu);
         one.set_model(0, bundle_checksum(&p), p).expect("set");
         let a = |data| Assignment {
             index: 0,

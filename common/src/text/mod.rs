@@ -11,13 +11,16 @@
 //! - `cache` — [`load_tokenized`]: tokenized results keyed by a hash of everything they depend
 //!   on, written atomically, checked on load and rebuilt when damaged.
 //! - `corrupt` — label noise, label permutation and token noise, pure functions of a seed.
+//! - `check` — [`check_job`]: a text job's model directory and data files, for `validate`.
 
 mod cache;
+mod check;
 mod corrupt;
 mod source;
 mod tokenized;
 mod tokenizer;
 
+pub use check::check_job;
 pub use cache::{cache_key, cache_path, load_tokenized, load_tokenized_status, CacheStatus, TextOptions};
 pub use corrupt::{label_noise, permute_labels, token_noise, TokenNoise};
 pub use source::{parse_source, read_source, Categorical, Columns, Format, Problem, RowRef, SourceOptions, TextRows};

@@ -8,6 +8,7 @@ use super::{Action, Payload, RoundCore};
 use crate::outer::OuterOptimizer;
 use crate::scheduler::{AssignmentTimeout, Scheduler, WorkerId};
 use crate::strategy::{self, PhaseChange};
+use metaloop_common::model;
 use metaloop_proto::checksum::{bundle_checksum, hex};
 use metaloop_proto::config::JobConfig;
 use metaloop_proto::proto::{
@@ -53,7 +54,7 @@ fn spec() -> ModelSpec {
 fn core(config: &JobConfig, timeout: Duration) -> RoundCore {
     let names = (0..DOMAINS).map(|i| format!("d{i}")).collect();
     RoundCore::new(
-        spec(),
+        model::init_params(&spec(), config.seed),
         config.seed,
         OuterOptimizer::new(config.outer.clone()),
         strategy::build(config, names, 40),

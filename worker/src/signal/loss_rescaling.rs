@@ -80,8 +80,7 @@ impl Omega {
         let (vx, vy, vf);
         let val = match self.mode {
             RescaleMode::CleanMeta => {
-                let m = data.meta().ok_or(TrainError::NoMeta)?;
-                meta = model::batch_tensors(&m.x, &m.y, m.features, at.device);
+                meta = data.meta_batch(a, at.device).ok_or(TrainError::NoMeta)?;
                 Validation::Clean { x: &meta.0, y: &meta.1 }
             }
             RescaleMode::SelfTaught => {

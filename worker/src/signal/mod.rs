@@ -77,13 +77,12 @@ fn need_meta(data: &TrainingData) -> Result<(), TrainError> {
     }
 }
 
-/// The meta loss on the whole meta set, when the job has one: the loss (for its gradient) and
-/// its value.
+/// The meta loss on the assignment's meta batch, when the job has a meta set: the loss (for
+/// its gradient) and its value.
 fn meta_loss(at: &At<'_>) -> Result<Option<(Tensor, f32)>, TrainError> {
-    let Some(meta) = at.data.meta() else {
+    let Some((mx, my)) = at.data.meta_batch(at.a, at.device) else {
         return Ok(None);
     };
-    let (mx, my) = model::batch_tensors(&meta.x, &meta.y, meta.features, at.device);
     mean_loss(at.model, &mx, &my).map(Some)
 }
 

@@ -2,9 +2,8 @@
 //! (the whole round shares them), after training on a source or on the target.
 
 use super::{mean_loss, need_meta, At, Producer};
-use crate::data::{gather, TrainingData};
+use crate::data::TrainingData;
 use crate::train::TrainError;
-use metaloop_common::model;
 use metaloop_proto::proto::Signal;
 
 pub(super) struct TaskPolicy<'a> {
@@ -33,9 +32,7 @@ impl Producer for TaskPolicy<'_> {
                 meta.len()
             )));
         }
-        let (mut xs, mut ys) = (Vec::new(), Vec::new());
-        gather(meta, &rows, &mut xs, &mut ys);
-        let (mx, my) = model::batch_tensors(&xs, &ys, meta.features, at.device);
+        let (mx, my) = meta.batch(&rows, at.device);
         let (_, value) = mean_loss(at.model, &mx, &my)?;
         Ok((Some(value), Signal::Nothing))
     }
