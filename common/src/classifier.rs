@@ -26,10 +26,12 @@ const HEAD: [&str; 2] = ["head.weight", "head.bias"];
 /// The encoder's load errors (a bad config, a missing, extra or misshapen tensor, each named).
 pub fn pretrained(dir: &Path, pooling: Pooling, classes: u32, seed: u64) -> Result<(ModelSpec, Bundle), ModelError> {
     let config_path = dir.join("config.json");
-    let config = std::fs::read_to_string(&config_path).map_err(|e| bert_error(BertError::Io {
-        path: config_path,
-        source: e,
-    }))?;
+    let config = std::fs::read_to_string(&config_path).map_err(|e| {
+        bert_error(BertError::Io {
+            path: config_path,
+            source: e,
+        })
+    })?;
     let bert = Bert::load(dir, Device::Cpu, Kind::Float).map_err(bert_error)?;
     let pooler = pooling == Pooling::Cls && bert.has_pooler();
     let model = BertClassifier::new(bert, pooling, classes as usize, seed);

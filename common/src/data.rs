@@ -348,5 +348,88 @@ pub fn eval_chunks(d: &Data) -> Vec<Vec<usize>> {
         Data::Dense(_) => d.len().max(1),
         Data::Text(_) => EVAL_ROWS,
     };
-    (0..d.len()).collect::<Vec<_>>().chunks(per).map(<[usize]>::to_vec).collect()
+    (0..d.len())
+        .collect::<Vec<_>>()
+        .chunks(per)
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(rows: &[&[u32]], labels: &[i64]) -> Data {
+        let mut ids = Vec::new();
+        let mut offsets = vec![0u32];
+        for r in rows {
+            ids.extend_from_slice(r);
+            offsets.push(ids.len() as u32);
+        }
+        Data::Text(TokenizedText {
+            ids,
+            offsets,
+            labels: labels.to_vec(),
+            label_names: vec!["a".into(), "b".into()],
+            domains: None,
+            tasks: None,
+            truncated: Vec::new(),
+            max_len: 8,
+            pad_id: 0,
+            special_ids: vec![0, 1, 2],
+            vocab_size: 50,
+        })
+    }
+
+    #[test]
+    fn rows_from_two_text_sets_pad_to_the_longest_with_a_mask() {
+        let a = text(&[&[1, 5, 6, 2], &[1, 7, 2]], &[0, 1]);
+        let b = text(&[&[1, 8, 9, 10, 11, 2]], &[1]);
+        let mut rows = Rows::default();
+        rows.push(&a, &[1, 0]);
+        rows.push(&b, &[0]);
+        assert_eq!(rows.len(), 3);
+        let (inputs, y) = rows.tensors(Device::Cpu);
+        let Inputs::Tokens { ids, mask } = inputs else {
+            panic!("text rows become tokens")
+        };
+        assert_eq!(ids.size(), vec![3, 6]);
+        let ids = Vec::<i64>::try_from(ids.view(-1)).expect("ids");
+        let mask = Vec::<i64>::try_from(mask.view(-1)).expect("mask");
+        assert_eq!(&ids[..6], &[1, 7, 2, 0, 0, 0]);
+        assert_eq!(&ids[6..12], &[1, 5, 6, 2, 0, 0]);
+        assert_eq!(&ids[12..], &[1, 8, 9, 10, 11, 2]);
+        assert_eq!(&mask[..6], &[1, 1, 1, 0, 0, 0]);
+        assert_eq!(&mask[12..], &[1; 6]);
+        assert_eq!(Vec::<i64>::try_from(&y).expect("y"), vec![1, 0, 1]);
+    }
+
+    #[test]
+    fn dense_rows_keep_their_features_and_shards_split_evenly() {
+        let d = Data::Dense(Dataset {
+            x: (0..12).map(|v| v as f32).collect(),
+            y: vec![0, 1, 0, 1, 0, 1],
+            features: 2,
+        });
+        let (x, y) = d.batch(&[5, 0], Device::Cpu);
+        assert_eq!(
+            Vec::<f32>::try_from(x.dense().view(-1)).expect("x"),
+            vec![10.0, 11.0, 0.0, 1.0]
+        );
+        assert_eq!(Vec::<i64>::try_from(&y).expect("y"), vec![1, 0]);
+        assert_eq!(d.shard_range(0, 4), 0..1);
+        assert_eq!(d.shard_range(3, 4), 4..6);
+        assert_eq!(d.features(), Some(2));
+    }
+
+    #[test]
+    fn evaluation_in_chunks_counts_every_row_once() {
+        let rows: Vec<Vec<u32>> = (0..150).map(|i| vec![1, 3 + (i % 40) as u32, 2]).collect();
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let labels: Vec<i64> = (0..150).map(|i| i % 2).collect();
+        let d = text(&refs, &labels);
+        let chunks = eval_chunks(&d);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![64, 64, 22]);
+        assert_eq!(chunks.concat(), (0..150).collect::<Vec<_>>());
+    }
 }

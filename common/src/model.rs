@@ -333,7 +333,11 @@ pub fn batch_tensors(x: &[f32], y: &[i64], features: usize, device: Device) -> (
 ///
 /// # Errors
 /// When libtorch fails.
-pub fn evaluate(model: &dyn Model, ds: &metaloop_proto::dataset::Dataset, device: Device) -> Result<(f64, f64), ModelError> {
+pub fn evaluate(
+    model: &dyn Model,
+    ds: &metaloop_proto::dataset::Dataset,
+    device: Device,
+) -> Result<(f64, f64), ModelError> {
     tch::no_grad(|| {
         let (x, y) = batch_tensors(&ds.x, &ds.y, ds.features, device);
         let logits = model.forward(&x);

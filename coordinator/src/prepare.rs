@@ -4,10 +4,10 @@
 
 use crate::rundir::JobIdentity;
 use anyhow::bail;
-use metaloop_proto::checksum::{hex, StateHasher};
 use metaloop_common::classifier;
 use metaloop_common::data::{self, Data};
 use metaloop_common::model;
+use metaloop_proto::checksum::{hex, StateHasher};
 use metaloop_proto::config::{DeltaDType, InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, Pooling};
 use metaloop_proto::domains;
 use metaloop_proto::proto::{

@@ -33,6 +33,10 @@ pub struct JobConfig {
     pub seed: u64,
     /// Number of outer rounds.
     pub rounds: u64,
+    /// Evaluate the global model on the test and meta sets after every this many rounds (and
+    /// after the last); rounds in between record no test figures. 1: every round.
+    #[serde(default = "defaults::eval_every")]
+    pub eval_every: u64,
     pub data: DataConfig,
     #[serde(default)]
     pub model: ModelConfig,
@@ -44,10 +48,6 @@ pub struct JobConfig {
     pub strategy: StrategyConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
-    /// Evaluate the global model on the test and meta sets after every this many rounds (and
-    /// after the last); rounds in between record no test figures. 1: every round.
-    #[serde(default = "defaults::eval_every")]
-    pub eval_every: u64,
 }
 
 /// Durable state: the whole coordinator state is written every `every` rounds (0: never) and
@@ -709,9 +709,14 @@ impl JobConfig {
     /// `[data]`: the counts, the training domains, and that the files exist.
     fn check_data(&self, p: &mut Findings) {
         let d = &self.data;
-        p.range("data.classes", d.classes, Range::at_least(2));
-        p.range("data.shards", d.shards, Range::at_least(1));
         let text = self.model.reads_text();
+        if d.classes == 0 && d.labels.is_empty() {
+            // Required for dense data; a text job gives `labels` instead (reported below).
+            p.check(text, "data.classes", "missing (required)".into());
+        } else {
+            p.range("data.classes", d.classes, Range::at_least(2));
+        }
+        p.range("data.shards", d.shards, Range::at_least(1));
         if text {
             p.check_using(
                 d.labels.len() >= 2,
@@ -1030,7 +1035,11 @@ impl JobConfig {
                 // [CLS], [SEP] and at least one token of text.
                 p.range("model.max_len", *max_len, Range::at_least(3));
                 if path.as_os_str().is_empty() {
-                    p.check(false, "model.path", "`kind = \"bert\"` needs a Hugging Face model directory".into());
+                    p.check(
+                        false,
+                        "model.path",
+                        "`kind = \"bert\"` needs a Hugging Face model directory".into(),
+                    );
                     return;
                 }
                 p.check(
@@ -1404,6 +1413,73 @@ mod tests {
         }
     }
 
+    fn invalid(text: &str, base: &Path) -> Vec<String> {
+        match JobConfig::parse(text, base) {
+            Err(ParseFailure::Invalid(p)) => p,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_text_job_takes_its_classes_from_its_labels_and_resolves_the_model_path() {
+        let dir = base_with_data();
+        let model = dir.path().join("bert");
+        std::fs::create_dir(&model).expect("mkdir");
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::write(model.join(f), b"{}").expect("write");
+        }
+        let cfg = JobConfig::parse(
+            "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nlabels = [\"neg\", \"pos\"]\n\
+             meta_batch = 8\n[model]\nkind = \"bert\"\npath = \"bert\"\n",
+            dir.path(),
+        )
+        .expect("valid");
+        assert_eq!(cfg.data.classes, 2);
+        assert_eq!(cfg.data.meta_batch, 8);
+        assert!(cfg.model.reads_text());
+        let ModelConfig::Bert {
+            path, pooling, max_len, ..
+        } = &cfg.model
+        else {
+            panic!("a BERT")
+        };
+        assert_eq!((path, *pooling, *max_len), (&model, Pooling::Mean, 128));
+    }
+
+    #[test]
+    fn keys_of_the_other_model_or_data_kind_are_refused_by_name() {
+        let dir = base_with_data();
+        let problems = invalid(
+            "rounds = 3\n[data]\ntest = \"test.st\"\nlabels = [\"a\", \"b\", \"a\"]\nclasses = 2\n\
+             [[data.domains]]\nname = \"d\"\nsource = \"train.st\"\nfeature_noise = 1.0\n\
+             [model]\nkind = \"bert\"\nhidden = [4]\nmax_len = 2\n",
+            dir.path(),
+        );
+        assert_problems(
+            &problems,
+            &[
+                "model.hidden: `kind = \"bert\"` does not read it",
+                "model.path: `kind = \"bert\"` needs a Hugging Face model directory",
+                "model.max_len: must be at least 3, got 2",
+                "data.classes: 2 classes but 3 labels",
+                "data.labels: `a` is given twice",
+                "data.domains[0].feature_noise: only applies to dense-feature data",
+            ],
+        );
+        let problems = invalid(
+            "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nclasses = 2\nlabels = [\"a\", \"b\"]\n\
+             [model]\nkind = \"mlp\"\npath = \"x\"\n",
+            dir.path(),
+        );
+        assert_problems(
+            &problems,
+            &[
+                "model.path: `kind = \"mlp\"` does not read it",
+                "data.labels: only a text model (`model.kind = \"bert\"`) reads labels by name",
+            ],
+        );
+    }
+
     /// Asserts that `problems` holds exactly `expected`, in any order.
     fn assert_problems(problems: &[String], expected: &[&str]) {
         let joined = problems.join("\n");
@@ -1427,7 +1503,7 @@ mod tests {
         assert_problems(
             &problems,
             &[
-                "sed: unknown key (expected one of: seed, rounds, data, model, inner, outer, strategy, checkpoint); \
+                "sed: unknown key (expected one of: seed, rounds, eval_every, data, model, inner, outer, strategy, checkpoint); \
                  did you mean `seed`?",
                 "inner.step: unknown key (expected one of: steps, batch_size, lr, optimizer, momentum, \
                  weight_decay, betas, eps, warmup_steps, decay, clip_norm, accumulate); did you mean `steps`?",
@@ -1504,8 +1580,8 @@ mod tests {
             &problems,
             &[
                 "rounds: out of range: expected a non-negative integer, got -3",
-                "model.kind: unknown value \"cnn\" (expected one of: \"mlp\")",
-                "model.hiden: unknown key (expected one of: kind, hidden, dropout); did you mean `hidden`?",
+                "model.kind: unknown value \"cnn\" (expected one of: \"mlp\", \"bert\")",
+                "model.hiden: unknown key (expected one of: kind, hidden, dropout, path, pooling, max_len); did you mean `hidden`?",
                 "checkpoint.keep: must be at least 1, got 0",
             ],
         );

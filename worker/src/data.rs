@@ -191,7 +191,11 @@ impl Batches<'_> {
                     ws.extend(std::iter::repeat_n((w / (k * rows.len()) as f64) as f32, rows.len()));
                 }
             }
-            Batches::Single { data, sampler, batch: n } => {
+            Batches::Single {
+                data,
+                sampler,
+                batch: n,
+            } => {
                 let rows = sampler.next(*n);
                 batch.push(data, &rows);
                 ws.extend(std::iter::repeat_n(1.0 / rows.len() as f32, rows.len()));

@@ -219,14 +219,14 @@ fn trainer(t: &mut Result<Trainer, TrainError>) -> Result<&mut Trainer, TrainErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metaloop_common::data::Data;
     use metaloop_common::model;
     use metaloop_proto::checksum::bundle_checksum;
-    use metaloop_common::data::Data;
     use metaloop_proto::dataset::Dataset;
     use metaloop_proto::features::Feature;
     use metaloop_proto::proto::{
-        Ask, DirectionalMethod, HypergradientSpec, InnerOptimizer, InnerSpec, LrDecay, LrSchedule, ModelSpec, RescaleMode,
-        RescalerPlan, Signal, SmallTensor, TrainOn,
+        Ask, DirectionalMethod, HypergradientSpec, InnerOptimizer, InnerSpec, LrDecay, LrSchedule, ModelSpec,
+        RescaleMode, RescalerPlan, Signal, SmallTensor, TrainOn,
     };
     use metaloop_proto::rng::SplitMix64;
 

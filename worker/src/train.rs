@@ -8,9 +8,9 @@ use crate::collective::{Collective, CollectiveError};
 use crate::data::TrainingData;
 use crate::inner;
 use crate::signal;
+use metaloop_common::data::Data;
 use metaloop_common::model::{self, Model};
 use metaloop_proto::checksum::{bundle_checksum, hex};
-use metaloop_common::data::Data;
 use metaloop_proto::dataset;
 use metaloop_proto::domains::DomainError;
 use metaloop_proto::proto::{Ask, Assignment, JobSpec, RoundPlan, Signal, TrainOn};
@@ -424,7 +424,12 @@ mod tests {
     fn domain_weights_scale_each_domain_s_loss() {
         // Two copies of the same data, one with a weight of zero: the result must equal
         // training on the other copy alone at the batch share it gets.
-        let mut two = Trainer::with_data(job(1), vec![Data::Dense(blobs(32)), Data::Dense(blobs(32))], None, Device::Cpu);
+        let mut two = Trainer::with_data(
+            job(1),
+            vec![Data::Dense(blobs(32)), Data::Dense(blobs(32))],
+            None,
+            Device::Cpu,
+        );
         let p = model::init_params(&job(1).model, 3);
         two.set_model(0, bundle_checksum(&p), p.clone()).expect("set");
         let a = Assignment {
@@ -456,9 +461,19 @@ mod tests {
             y: blobs(32).y.iter().map(|y| 1 - y).collect(),
             ..blobs(32)
         };
-        let mut two = Trainer::with_data(job(1), vec![Data::Dense(flipped), Data::Dense(blobs(32))], Some(Data::Dense(blobs(10))), Device::Cpu);
+        let mut two = Trainer::with_data(
+            job(1),
+            vec![Data::Dense(flipped), Data::Dense(blobs(32))],
+            Some(Data::Dense(blobs(10))),
+            Device::Cpu,
+        );
         two.set_model(0, bundle_checksum(&p), p.clone()).expect("set");
-        let mut one = Trainer::with_data(job(1), vec![Data::Dense(blobs(20)), Data::Dense(blobs(32))], Some(Data::Dense(blobs(10))), Device::Cpu);
+        let mut one = Trainer::with_data(
+            job(1),
+            vec![Data::Dense(blobs(20)), Data::Dense(blobs(32))],
+            Some(Data::Dense(blobs(10))),
+            Device::Cpu,
+        );
         one.set_model(0, bundle_checksum(&p), p).expect("set");
         let a = |data| Assignment {
             index: 0,

@@ -20,8 +20,8 @@ mod source;
 mod tokenized;
 mod tokenizer;
 
-pub use check::check_job;
 pub use cache::{cache_key, cache_path, load_tokenized, load_tokenized_status, CacheStatus, TextOptions};
+pub use check::check_job;
 pub use corrupt::{label_noise, permute_labels, token_noise, TokenNoise};
 pub use source::{parse_source, read_source, Categorical, Columns, Format, Problem, RowRef, SourceOptions, TextRows};
 pub use tokenized::{Batch, TokenizedText};
