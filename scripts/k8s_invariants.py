@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
 """Checks the invariants of metaloop's rendered Kubernetes manifests (run by scripts/check-k8s).
 
-    k8s_invariants.py --quickstart configs/quickstart.toml cpu-dev=RENDERED.yaml gpu=RENDERED.yaml
+    k8s_invariants.py --quickstart configs/quickstart.toml --text-config configs/text-domain-weights.toml \
+        cpu-dev=RENDERED.yaml gpu=RENDERED.yaml text-cpu=RENDERED.yaml
 
 Each argument is an overlay's name and the output of `kubectl kustomize` for it. An overlay whose
 name starts with "gpu" must give every worker an NVIDIA GPU; every other overlay must give none.
+An overlay whose name starts with "text" runs the --text-config job, its model and text files
+installed by an init container (scripts/text_assets.py) under /var/lib/metaloop-text/text-v1;
+every other overlay runs the quickstart from the image.
 Every check is printed, "ok" or "FAIL" with the object it concerns; the exit status is 1 when
 any check failed.
 
 What is checked, and why (the program's side is in README.md and docs/kubernetes.md):
 - every container has a liveness probe on /healthz and a readiness probe on /readyz, on a
   declared TCP port. Workers too: no Service routes to them, so their readiness gates no
-  traffic, but it is what `kubectl get pods` and `kubectl wait` show;
-- every container has cpu and memory requests and limits, requests not above limits;
+  traffic, but it is what `kubectl get pods` and `kubectl wait` show. Init containers (other
+  than sidecars) are exempt: Kubernetes refuses probes on them;
+- every container, init containers included, has cpu and memory requests and limits, requests
+  not above limits;
 - pods run as a non-root, non-zero user, without privilege escalation or privileged mode, with a
   read-only root filesystem, every capability dropped, the runtime's seccomp profile, no host
   namespaces or hostPath volumes, and no service account token (they never call the API);
@@ -22,7 +28,15 @@ What is checked, and why (the program's side is in README.md and docs/kubernetes
 - the coordinator is a one-replica StatefulSet governed by that Service, with a
   volumeClaimTemplate mounted at its --run-dir (or a parent of it), and runs with --resume;
 - its --config is a file of a mounted ConfigMap that exists, and that file is
-  configs/quickstart.toml with its data paths made absolute under the image's /opt/metaloop;
+  configs/quickstart.toml with its data paths made absolute under the image's /opt/metaloop
+  (a text overlay: the --text-config job, its ../data/text/ paths under
+  /var/lib/metaloop-text/text-v1, the rest under /opt/metaloop);
+- the coordinator and the worker run one image with a fixed tag (init containers may use
+  another image, also with a fixed tag);
+- text overlays: every path under /var/lib/metaloop-text of the job is on a volume that the
+  coordinator and the worker mount read-only and that an init container of the same pod fills
+  by running text_assets.py from a mounted ConfigMap with METALOOP_CACHE at that volume; the
+  main containers' METALOOP_CACHE (tokenized text) is on a writable volume;
 - --min-workers is at least 1 and at most the worker Job's parallelism (else it waits forever);
 - the workers are an Indexed Job with completions = parallelism, dialling the coordinator
   Service's DNS name in their own namespace on its UDP port, with --reconnect-for >= 300 s so
@@ -39,8 +53,10 @@ What is checked, and why (the program's side is in README.md and docs/kubernetes
 - everything lives in one Namespace that enforces the "restricted" Pod Security Standard;
 - with --metaloop-bin (scripts/check-k8s passes $METALOOP_BIN; tests/k8s.rs always sets it):
   every flag and METALOOP_* variable the manifests give a role is in that role's `--help`
-  (flags the program is known not to have yet are listed in PENDING_FLAGS and only reported),
-  and the job config passes `metaloop validate` with its data paths pointed at this repository.
+  (flags the program is known not to have yet are listed in PENDING_FLAGS and only reported;
+  variables read outside the flags, ENV_OUTSIDE_FLAGS, must appear in the binary instead),
+  and the job config passes `metaloop validate` with its data paths pointed at this repository
+  (a text job's at data/text, which scripts/text-assets installs).
 """
 
 import argparse
@@ -60,6 +76,16 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 IMAGE_ROOT = "/opt/metaloop"  # where the Dockerfile puts configs/ and data/
+# Text overlays: where the init container installs the text assets (scripts/text_assets.py with
+# METALOOP_CACHE=/var/lib/metaloop-text); in a checkout, data/text links to the same text-v1.
+TEXT_VOLUME = "/var/lib/metaloop-text"
+TEXT_ROOT = TEXT_VOLUME + "/text-v1"
+TEXT_RELATIVE = "data/text"  # ... which the text configs name as ../data/text/
+TEXT_ASSETS_SCRIPT = "text_assets.py"
+# METALOOP_* variables the program reads outside its flags (so not in `--help`), with where.
+ENV_OUTSIDE_FLAGS = {
+    "METALOOP_CACHE": "the tokenized-text cache, common/src/data.rs text_cache_dir()",
+}
 QUIC_PORT = 7070
 METRICS_PORT = 9090
 SECRET_KEYS = {
@@ -116,6 +142,14 @@ def pod_labels(obj):
 
 def containers(spec):
     return list(spec.get("initContainers", []) or []) + list(spec.get("containers", []) or [])
+
+
+def long_running(spec):
+    """The containers that run alongside the program: the containers and sidecars (init
+    containers with restartPolicy Always). Other init containers run to completion first and
+    may have no probes."""
+    sidecars = [c for c in spec.get("initContainers", []) or [] if c.get("restartPolicy") == "Always"]
+    return sidecars + list(spec.get("containers", []) or [])
 
 
 def where(obj, c=None):
@@ -269,11 +303,49 @@ def is_under(path, parent):
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def covering_mount(c, path):
+    """The volumeMount of container `c` that `path` is on (the deepest one), or None."""
+    found = None
+    for m in c.get("volumeMounts", []) or []:
+        if is_under(path, m.get("mountPath", "")) and (found is None or len(m["mountPath"]) > len(found["mountPath"])):
+            found = m
+    return found
+
+
+WRITABLE_VOLUMES = ("emptyDir", "persistentVolumeClaim", "ephemeral")
+
+
+def writable(spec, c, path):
+    """Whether `path` is on a writable volume of container `c` (the root filesystem is read-only)."""
+    m = covering_mount(c, path)
+    volumes = {v.get("name"): v for v in spec.get("volumes", []) or []}
+    if m is None or m.get("readOnly"):
+        return False
+    if m.get("name") in volumes:
+        return any(k in volumes[m["name"]] for k in WRITABLE_VOLUMES)
+    # a volumeClaimTemplate of a StatefulSet
+    return True
+
+
+def strings(v):
+    if isinstance(v, dict):
+        for x in v.values():
+            yield from strings(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from strings(x)
+    elif isinstance(v, str):
+        yield v
+
+
 # ---------------------------------------------------------------------------------------------
 # The checks.
 
-def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_root=None):
+def check_overlay(report, overlay, docs, quickstart, text_config, metaloop_bin=None, repo_root=None):
     gpu = overlay.startswith("gpu")
+    is_text = overlay.startswith("text")
+    job_config = text_config if is_text else quickstart
+    job_name = pathlib.Path(job_config).name
     by_kind = {}
     for d in docs:
         by_kind.setdefault(d.get("kind"), []).append(d)
@@ -303,7 +375,7 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
     # -- probes --------------------------------------------------------------------------------
     problems = []
     for w in workloads:
-        for c in containers(pod_spec(w)):
+        for c in long_running(pod_spec(w)):
             for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
                 p = c.get(probe)
                 if p is None:
@@ -318,7 +390,7 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
                     problems.append(f"{where(w, c)}: {probe} asks {get.get('path')!r}, expected {path!r}")
                 if container_port(c, get.get("port"), "TCP") is None:
                     problems.append(f"{where(w, c)}: {probe} port {get.get('port')!r} is not a TCP port the container declares")
-    report.check(overlay, "every container has a liveness (/healthz) and a readiness (/readyz) probe on a declared port", problems)
+    report.check(overlay, "every container (init containers aside) has a liveness (/healthz) and a readiness (/readyz) probe on a declared port", problems)
 
     # -- resources -----------------------------------------------------------------------------
     problems = []
@@ -389,14 +461,14 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
     report.check(overlay, "terminationGracePeriodSeconds set on every pod (coordinator >= %d s)" % MIN_COORDINATOR_GRACE, problems)
 
     # -- images --------------------------------------------------------------------------------
-    images = {c.get("image") for w in workloads for c in containers(pod_spec(w))}
+    images = {c.get("image") for w in workloads for c in pod_spec(w).get("containers", []) or []}
     problems = []
     if len(images) != 1:
         problems.append(f"the containers use different images {sorted(map(str, images))}; coordinator and workers must run the same build")
-    for img in images:
+    for img in images | {c.get("image") for w in workloads for c in containers(pod_spec(w))}:
         if not img or img.endswith(":latest") or (":" not in img.rsplit("/", 1)[-1] and "@" not in img):
             problems.append(f"image {img!r} has no fixed tag or digest")
-    report.check(overlay, "coordinator and workers run one image with a fixed tag", problems)
+    report.check(overlay, "coordinator and workers run one image with a fixed tag (every image has one)", problems)
 
     # -- the coordinator's Service -------------------------------------------------------------
     problems = []
@@ -468,7 +540,7 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
             elif key not in (config_map.get("data") or {}):
                 problems.append(f"ConfigMap/{cm_name} has no key {key!r} for --config {config_path}")
             else:
-                problems += compare_job_config(f"ConfigMap/{cm_name} {key}", config_map["data"][key], quickstart)
+                problems += compare_job_config(f"ConfigMap/{cm_name} {key}", config_map["data"][key], job_config, is_text)
     _, listen_port = host_port(cflags.get("--listen"))
     if container_port(coord_c, listen_port, "UDP") is None:
         problems.append(f"{where(coord, coord_c)}: --listen {cflags.get('--listen')!r} is not on a UDP port the container declares")
@@ -489,7 +561,7 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
             problems.append(f"{where(coord, coord_c)}: --min-workers {min_workers} < 1")
         if isinstance(parallelism, int) and min_workers > parallelism:
             problems.append(f"{where(coord, coord_c)}: --min-workers {min_workers} is above {ref(work)}'s parallelism {parallelism}: the first round would never start")
-    report.check(overlay, "coordinator flags: --config from the job ConfigMap (= the quickstart, absolute paths), --listen on the UDP port, --metrics-listen on the probes' port, --log-format json, 1 <= --min-workers <= worker parallelism", problems)
+    report.check(overlay, f"coordinator flags: --config from the job ConfigMap (= {job_name}, absolute paths), --listen on the UDP port, --metrics-listen on the probes' port, --log-format json, 1 <= --min-workers <= worker parallelism", problems)
 
     # -- the worker Job ------------------------------------------------------------------------
     problems = []
@@ -678,6 +750,68 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
                 problems.append(f"{ref(d)}: namespace {d.get('metadata', {}).get('namespace')!r}, expected {name!r}")
     report.check(overlay, "one Namespace (Pod Security Standard restricted) holds every object", problems)
 
+    # -- text assets ---------------------------------------------------------------------------
+    if is_text:
+        problems = []
+        try:
+            job = tomllib.loads((config_map.get("data") or {}).get(posixpath.basename(config_path), "")) \
+                if config_map is not None and isinstance(config_path, str) else {}
+        except tomllib.TOMLDecodeError:
+            job = {}  # reported above
+        text_paths = sorted({v for v in strings(job) if is_under(v, TEXT_ROOT)})
+        if not text_paths:
+            problems.append(f"the job config names no file under {TEXT_ROOT} (the text assets)")
+        script = pathlib.Path(__file__).resolve().parent / TEXT_ASSETS_SCRIPT
+        for obj, c in ((coord, coord_c), (work, work_c)):
+            spec = pod_spec(obj)
+            volumes = {v.get("name"): v for v in spec.get("volumes", []) or []}
+            m = covering_mount(c, TEXT_ROOT)
+            if m is None:
+                problems.append(f"{where(obj, c)}: mounts no volume at {TEXT_ROOT} (or above), where the job's text files are")
+                continue
+            if not m.get("readOnly"):
+                problems.append(f"{where(obj, c)}: mounts the text assets at {m['mountPath']} writable; mount them readOnly")
+            if not any(k in volumes.get(m.get("name"), {}) for k in WRITABLE_VOLUMES):
+                problems.append(f"{where(obj, c)}: the text assets' volume {m.get('name')!r} is not an emptyDir or a PersistentVolumeClaim")
+            want = posixpath.relpath(TEXT_VOLUME, m["mountPath"])
+            fillers = []
+            for init in spec.get("initContainers", []) or []:
+                if init.get("restartPolicy") == "Always":
+                    continue  # a sidecar runs alongside, it cannot fill the volume first
+                cache = env_value(obj, init, "METALOOP_CACHE")
+                im = covering_mount(init, cache) if cache else None
+                if not im or im.get("name") != m.get("name") or im.get("readOnly") or im.get("subPath") != m.get("subPath"):
+                    continue
+                if posixpath.relpath(cache, im["mountPath"]) != want:
+                    continue
+                fillers.append(init)
+                argv = [expand(obj, init, str(a)) for a in (init.get("command") or []) + (init.get("args") or [])]
+                runs = [a for a in argv if posixpath.basename(a) == TEXT_ASSETS_SCRIPT]
+                if not runs:
+                    problems.append(f"{where(obj, init)}: fills the text assets' volume without running {TEXT_ASSETS_SCRIPT}")
+                    continue
+                src = file_source(mounted_files(obj, init), runs[0])
+                if src is None or src[0] != "ConfigMap":
+                    problems.append(f"{where(obj, init)}: {runs[0]} is not a file of a mounted ConfigMap")
+                    continue
+                cm = next((x for x in by_kind.get("ConfigMap", []) if x["metadata"]["name"] == src[1]), None)
+                body = ((cm or {}).get("data") or {}).get(src[2])
+                if body is None:
+                    problems.append(f"{where(obj, init)}: ConfigMap/{src[1]} with key {src[2]!r} is not in the output")
+                elif script.is_file() and body != script.read_text():
+                    problems.append(f"ConfigMap/{src[1]} {src[2]} differs from {script}: generate it from the script (scripts/kustomization.yaml)")
+                if not writable(spec, init, "/tmp"):
+                    problems.append(f"{where(obj, init)}: /tmp is not writable (pip needs it; the root filesystem is read-only)")
+            if not fillers:
+                problems.append(f"{where(obj, c)}: no init container of the pod installs the text assets into volume {m.get('name')!r} "
+                                f"(one that mounts it writable and runs {TEXT_ASSETS_SCRIPT} with METALOOP_CACHE at {TEXT_VOLUME} as this container sees it)")
+            env = {k: env_value(obj, c, k) for k in ("METALOOP_CACHE", "XDG_CACHE_HOME", "HOME")}
+            cache = env["METALOOP_CACHE"] or (env["XDG_CACHE_HOME"] and env["XDG_CACHE_HOME"] + "/metaloop") \
+                or (env["HOME"] and env["HOME"] + "/.cache/metaloop")
+            if not cache or not writable(spec, c, cache + "/tokenized"):
+                problems.append(f"{where(obj, c)}: the tokenized-text cache {cache or '(no METALOOP_CACHE or HOME)'}/tokenized is not on a writable volume")
+        report.check(overlay, f"text assets: the job's files under {TEXT_ROOT} are on a volume both roles mount read-only, filled by an init container running {TEXT_ASSETS_SCRIPT} from a ConfigMap; the tokenized cache is writable", problems)
+
     # -- against the program itself ------------------------------------------------------------
     if metaloop_bin is None:
         print(f"skip {overlay}: the manifests' flags against `metaloop --help` and `metaloop validate` of the job config (set METALOOP_BIN to a built metaloop)")
@@ -698,11 +832,17 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
         for e in c.get("env", []) or []:
             name = e.get("name", "")
             if name.startswith("METALOOP_") and f"env: {name}=" not in run.stdout:
-                problems.append(f"{where(obj, c)}: sets {name}, which `metaloop {role} --help` does not read")
+                if name not in ENV_OUTSIDE_FLAGS:
+                    problems.append(f"{where(obj, c)}: sets {name}, which `metaloop {role} --help` does not read")
+                elif name.encode() not in binary_bytes(metaloop_bin):
+                    problems.append(f"{where(obj, c)}: sets {name} ({ENV_OUTSIDE_FLAGS[name]}), which {metaloop_bin} does not contain")
     if config_map is not None and isinstance(config_path, str):
         key = posixpath.basename(config_path)
         text = (config_map.get("data") or {}).get(key, "")
-        local = text.replace(IMAGE_ROOT + "/", str(pathlib.Path(repo_root).resolve()) + "/")
+        root = pathlib.Path(repo_root).resolve()
+        local = text.replace(TEXT_ROOT + "/", f"{root / TEXT_RELATIVE}/").replace(IMAGE_ROOT + "/", f"{root}/")
+        if is_text and not (root / TEXT_RELATIVE).exists():
+            problems.append(f"the text job cannot be validated: {root / TEXT_RELATIVE} does not exist; install the text assets with scripts/text-assets")
         with tempfile.TemporaryDirectory() as d:
             path = pathlib.Path(d) / "job.toml"
             path.write_text(local)
@@ -712,23 +852,39 @@ def check_overlay(report, overlay, docs, quickstart, metaloop_bin=None, repo_roo
     report.check(overlay, "every flag and METALOOP_* variable is in `metaloop <role> --help`; the job config passes `metaloop validate`", problems)
 
 
-def compare_job_config(what, text, quickstart_path):
-    """The job config must be configs/quickstart.toml with its relative data paths made
-    absolute under IMAGE_ROOT (where the image keeps configs/ and data/)."""
+_BINARIES = {}
+
+
+def binary_bytes(path):
+    if path not in _BINARIES:
+        _BINARIES[path] = pathlib.Path(path).read_bytes()
+    return _BINARIES[path]
+
+
+def compare_job_config(what, text, config_path, text_job=False):
+    """The job config must be `config_path` (configs/quickstart.toml, or a text overlay's
+    configs/text-*.toml) with its relative data paths made absolute under IMAGE_ROOT (where the
+    image keeps configs/ and data/); for a text job, paths into data/text (the text assets) under
+    TEXT_ROOT instead, where the init container installs them."""
     try:
         job = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         return [f"{what} is not TOML: {e}"]
-    quick = tomllib.loads(pathlib.Path(quickstart_path).read_text())
+    quick = tomllib.loads(pathlib.Path(config_path).read_text())
     config_dir = posixpath.join(IMAGE_ROOT, "configs")
+    text_dir = posixpath.join(IMAGE_ROOT, TEXT_RELATIVE)
+    where_to = f"{TEXT_ROOT} for the text assets, else under {IMAGE_ROOT}" if text_job else f"under {IMAGE_ROOT}"
 
     def absolute(v, key):
         if isinstance(v, dict):
             return {k: absolute(x, k) for k, x in v.items()}
         if isinstance(v, list):
             return [absolute(x, key) for x in v]
-        if isinstance(v, str) and v.endswith(".safetensors") and not v.startswith("/"):
-            return posixpath.normpath(posixpath.join(config_dir, v))
+        if isinstance(v, str) and (v.endswith(".safetensors") or v.startswith("../")) and not v.startswith("/"):
+            path = posixpath.normpath(posixpath.join(config_dir, v))
+            if text_job and is_under(path, text_dir):
+                path = TEXT_ROOT + path[len(text_dir):]
+            return path
         return v
 
     expected = absolute(quick, None)
@@ -739,16 +895,16 @@ def compare_job_config(what, text, quickstart_path):
             for k in sorted(set(a) | set(b)):
                 p = f"{path}.{k}" if path else k
                 if k not in a:
-                    problems.append(f"{what}: key {p} is not in {quickstart_path}")
+                    problems.append(f"{what}: key {p} is not in {config_path}")
                 elif k not in b:
-                    problems.append(f"{what}: key {p} of {quickstart_path} is missing")
+                    problems.append(f"{what}: key {p} of {config_path} is missing")
                 else:
                     diff(a[k], b[k], p)
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):
                 diff(x, y, f"{path}[{i}]")
         elif a != b:
-            problems.append(f"{what}: {path} = {b!r}, expected {a!r} (the quickstart's value, data paths under {IMAGE_ROOT})")
+            problems.append(f"{what}: {path} = {b!r}, expected {a!r} ({pathlib.Path(config_path).name}'s value, data paths {where_to})")
 
     diff(expected, job, "")
     return problems
@@ -757,6 +913,8 @@ def compare_job_config(what, text, quickstart_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quickstart", required=True, help="configs/quickstart.toml")
+    ap.add_argument("--text-config", required=True,
+                    help="configs/text-domain-weights.toml: the job of the overlays named text*")
     ap.add_argument("--metaloop-bin", help="a built metaloop, to check flags and the job config against")
     ap.add_argument("--repo-root", default=".", help="where configs/ and data/ are (for --metaloop-bin)")
     ap.add_argument("overlays", nargs="+", metavar="NAME=RENDERED.yaml")
@@ -767,7 +925,7 @@ def main():
         if not path:
             ap.error(f"{spec!r} is not NAME=FILE")
         docs = [d for d in yaml.safe_load_all(pathlib.Path(path).read_text()) if d]
-        check_overlay(report, name, docs, args.quickstart, args.metaloop_bin, args.repo_root)
+        check_overlay(report, name, docs, args.quickstart, args.text_config, args.metaloop_bin, args.repo_root)
     print(f"{report.passed} passed, {report.failed} failed")
     return 1 if report.failed else 0
 

@@ -1,5 +1,6 @@
-//! Every job config shipped in `configs/` must parse and validate, data files included, without
-//! a warning.
+//! Every job config shipped in `configs/` must parse and validate, data files included (for a
+//! text config: the model directory and every text file, read with its label map), without a
+//! warning. The text configs need the text assets `./dev test` installs.
 
 use metaloop_proto::config::JobConfig;
 
@@ -11,6 +12,8 @@ fn every_shipped_config_is_valid() {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let checked = JobConfig::load_checked(&path).unwrap_or_else(|e| panic!("{e}"));
+            let text = metaloop_common::text::check_job(&checked.config);
+            assert!(text.is_empty(), "{}: {text:#?}", path.display());
             assert!(
                 checked.warnings.is_empty(),
                 "{}: {:?}",

@@ -47,7 +47,7 @@ fn every_overlay_renders_validates_and_keeps_its_invariants() {
     require_kubectl();
     let (ok, output) = check_k8s(None);
     assert!(ok, "scripts/check-k8s failed:\n{output}");
-    for overlay in ["cpu-dev", "gpu"] {
+    for overlay in ["cpu-dev", "gpu", "text-cpu"] {
         assert!(
             output.contains(&format!("ok   {overlay}: rendered")),
             "overlay {overlay} was not checked:\n{output}"
@@ -104,6 +104,12 @@ fn the_checker_fails_on_a_broken_copy_and_names_each_object() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let k8s = tmp.path().join("k8s");
     copy_dir(&Path::new(ROOT).join("k8s"), &k8s);
+    // The text overlay loads the text-assets script's ConfigMap from scripts/, next to k8s/.
+    let scripts = tmp.path().join("scripts");
+    std::fs::create_dir(&scripts).expect("mkdir");
+    for f in ["kustomization.yaml", "text_assets.py"] {
+        std::fs::copy(Path::new(ROOT).join("scripts").join(f), scripts.join(f)).expect("copy");
+    }
 
     edit(&k8s, "base/coordinator-service.yaml", "protocol: UDP", "protocol: TCP");
     drop_readiness_probe(&k8s, "base/worker-job.yaml");

@@ -242,8 +242,9 @@ pub fn build(spec: &ModelSpec, params: &Bundle, device: Device) -> Result<Box<dy
 pub fn has_dropout(spec: &ModelSpec) -> bool {
     match spec {
         ModelSpec::Mlp { dropout, .. } => *dropout > 0.0,
-        // A BERT's rates are its config's; every BERT checkpoint in use trains with dropout.
-        ModelSpec::Bert { .. } => true,
+        // A config that does not parse cannot be built either; say yes, the safe answer.
+        ModelSpec::Bert { config, .. } => crate::bert::BertConfig::parse(config, std::path::Path::new("config.json"))
+            .map_or(true, |c| c.hidden_dropout_prob > 0.0 || c.attention_probs_dropout_prob > 0.0),
     }
 }
 
