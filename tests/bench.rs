@@ -33,6 +33,30 @@ fn last_cell(text: &str, prefix: &str) -> String {
         .to_string()
 }
 
+/// The cell of the row starting with `prefix` under the column headed `column`.
+fn cell(text: &str, prefix: &str, column: &str) -> String {
+    let cells = |l: &str| -> Vec<String> {
+        l.trim()
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("| model |"))
+        .unwrap_or_else(|| panic!("no table header in\n{text}"));
+    let at = cells(header)
+        .iter()
+        .position(|c| c == column)
+        .unwrap_or_else(|| panic!("no column `{column}` in {header}"));
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no row {prefix} in\n{text}"));
+    cells(row)[at].clone()
+}
+
 #[test]
 fn the_transport_benchmark_prints_a_ratio() {
     let text = bench(&["transport", "--sizes", "1", "--repeats", "1"]);
@@ -58,8 +82,15 @@ fn the_step_benchmark_reference_computes_what_the_worker_computes() {
         "1",
     ]);
     for case in ["| digits | (a)", "| digits | (b)"] {
-        let diff: f64 = last_cell(&text, case).parse().expect("check column");
+        let diff: f64 = cell(&text, case, "check (max rel. diff)")
+            .parse()
+            .expect("check column");
         assert!(diff <= 1e-4, "{case}: {diff}\n{text}");
+        // Each side's timed process reports its peak memory.
+        let rss: f64 = cell(&text, case, "RSS metaloop / PyTorch")
+            .parse()
+            .expect("memory column");
+        assert!(rss > 0.0 && rss.is_finite(), "{case}: {rss}\n{text}");
     }
 }
 

@@ -244,7 +244,9 @@ pub fn has_dropout(spec: &ModelSpec) -> bool {
         ModelSpec::Mlp { dropout, .. } => *dropout > 0.0,
         // A config that does not parse cannot be built either; say yes, the safe answer.
         ModelSpec::Bert { config, .. } => crate::bert::BertConfig::parse(config, std::path::Path::new("config.json"))
-            .map_or(true, |c| c.hidden_dropout_prob > 0.0 || c.attention_probs_dropout_prob > 0.0),
+            .map_or(true, |c| {
+                c.hidden_dropout_prob > 0.0 || c.attention_probs_dropout_prob > 0.0
+            }),
     }
 }
 
