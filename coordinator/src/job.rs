@@ -729,6 +729,7 @@ impl LoopState {
             domain_weights: strategy.domain_weights(),
             hypergradient_norm: report.hypergradient_norm,
             excess_loss: report.excess_loss,
+            domain_alignment: report.alignment,
             omega_grad_norm: report.omega_grad_norm,
             source_weights: strategy.source_weights(),
             rewards: report.rewards,

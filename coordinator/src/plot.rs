@@ -271,6 +271,7 @@ mod tests {
             domain_weights: BTreeMap::from([("a<b".to_string(), w), ("c".to_string(), 2.0 - w)]),
             hypergradient_norm: None,
             excess_loss: None,
+            domain_alignment: None,
             omega_grad_norm: None,
             source_weights: None,
             rewards: None,

@@ -24,6 +24,9 @@ pub struct RoundRecord {
     pub hypergradient_norm: Option<f64>,
     /// DoReMi's clipped excess loss per domain in this round (proxy phase).
     pub excess_loss: Option<BTreeMap<String, f64>>,
+    /// Every domain's mean d_k = ⟨∇ℓ_k, ∇L_meta⟩ per probed sample this round
+    /// (`hypergradient`): the agreement of its gradient with the meta gradient that moves λ.
+    pub domain_alignment: Option<BTreeMap<String, f64>>,
     /// ‖∇Ω‖ of this round's update (`loss-rescaling`).
     pub omega_grad_norm: Option<f64>,
     /// The task policy's probabilities over the sources used this round (`task-policy`).

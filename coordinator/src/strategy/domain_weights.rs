@@ -22,6 +22,9 @@ pub struct DomainWeights {
     hyper: HypergradientSpec,
     /// ‖dL_meta/dλ‖ of the last update.
     last_grad_norm: Option<f64>,
+    /// Every domain's mean d_k = ⟨∇ℓ_k, ∇L_meta⟩ per probed sample in the last update (for the
+    /// round's record; not state).
+    last_alignment: Option<Vec<f64>>,
     doremi: Option<Doremi>,
     shards: Shards,
     /// DoReMi's reference phase ends before this round.
@@ -99,6 +102,7 @@ impl DomainWeights {
                 probe: config.probe,
             },
             last_grad_norm: None,
+            last_alignment: None,
             doremi: (config.method == WeightMethod::Doremi).then(|| Doremi {
                 eta: config.eta,
                 smoothing: config.smoothing,
@@ -211,11 +215,13 @@ impl DomainWeights {
         if counts.contains(&0) {
             tracing::warn!("a domain had no probe samples this round; λ left unchanged");
             self.last_grad_norm = None;
+            self.last_alignment = None;
             return;
         }
         let d: Vec<f64> = sums.iter().zip(&counts).map(|(s, &c)| s / c as f64).collect();
         let grad = weights::hypergradient(&self.lambda, &d);
         self.last_grad_norm = Some(grad.iter().map(|g| g * g).sum::<f64>().sqrt());
+        self.last_alignment = Some(d);
         self.adam.step(&mut self.lambda, &grad);
     }
 
@@ -326,6 +332,10 @@ impl OuterStrategy for DomainWeights {
         StrategyReport {
             meta_loss: mean_meta_loss(results),
             hypergradient_norm: self.last_grad_norm,
+            alignment: self
+                .last_alignment
+                .as_ref()
+                .map(|d| self.names.iter().cloned().zip(d.iter().copied()).collect()),
             excess_loss: self
                 .probe_request()
                 .and(self.excess())
@@ -403,6 +413,10 @@ mod tests {
         let expected = weights::hypergradient(&[0.0, 0.0], &[0.5, -2.0]);
         let norm = expected.iter().map(|g| g * g).sum::<f64>().sqrt();
         assert!((report.hypergradient_norm.expect("updated") - norm).abs() < 1e-12);
+        // The record names each domain's count-weighted mean d_k.
+        let alignment = report.alignment.expect("reported");
+        assert_eq!(alignment.get("good"), Some(&0.5));
+        assert_eq!(alignment.get("bad"), Some(&-2.0));
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct StrategyReport {
     /// The round's meta loss (by default the mean of the results' meta losses).
     pub meta_loss: Option<f64>,
     pub hypergradient_norm: Option<f64>,
+    /// Every domain's mean d_k = ⟨∇ℓ_k, ∇L_meta⟩ this round (`hypergradient`).
+    pub alignment: Option<BTreeMap<String, f64>>,
     pub excess_loss: Option<BTreeMap<String, f64>>,
     pub omega_grad_norm: Option<f64>,
     pub rewards: Option<BTreeMap<String, f64>>,
