@@ -239,25 +239,13 @@ pub fn build_domain(
         let d = domains::build(cfg, index, classes, job_seed)?;
         return Ok((Data::Dense(d.data), d.record));
     };
-    let name = cfg.name.clone();
-    let full = load_text(&cfg.source, spec, cfg.labels.as_deref(), &format!("domain `{name}`"))?;
-    let (start, end) = match cfg.subset {
-        Some(s) => (s.start, s.start.saturating_add(s.count)),
-        None => (0, full.len()),
-    };
-    if end > full.len() || start > end {
-        return Err(DomainError::Subset {
-            name,
-            start,
-            end,
-            path: cfg.source.clone(),
-            len: full.len(),
-        }
-        .into());
-    }
-    if start == end {
-        return Err(DomainError::Empty { name }.into());
-    }
+    let full = load_text(
+        &cfg.source,
+        spec,
+        cfg.labels.as_deref(),
+        &format!("domain `{}`", cfg.name),
+    )?;
+    let (start, end) = domains::rows(cfg, full.len())?;
     let mut data = if (start, end) == (0, full.len()) {
         full
     } else {

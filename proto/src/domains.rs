@@ -109,27 +109,11 @@ pub fn corruption_seed(job_seed: u64, index: usize) -> u64 {
 /// # Errors
 /// A bad source file or a subset outside it, naming the domain and file.
 pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> Result<Domain, DomainError> {
-    let name = cfg.name.clone();
     let full = dataset::load(&cfg.source, classes).map_err(|error| DomainError::Data {
-        name: name.clone(),
+        name: cfg.name.clone(),
         error,
     })?;
-    let (start, end) = match cfg.subset {
-        Some(s) => (s.start, s.start.saturating_add(s.count)),
-        None => (0, full.len()),
-    };
-    if end > full.len() || start > end {
-        return Err(DomainError::Subset {
-            name,
-            start,
-            end,
-            path: cfg.source.clone(),
-            len: full.len(),
-        });
-    }
-    if start == end {
-        return Err(DomainError::Empty { name });
-    }
+    let (start, end) = rows(cfg, full.len())?;
     let f = full.features;
     let mut data = Dataset {
         x: full.x[start * f..end * f].to_vec(),
@@ -187,6 +171,30 @@ pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> R
         checksum: crate::checksum::hex(&dataset_checksum(&data)),
     };
     Ok(Domain { data, record })
+}
+
+/// The rows `start..end` of a source of `len` rows that domain `cfg` takes: its subset, or all.
+///
+/// # Errors
+/// A subset outside the source, or no rows, naming the domain (and the file).
+pub fn rows(cfg: &DomainConfig, len: usize) -> Result<(usize, usize), DomainError> {
+    let (start, end) = match cfg.subset {
+        Some(s) => (s.start, s.start.saturating_add(s.count)),
+        None => (0, len),
+    };
+    if end > len || start > end {
+        return Err(DomainError::Subset {
+            name: cfg.name.clone(),
+            start,
+            end,
+            path: cfg.source.clone(),
+            len,
+        });
+    }
+    if start == end {
+        return Err(DomainError::Empty { name: cfg.name.clone() });
+    }
+    Ok((start, end))
 }
 
 /// The wire form of a domain, carrying the checksum of the coordinator's build.
