@@ -8,6 +8,7 @@
 //! files of a TLS identity; `write_pki` for tests) and `bert`'s (a Hugging Face model
 //! directory: `config.json` and `model.safetensors`).
 
+pub mod autocast;
 pub mod bert;
 pub mod classifier;
 pub mod compute;

@@ -204,5 +204,6 @@ fn inner_spec(config: &JobConfig) -> InnerSpec {
         clip_norm: i.clip_norm,
         accumulate: i.accumulate,
         virtual_lr: config.strategy.virtual_lr,
+        autocast: i.autocast,
     }
 }

@@ -9,6 +9,7 @@ mod structure;
 
 pub use crate::domains::DomainConfig;
 use crate::features::Feature;
+pub use crate::proto::Autocast;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -415,6 +416,8 @@ pub struct InnerConfig {
     pub clip_norm: Option<f64>,
     /// Micro-batches per step (gradient accumulation), for batches larger than memory.
     pub accumulate: u32,
+    /// `none`, or `bf16`: the workers run the model's forward passes under bf16 autocast.
+    pub autocast: Autocast,
 }
 
 impl Default for InnerConfig {
@@ -432,6 +435,7 @@ impl Default for InnerConfig {
             decay: LrDecayKind::None,
             clip_norm: None,
             accumulate: 1,
+            autocast: Autocast::None,
         }
     }
 }
@@ -1407,7 +1411,7 @@ mod tests {
             Err(ParseFailure::Invalid(p)) => assert_eq!(
                 p,
                 ["inner.step: unknown key (expected one of: steps, batch_size, lr, optimizer, momentum, weight_decay, \
-                  betas, eps, warmup_steps, decay, clip_norm, accumulate); did you mean `steps`?"]
+                  betas, eps, warmup_steps, decay, clip_norm, accumulate, autocast); did you mean `steps`?"]
             ),
             other => panic!("expected Invalid, got {other:?}"),
         }
@@ -1506,7 +1510,7 @@ mod tests {
                 "sed: unknown key (expected one of: seed, rounds, eval_every, data, model, inner, outer, strategy, checkpoint); \
                  did you mean `seed`?",
                 "inner.step: unknown key (expected one of: steps, batch_size, lr, optimizer, momentum, \
-                 weight_decay, betas, eps, warmup_steps, decay, clip_norm, accumulate); did you mean `steps`?",
+                 weight_decay, betas, eps, warmup_steps, decay, clip_norm, accumulate, autocast); did you mean `steps`?",
                 "data.domains[1].label_noise: wrong type: expected a float, got a string (\"high\")",
                 "data.classes: missing (required)",
                 "inner.lr: must be positive, got -1",
@@ -1703,6 +1707,16 @@ mod tests {
         let cfg = JobConfig::parse(&format!("{head}[inner]\n{adamw}"), dir.path()).expect("valid AdamW");
         assert_eq!(cfg.inner.optimizer, InnerOptimizerKind::AdamW);
         assert_eq!((cfg.inner.betas(), cfg.inner.eps()), ((0.9, 0.98), 1e-8));
+        assert_eq!((i.autocast, cfg.inner.autocast), (Autocast::None, Autocast::None));
+        let bf16 = JobConfig::parse(&format!("{head}[inner]\nautocast = \"bf16\"\n"), dir.path()).expect("bf16");
+        assert_eq!(bf16.inner.autocast, Autocast::Bf16);
+        match JobConfig::parse(&format!("{head}[inner]\nautocast = \"fp16\"\n"), dir.path()) {
+            Err(e) => {
+                let e = format!("{e:?}");
+                assert!(e.contains("fp16") && e.contains("bf16"), "{e}");
+            }
+            Ok(_) => panic!("autocast = \"fp16\" was accepted"),
+        }
         assert_problems(
             &problems("betas = [0.9, 0.999]\neps = 1e-6\n"),
             &[

@@ -18,7 +18,8 @@ pub const ALPN: &[u8] = b"metaloop/1";
 /// 4: `InnerSpec`'s optimizer (SGD or AdamW), learning-rate schedule, clipping, gradient
 /// accumulation and virtual step size. 5: BERT models and text data (`ModelSpec::Bert`,
 /// `JobSpec::text`, a domain's label names and token noise) and the meta batch.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `InnerSpec::autocast`.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Hard limit on one control frame. Control messages are small; anything big is a bundle.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
@@ -224,6 +225,8 @@ pub struct InnerSpec {
     /// The step size of a virtual inner step (loss rescaling's θ' = θ − α∇θ, always plain
     /// SGD); `None`: `lr`.
     pub virtual_lr: Option<f64>,
+    /// The precision of the model's forward passes on the workers.
+    pub autocast: Autocast,
 }
 
 impl InnerSpec {
@@ -247,6 +250,7 @@ impl Default for InnerSpec {
             clip_norm: None,
             accumulate: 1,
             virtual_lr: None,
+            autocast: Autocast::None,
         }
     }
 }
@@ -272,6 +276,18 @@ pub struct LrSchedule {
     pub total_steps: u64,
     pub warmup_steps: u64,
     pub decay: LrDecay,
+}
+
+/// Autocast of the workers' forward passes (`[inner] autocast`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Autocast {
+    /// Every op in the parameters' dtype (f32).
+    #[default]
+    None,
+    /// bf16 autocast: matrix products in bf16; parameters, gradients, optimizer state and
+    /// deltas stay f32 (`torch.autocast(dtype=torch.bfloat16)` around the forward).
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1061,6 +1077,7 @@ mod tests {
                 clip_norm: Some(1.0),
                 accumulate: 2,
                 virtual_lr: Some(0.1),
+                autocast: Autocast::Bf16,
             },
             delta_dtype: DType::F32,
             text: None,

@@ -9,11 +9,12 @@ use crate::data::TrainingData;
 use crate::inner;
 use crate::signal;
 use metaloop_common::data::Data;
+use metaloop_common::autocast;
 use metaloop_common::model::{self, Model};
 use metaloop_proto::checksum::{bundle_checksum, hex};
 use metaloop_proto::dataset;
 use metaloop_proto::domains::DomainError;
-use metaloop_proto::proto::{Ask, Assignment, JobSpec, RoundPlan, Signal, TrainOn};
+use metaloop_proto::proto::{Ask, Assignment, Autocast, JobSpec, RoundPlan, Signal, TrainOn};
 use metaloop_proto::tensor::Bundle;
 use std::time::Instant;
 use tch::Device;
@@ -127,7 +128,10 @@ impl Trainer {
     pub fn set_model(&mut self, version: u64, checksum: [u8; 32], params: Bundle) -> Result<(), TrainError> {
         self.version = None;
         verify(&params, checksum, version)?;
-        let model = model::build(&self.data.job().model, &params, self.device)?;
+        let mut model = model::build(&self.data.job().model, &params, self.device)?;
+        if self.data.job().inner.autocast == Autocast::Bf16 {
+            model = Box::new(autocast::Bf16::new(model, self.device));
+        }
         self.model = Some(model);
         self.params = Some(params);
         self.version = Some(version);

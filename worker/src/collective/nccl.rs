@@ -18,7 +18,8 @@
 //! libtorch happens to use.
 
 // cudarc's dynamic loader can only be probed through an `unsafe fn` (its safe API panics when a
-// library is missing); this module is the only place the workspace allows `unsafe`.
+// library is missing); this module and common/src/autocast.rs are the only places the workspace
+// allows `unsafe`.
 #![allow(unsafe_code)]
 
 use super::{Collective, CollectiveError, Connect};
