@@ -3,6 +3,7 @@
 //! their gradients summed through a `collective`. A trainer draws its batches from `data`, takes
 //! the inner steps in `inner` and answers the round's ask with the strategy's `signal` producer.
 
+mod adamw_cpu;
 mod client;
 mod collective;
 mod data;

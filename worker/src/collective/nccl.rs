@@ -18,8 +18,8 @@
 //! libtorch happens to use.
 
 // cudarc's dynamic loader can only be probed through an `unsafe fn` (its safe API panics when a
-// library is missing); this module and common/src/autocast.rs are the only places the workspace
-// allows `unsafe`.
+// library is missing). The workspace allows `unsafe` only here, in worker/src/adamw_cpu.rs
+// (tensor memory as slices) and in common/src/autocast.rs (libtorch's autocast state).
 #![allow(unsafe_code)]
 
 use super::{Collective, CollectiveError, Connect};
