@@ -390,19 +390,21 @@ fn the_task_policy_learns_to_prefer_the_clean_related_source() {
     assert!(plot.contains("source-task policy"));
 }
 
-/// `[outer] delta_dtype = "bf16"`: workers send their deltas as bfloat16. The job still trains,
-/// half the bytes cross the network to the coordinator, and the result differs from the exact
-/// run (the rounding is real).
+/// `[outer] delta_dtype = "bf16"` / `"int8"`: workers send their deltas as bfloat16 or blockwise
+/// int8. The job still trains, half / about a quarter of the bytes cross the network to the
+/// coordinator, and the result differs from the exact run (the rounding is real); the int8 run is
+/// the same with one worker process as with two.
 #[test]
-fn bf16_deltas_halve_the_bytes_in_and_still_train() {
+fn compressed_deltas_cut_the_bytes_in_and_still_train() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg_dir = tempfile::tempdir().expect("tmp");
     let exact = std::fs::read_to_string(root.join("configs/local-sgd.toml"))
         .expect("config")
         .replace("\"../data/", &format!("\"{}/data/", root.display()));
-    let compressed = exact.replace("[outer]\n", "[outer]\ndelta_dtype = \"bf16\"\n");
-    assert_ne!(exact, compressed);
-    let run = |name: &str, text: &str| {
+    let bf16 = exact.replace("[outer]\n", "[outer]\ndelta_dtype = \"bf16\"\n");
+    let int8 = exact.replace("[outer]\n", "[outer]\ndelta_dtype = \"int8\"\n");
+    assert!(exact != bf16 && exact != int8);
+    let run = |name: &str, text: &str, workers: &str| {
         let cfg = cfg_dir.path().join(format!("{name}.toml"));
         std::fs::write(&cfg, text).expect("write");
         let dir = cfg_dir.path().join(name);
@@ -410,7 +412,7 @@ fn bf16_deltas_halve_the_bytes_in_and_still_train() {
             &dir,
             &[
                 "--workers",
-                "2",
+                workers,
                 "--rounds",
                 "10",
                 "--config",
@@ -418,18 +420,25 @@ fn bf16_deltas_halve_the_bytes_in_and_still_train() {
             ],
         )
     };
-    let (f32_run, bf16_run) = (run("f32", &exact), run("bf16", &compressed));
+    let f32_run = run("f32", &exact, "2");
     let bytes = |s: &Value| s["bytes_in"].as_f64().expect("bytes_in");
-    let ratio = bytes(&bf16_run) / bytes(&f32_run);
-    assert!((0.45..0.6).contains(&ratio), "bf16 bytes in / f32 bytes in = {ratio}");
-    let acc = bf16_run["test_accuracy"].as_f64().expect("accuracy");
     let exact_acc = f32_run["test_accuracy"].as_f64().expect("accuracy");
-    assert!(
-        acc > 0.8 && (acc - exact_acc).abs() < 0.05,
-        "bf16 {acc} vs f32 {exact_acc}"
-    );
-    assert_ne!(
-        bf16_run["final_state_checksum"], f32_run["final_state_checksum"],
-        "bf16 deltas must actually be rounded"
-    );
+    for (name, text, range) in [("bf16", &bf16, 0.45..0.6), ("int8", &int8, 0.2..0.32)] {
+        let compressed = run(name, text, "2");
+        let ratio = bytes(&compressed) / bytes(&f32_run);
+        assert!(range.contains(&ratio), "{name} bytes in / f32 bytes in = {ratio}");
+        let acc = compressed["test_accuracy"].as_f64().expect("accuracy");
+        assert!(
+            acc > 0.8 && (acc - exact_acc).abs() < 0.05,
+            "{name} {acc} vs f32 {exact_acc}"
+        );
+        assert_ne!(
+            compressed["final_state_checksum"], f32_run["final_state_checksum"],
+            "{name} deltas must actually be rounded"
+        );
+        if name == "int8" {
+            let one = run("int8-one", text, "1");
+            assert_eq!(one["final_state_checksum"], compressed["final_state_checksum"]);
+        }
+    }
 }

@@ -219,6 +219,7 @@ mod tests {
             lr: 1.0,
             momentum: 0.0,
             delta_dtype: metaloop_proto::config::DeltaDType::F32,
+            delta_block: None,
         });
         assert_eq!(
             o.step(combine(Combine::Mean, vec![b(&[1.0, 2.0]), b(&[3.0, -2.0])])),
@@ -233,6 +234,7 @@ mod tests {
             lr: 0.5,
             momentum: 0.0,
             delta_dtype: metaloop_proto::config::DeltaDType::F32,
+            delta_block: None,
         });
         // 0.5 · (0.25·(4, 0) + 0.75·(0, −8)) = (0.5, −3).
         let u = o.step(combine(
@@ -249,6 +251,7 @@ mod tests {
             lr: 0.5,
             momentum: 0.9,
             delta_dtype: metaloop_proto::config::DeltaDType::F32,
+            delta_block: None,
         });
         // Round 1: Δ̄ = 2; b = 2; u = 0.5·(2 + 0.9·2) = 1.9.
         let u1 = o.step(combine(Combine::Mean, vec![b(&[1.0]), b(&[3.0])]));

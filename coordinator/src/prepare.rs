@@ -8,10 +8,10 @@ use metaloop_common::classifier;
 use metaloop_common::data::{self, Data};
 use metaloop_common::model;
 use metaloop_proto::checksum::{hex, StateHasher};
-use metaloop_proto::config::{DeltaDType, InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, Pooling};
+use metaloop_proto::config::{InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, Pooling};
 use metaloop_proto::domains;
 use metaloop_proto::proto::{
-    DType, DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec, TextSpec,
+    DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec, TextSpec,
 };
 use metaloop_proto::tensor::Bundle;
 use std::collections::BTreeMap;
@@ -156,10 +156,7 @@ pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Resu
         meta,
         shards: d.shards,
         inner: inner_spec(config),
-        delta_dtype: match config.outer.delta_dtype {
-            DeltaDType::F32 => DType::F32,
-            DeltaDType::Bf16 => DType::BF16,
-        },
+        delta_dtype: config.outer.delta_wire_dtype(),
         text,
         meta_batch: d.meta_batch,
     };

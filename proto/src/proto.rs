@@ -659,15 +659,43 @@ pub enum DType {
     /// bfloat16: the top half of an f32, rounded to nearest even (workers' deltas, when the
     /// job compresses them); decoded back to f32.
     BF16,
+    /// Blockwise absmax int8 (workers' deltas): each run of `block` values (the last may be
+    /// shorter) has the scale s = max|x| / 127 and the values round(x / s) in [−127, 127]; the
+    /// tensor's payload is every block's scale (f32) first, then every value (one byte). Decoded
+    /// as q·s. A block with a non-finite value has the scale NaN, so it decodes to NaN and the
+    /// receiver's finiteness check refuses it, as it would the f32 value.
+    Int8 { block: u32 },
 }
 
 impl DType {
-    pub fn size(self) -> usize {
+    /// Payload bytes of `n` values, or `None` on overflow or a zero block size.
+    pub fn payload_bytes(self, n: u64) -> Option<u64> {
         match self {
-            DType::F32 => 4,
-            DType::BF16 => 2,
+            DType::F32 => n.checked_mul(4),
+            DType::BF16 => n.checked_mul(2),
+            DType::Int8 { block: 0 } => None,
+            DType::Int8 { block } => n.div_ceil(u64::from(block)).checked_mul(4)?.checked_add(n),
         }
     }
+}
+
+/// The scale and values of one int8 block ([`DType::Int8`]).
+fn quantize_block(xs: &[f32], out: &mut Vec<u8>) -> f32 {
+    let mut absmax = 0.0f32;
+    for &x in xs {
+        if !x.is_finite() {
+            out.extend(std::iter::repeat_n(0u8, xs.len()));
+            return f32::NAN;
+        }
+        absmax = absmax.max(x.abs());
+    }
+    let scale = absmax / 127.0;
+    for &x in xs {
+        #[allow(clippy::cast_possible_truncation)]
+        let q = if scale == 0.0 { 0 } else { (x / scale).round().clamp(-127.0, 127.0) as i8 };
+        out.push(q.to_le_bytes()[0]);
+    }
+    scale
 }
 
 /// `v` rounded to the nearest bfloat16 (ties to even), as its bits; NaN stays NaN.
@@ -745,10 +773,14 @@ impl BundleHeader {
             if let Some(d) = t.shape.iter().find(|&&d| d > MAX_BUNDLE_BYTES) {
                 return Err(bad(format!("dimension {d} exceeds {MAX_BUNDLE_BYTES}")));
             }
+            if t.dtype == (DType::Int8 { block: 0 }) {
+                return Err(bad("int8 block size 0".into()));
+            }
             let bytes = t
                 .shape
                 .iter()
-                .try_fold(t.dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .and_then(|n| t.dtype.payload_bytes(n))
                 .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
             total = total
                 .checked_add(bytes)
@@ -837,13 +869,25 @@ pub fn encode_payload(bundle: &Bundle) -> Vec<u8> {
     encode_payload_as(bundle, DType::F32)
 }
 
-/// The payload with every value as `dtype` (bf16 rounds to nearest even).
+/// The payload with every value as `dtype` (bf16 rounds to nearest even; int8 quantizes per
+/// block).
+///
+/// # Panics
+/// On `DType::Int8 { block: 0 }`.
 pub fn encode_payload_as(bundle: &Bundle, dtype: DType) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bundle.numel() * dtype.size());
+    let bytes = dtype.payload_bytes(bundle.numel() as u64).expect("a block size of at least 1");
+    let mut out = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
     for t in &bundle.tensors {
         match dtype {
             DType::F32 => out.extend(t.data.iter().flat_map(|v| v.to_le_bytes())),
             DType::BF16 => out.extend(t.data.iter().flat_map(|&v| bf16_bits(v).to_le_bytes())),
+            DType::Int8 { block } => {
+                let mut values = Vec::with_capacity(t.data.len());
+                for xs in t.data.chunks(block as usize) {
+                    out.extend(quantize_block(xs, &mut values).to_le_bytes());
+                }
+                out.extend(values);
+            }
         }
     }
     out
@@ -870,14 +914,43 @@ pub struct PayloadDecoder {
     need: u64,
     got: u64,
     tensors: Vec<HostTensor>,
-    dtypes: Vec<DType>,
-    /// Values each tensor announced, and those it still needs, in order.
+    /// Values each tensor announced.
     announced: Vec<usize>,
-    remaining: Vec<usize>,
+    /// The payload's runs in order: a tensor's values, or an int8 tensor's scales then values.
+    segments: Vec<Segment>,
     current: usize,
+    /// The scales of the int8 tensor being decoded.
+    scales: Vec<f32>,
     /// The bytes of a value split across two chunks.
     carry: [u8; 4],
     carry_len: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    F32,
+    Bf16,
+    /// An int8 tensor's block scales (f32).
+    Scales,
+    /// An int8 tensor's values, `block` to a scale.
+    Int8 { block: usize },
+}
+
+impl Run {
+    fn size(self) -> usize {
+        match self {
+            Run::F32 | Run::Scales => 4,
+            Run::Bf16 => 2,
+            Run::Int8 { .. } => 1,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Segment {
+    tensor: usize,
+    run: Run,
+    remaining: usize,
 }
 
 impl PayloadDecoder {
@@ -890,7 +963,8 @@ impl PayloadDecoder {
         // Bounded by the header frame (and `MAX_BUNDLE_TENSORS`), which has arrived whole.
         let mut tensors = Vec::with_capacity(header.tensors.len());
         let mut announced = Vec::with_capacity(header.tensors.len());
-        for t in &header.tensors {
+        let mut segments = Vec::with_capacity(header.tensors.len());
+        for (i, t) in header.tensors.iter().enumerate() {
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
             let n: usize = shape.iter().product();
             tensors.push(HostTensor {
@@ -899,15 +973,26 @@ impl PayloadDecoder {
                 data: Vec::new(),
             });
             announced.push(n);
+            let mut segment = |run, remaining| segments.push(Segment { tensor: i, run, remaining });
+            match t.dtype {
+                DType::F32 => segment(Run::F32, n),
+                DType::BF16 => segment(Run::Bf16, n),
+                // `payload_len` refused a zero block.
+                DType::Int8 { block } => {
+                    let block = block as usize;
+                    segment(Run::Scales, n.div_ceil(block));
+                    segment(Run::Int8 { block }, n);
+                }
+            }
         }
         Ok(Self {
             need,
             got: 0,
             tensors,
-            dtypes: header.tensors.iter().map(|t| t.dtype).collect(),
-            remaining: announced.clone(),
             announced,
+            segments,
             current: 0,
+            scales: Vec::new(),
             carry: [0; 4],
             carry_len: 0,
         })
@@ -915,7 +1000,7 @@ impl PayloadDecoder {
 
     /// Bytes reserved for tensor values so far (what the peer has made this decoder hold).
     pub fn reserved_bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.data.capacity() * 4).sum()
+        self.tensors.iter().map(|t| t.data.capacity() * 4).sum::<usize>() + self.scales.capacity() * 4
     }
 
     /// Room for `more` values in tensor `i`: at least doubling, never past what it announced.
@@ -928,6 +1013,41 @@ impl PayloadDecoder {
                 .min(self.announced[i])
                 .max(need);
             data.reserve_exact(target - data.len());
+        }
+    }
+
+    /// Decodes whole values of the current segment from `bytes` (a multiple of its size).
+    fn take(&mut self, bytes: &[u8]) {
+        let Segment { tensor: i, run, .. } = self.segments[self.current];
+        let count = bytes.len() / run.size();
+        self.segments[self.current].remaining -= count;
+        match run {
+            Run::F32 => {
+                self.grow(i, count);
+                let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                self.tensors[i].data.extend(values);
+            }
+            Run::Bf16 => {
+                self.grow(i, count);
+                let values = bytes.chunks_exact(2).map(|c| bf16_value(u16::from_le_bytes([c[0], c[1]])));
+                self.tensors[i].data.extend(values);
+            }
+            Run::Scales => {
+                if self.scales.len() + count > self.scales.capacity() {
+                    // Doubling, as `grow`: a lying header costs about what was really sent.
+                    self.scales.reserve(count.max(self.scales.len()));
+                }
+                let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                self.scales.extend(values);
+            }
+            Run::Int8 { block } => {
+                self.grow(i, count);
+                let data = &mut self.tensors[i].data;
+                for &b in bytes {
+                    let scale = self.scales[data.len() / block];
+                    data.push(f32::from(i8::from_le_bytes([b])) * scale);
+                }
+            }
         }
     }
 
@@ -945,13 +1065,15 @@ impl PayloadDecoder {
         }
         self.got = total;
         while !bytes.is_empty() {
-            while self.remaining.get(self.current) == Some(&0) {
+            while self.segments.get(self.current).is_some_and(|s| s.remaining == 0) {
                 self.current += 1;
+                if let Some(Segment { run: Run::Scales, .. }) = self.segments.get(self.current) {
+                    self.scales.clear();
+                }
             }
-            let i = self.current;
             // Cannot run out: the byte count was checked against the header above.
-            let Some(&dtype) = self.dtypes.get(i) else { break };
-            let size = dtype.size();
+            let Some(segment) = self.segments.get(self.current) else { break };
+            let size = segment.run.size();
             if self.carry_len > 0 || bytes.len() < size {
                 // A value split across chunks: gather its bytes first.
                 let take = (size - self.carry_len).min(bytes.len());
@@ -959,19 +1081,15 @@ impl PayloadDecoder {
                 self.carry_len += take;
                 bytes = &bytes[take..];
                 if self.carry_len == size {
-                    let value = decode_values(dtype, &self.carry[..size]).next().unwrap_or(0.0);
-                    self.grow(i, 1);
-                    self.tensors[i].data.push(value);
-                    self.remaining[i] -= 1;
+                    let carry = self.carry;
+                    self.take(&carry[..size]);
                     self.carry_len = 0;
                 }
                 continue;
             }
-            let count = (bytes.len() / size).min(self.remaining[i]);
+            let count = (bytes.len() / size).min(segment.remaining);
             let (now, rest) = bytes.split_at(count * size);
-            self.grow(i, count);
-            self.tensors[i].data.extend(decode_values(dtype, now));
-            self.remaining[i] -= count;
+            self.take(now);
             bytes = rest;
         }
         Ok(())
@@ -990,14 +1108,6 @@ impl PayloadDecoder {
         }
         Ok(Bundle { tensors: self.tensors })
     }
-}
-
-/// The values whole little-endian elements of `dtype` in `bytes` stand for.
-fn decode_values(dtype: DType, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    bytes.chunks_exact(dtype.size()).map(move |c| match dtype {
-        DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-        DType::BF16 => bf16_value(u16::from_le_bytes([c[0], c[1]])),
-    })
 }
 
 /// A whole bundle stream as bytes (header frame, then payload): what `net` writes.
@@ -1306,7 +1416,7 @@ mod tests {
             for chunk in [7usize, 1000, 3, 4096, 65536] {
                 d.push(&vec![0u8; chunk]).expect("push");
                 values += chunk;
-                let decoded = values / dtype.size() * 4;
+                let decoded = values / if dtype == DType::BF16 { 2 } else { 4 } * 4;
                 assert!(
                     d.reserved_bytes() <= 2 * decoded + 8,
                     "{dtype:?}: {} bytes reserved for {decoded} decoded",

@@ -8,6 +8,7 @@ use metaloop_proto::proto::{
     AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef, DirectionalMethod, DomainProbe, DomainSpec,
     DomainStat, Hello, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, ProtoError, RescaleMode,
     RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg, MAX_FRAME_BYTES,
+    encode_payload_as, PayloadDecoder,
 };
 use metaloop_proto::tensor::{Bundle, HostTensor};
 use proptest::collection::vec;
@@ -397,11 +398,13 @@ fn lying_header() -> impl Strategy<Value = BundleHeader> {
         1 => Just(1u64 << 61),
         1 => any::<u64>(),
     ];
-    let meta = (text(), vec(dim, 0..10)).prop_map(|(name, shape)| TensorMeta {
-        name,
-        dtype: DType::F32,
-        shape,
-    });
+    let dtype = prop_oneof![
+        Just(DType::F32),
+        Just(DType::BF16),
+        (0u32..6).prop_map(|block| DType::Int8 { block }),
+        any::<u32>().prop_map(|block| DType::Int8 { block }),
+    ];
+    let meta = (text(), vec(dim, 0..10), dtype).prop_map(|(name, shape, dtype)| TensorMeta { name, dtype, shape });
     (any::<u64>(), vec(meta, 0..4)).prop_map(|(transfer, tensors)| BundleHeader { transfer, tensors })
 }
 
@@ -511,7 +514,9 @@ proptest! {
         match (&announced, &decoded) {
             (Ok(n), Ok(b)) => {
                 prop_assert_eq!(*n, payload.len() as u64);
-                prop_assert_eq!(b.byte_len(), payload.len());
+                for (t, meta) in b.tensors.iter().zip(&header.tensors) {
+                    prop_assert_eq!(t.data.len() as u64, meta.shape.iter().product::<u64>());
+                }
             }
             (Ok(n), Err(ProtoError::Truncated { .. })) => prop_assert!(*n > payload.len() as u64),
             (Ok(n), Err(ProtoError::Trailing { .. })) => prop_assert!(*n < payload.len() as u64),
@@ -522,6 +527,42 @@ proptest! {
         if let Ok(mut stream) = encode_frame(&header) {
             stream.extend_from_slice(&payload);
             let _ = check_bundle(&stream);
+        }
+    }
+
+    /// int8 deltas: decoding in chunks of any size gives the same values as decoding whole; each
+    /// finite value comes back within half its block's step (max|x| / 254); a block holding a
+    /// NaN or an infinity comes back NaN; the payload is one byte per value plus a scale per block.
+    #[test]
+    fn int8_bundles_decode_in_any_chunks_within_half_a_step(
+        b in bundle(), block in 1u32..70, cuts in vec(any::<prop::sample::Index>(), 0..6)
+    ) {
+        let dtype = DType::Int8 { block };
+        let header = BundleHeader::for_bundle_as(1, &b, dtype);
+        let payload = encode_payload_as(&b, dtype);
+        prop_assert_eq!(Some(payload.len() as u64), header.payload_len().ok());
+        let whole = decode_payload(&header, &payload).expect("decode");
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(payload.len() + 1)).collect();
+        at.sort_unstable();
+        let mut d = PayloadDecoder::new(&header).expect("header");
+        let mut from = 0;
+        for &to in at.iter().chain([payload.len()].iter()) {
+            d.push(&payload[from..to]).expect("push");
+            from = to;
+        }
+        let chunked = d.finish().expect("finish");
+        prop_assert!(same_bundle(&whole, &chunked));
+        for (t, back) in b.tensors.iter().zip(&whole.tensors) {
+            for (xs, ys) in t.data.chunks(block as usize).zip(back.data.chunks(block as usize)) {
+                if xs.iter().any(|x| !x.is_finite()) {
+                    prop_assert!(ys.iter().all(|y| y.is_nan()));
+                    continue;
+                }
+                let step = xs.iter().fold(0.0f32, |a, x| a.max(x.abs())) / 127.0;
+                for (x, y) in xs.iter().zip(ys) {
+                    prop_assert!((x - y).abs() <= step * 0.5 * (1.0 + 1e-5) + f32::MIN_POSITIVE, "{x} -> {y}, step {step}");
+                }
+            }
         }
     }
 }
