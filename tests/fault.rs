@@ -231,6 +231,12 @@ fn killed_coordinator_resumes_exactly(job: &[&str], rounds: usize) {
         got["final_state_checksum"], reference["final_state_checksum"],
         "resumed run must end bit for bit where the undisturbed one ends"
     );
+    // The best-meta tally is checkpointed with the evaluation of the checkpoint's round (which
+    // runs while the next round trains): the resumed run picks the same round.
+    for key in ["best_meta_round", "test_accuracy_at_best_meta", "test_accuracy"] {
+        assert_eq!(got[key], reference[key], "{key}");
+    }
+    assert_eq!(rounds_done(&run), rounds, "one metrics.jsonl line per round");
     eprintln!("killed after {killed_at} rounds; the workers rejoined {rejoin_seconds:.2}s after the restart; the restarted coordinator finished the remaining rounds in {resume_seconds:.1}s");
 }
 

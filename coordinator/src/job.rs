@@ -1,7 +1,9 @@
 //! The coordinator's run loop around the round core (`round`): a job's lifecycle (claim the
 //! run directory, resume, wait for workers, drain and stop), network events and deadlines fed
 //! to the core and its actions carried out (bundles encoded once per version), evaluation on a
-//! dedicated compute thread (`evaluate`), and the run's record and checkpoints.
+//! dedicated compute thread (`evaluate`) while the next round trains, and the run's record and
+//! checkpoints (a round's line and the checkpoint due after it are written once its evaluation
+//! is in: `complete`).
 
 use crate::checkpoint;
 use crate::evaluate::Evaluator;
@@ -13,7 +15,7 @@ use crate::scheduler::{AssignmentTimeout, Scheduler, WorkerId};
 use crate::server::{self, Event, Outgoing, Traffic};
 use crate::strategy::{self, PhaseChange};
 use anyhow::{bail, Context};
-use metaloop_common::compute::ComputeThread;
+use metaloop_common::compute::{ComputeGone, ComputeThread};
 use metaloop_common::data::Data;
 use metaloop_common::net::{self, TlsFiles};
 use metaloop_proto::checksum::hex;
@@ -198,6 +200,14 @@ impl Coordinator {
         ));
 
         let mut records = Vec::with_capacity(config.rounds as usize);
+        let plan = CheckpointPlan {
+            dir: checkpoints.clone(),
+            keep: config.checkpoint.keep,
+            every: config.checkpoint.every,
+            pause: self.options.checkpoint_pause,
+        };
+        // The last round that has ended but is not recorded yet (its evaluation still running).
+        let mut pending: Option<Completing> = None;
         let outcome = async {
             if finishing_only {
                 return anyhow::Ok(());
@@ -212,7 +222,7 @@ impl Coordinator {
                 .await?;
             for round in state.core.rounds_done()..config.rounds {
                 let reassigned_before = state.core.reassigned();
-                let record = state
+                let (record, evaluation) = state
                     .round(
                         round,
                         &mut events,
@@ -221,46 +231,29 @@ impl Coordinator {
                         &shutdown,
                     )
                     .await?;
-                let waiting = run_dir.metrics_pending() > 0;
-                match run_dir.append_metrics(&record) {
-                    // A record that cannot be written must not stop a run that can still make
-                    // progress: the line waits for the next round's write.
-                    Err(e) => {
-                        state.count_record_failure();
-                        tracing::warn!(round, error = %format!("{e:#}"), "could not record a round");
-                        if !waiting {
-                            eprintln!("round {round} could not be recorded: {e:#}; training continues, and the line is written with a later round's");
-                        }
-                    }
-                    Ok(()) if waiting => eprintln!("metrics.jsonl written again from round {round}"),
-                    Ok(()) => {}
+                let mut out = Record {
+                    run_dir: &mut run_dir,
+                    records: &mut records,
+                    observe: &mut observe,
+                    checkpoints: &plan,
+                };
+                // The previous round, evaluated while this one trained.
+                if let Some(previous) = pending.take() {
+                    state.complete(previous, &mut out).await?;
                 }
-                crate::telemetry::round(&record, reassigned_before);
-                observe(&record);
-                records.push(record);
-                let every = config.checkpoint.every;
-                if every > 0 && state.core.rounds_done() % every == 0 && state.core.rounds_done() < config.rounds {
-                    let snapshot = state.snapshot(&traffic);
-                    let pause = self.options.checkpoint_pause;
-                    let previous = state.last_checkpoint.clone();
-                    let saved = tokio::task::block_in_place(|| {
-                        save_checkpoint(&checkpoints, &snapshot, config.checkpoint.keep, pause, previous.as_deref())
-                    });
-                    if let Ok(path) = &saved {
-                        crate::telemetry::checkpoint_written();
-                        state.last_checkpoint = Some(path.clone());
-                    }
-                    if let Err(e) = saved {
-                        crate::telemetry::checkpoint_failed();
-                        // A full disk must not end a run that can still make progress: the
-                        // previous checkpoint is intact, and the next interval tries again.
-                        state.checkpoint_failures += 1;
-                        tracing::error!(round = state.core.rounds_done(), error = %format!("{e:#}"), "checkpoint failed");
-                        eprintln!(
-                            "checkpoint after round {} failed: {e:#}; training continues and tries again in {every} rounds",
-                            state.core.rounds_done()
-                        );
-                    }
+                let done = state.core.rounds_done();
+                let checkpoint =
+                    (plan.every > 0 && done % plan.every == 0 && done < config.rounds).then(|| state.snapshot(&traffic));
+                let ended = Completing {
+                    record,
+                    reassigned_before,
+                    evaluation,
+                    checkpoint,
+                };
+                if ended.evaluation.is_some() && done < config.rounds {
+                    pending = Some(ended);
+                } else {
+                    state.complete(ended, &mut out).await?;
                 }
                 if shutdown.is_cancelled() {
                     return Err(Stopped.into());
@@ -269,6 +262,21 @@ impl Coordinator {
             anyhow::Ok(())
         }
         .await;
+        // A round still being evaluated is recorded (and its checkpoint written) before anything
+        // else, whatever ended the loop: the state saved below is after it.
+        let outcome = match pending.take() {
+            Some(last) => {
+                let mut out = Record {
+                    run_dir: &mut run_dir,
+                    records: &mut records,
+                    observe: &mut observe,
+                    checkpoints: &plan,
+                };
+                let completed = state.complete(last, &mut out).await;
+                outcome.and(completed)
+            }
+            None => outcome,
+        };
         // The final state is durable before any worker hears that the job is finished: a
         // coordinator that dies after telling them finishes from it on `--resume`, without the
         // workers, which have left.
@@ -431,6 +439,42 @@ impl Coordinator {
             None => Ok(summary),
         }
     }
+}
+
+/// A round's evaluation, queued on the evaluation thread.
+type EvalFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<Result<crate::evaluate::Evaluation, metaloop_common::model::ModelError>, ComputeGone>,
+            > + Send,
+    >,
+>;
+
+/// A round that has ended but is not yet recorded: its evaluation runs while the next round
+/// trains (a round's evaluation only reports; nothing the next round does depends on it).
+struct Completing {
+    record: RoundRecord,
+    reassigned_before: u64,
+    evaluation: Option<EvalFuture>,
+    /// The checkpoint due after this round, taken when it ended.
+    checkpoint: Option<checkpoint::State>,
+}
+
+/// Where completed rounds go.
+struct Record<'a> {
+    run_dir: &'a mut RunDir,
+    records: &'a mut Vec<RoundRecord>,
+    observe: &'a mut (dyn FnMut(&RoundRecord) + Send),
+    checkpoints: &'a CheckpointPlan,
+}
+
+/// Periodic checkpoints: where, how many kept, every how many rounds.
+struct CheckpointPlan {
+    dir: PathBuf,
+    keep: usize,
+    every: u64,
+    /// Test hook (`CoordinatorOptions::checkpoint_pause`).
+    pause: Duration,
 }
 
 /// Saves a checkpoint; when that fails, the error says which earlier checkpoint is still intact
@@ -650,7 +694,7 @@ impl LoopState {
         traffic: &Traffic,
         wait: Duration,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<RoundRecord> {
+    ) -> anyhow::Result<(RoundRecord, Option<EvalFuture>)> {
         let started = Instant::now();
         let (bytes_in, bytes_out) = (
             traffic.bytes_in.load(Ordering::Relaxed),
@@ -708,20 +752,17 @@ impl LoopState {
         self.last_step = None;
         self.last_step = Some(net::EncodedBundle::new(&outcome.update));
 
-        let (test, meta) = if (round + 1) % self.eval_every == 0 || round + 1 == self.rounds {
+        // Evaluated on the evaluation thread while the next round trains (`complete`).
+        let evaluation: Option<EvalFuture> = if (round + 1) % self.eval_every == 0 || round + 1 == self.rounds {
             let params = self.core.params().clone();
-            let evaluation = self.eval.call(move |e| e.evaluate(&params)).await??;
-            let (test_loss, test_accuracy) = evaluation.test;
-            self.last_eval = (test_loss, test_accuracy);
-            self.core.evaluated(round, test_accuracy, evaluation.meta);
-            (Some(evaluation.test), evaluation.meta)
+            Some(Box::pin(self.eval.submit(move |e| e.evaluate(&params))?))
         } else {
-            (None, None)
+            None
         };
         let seconds = started.elapsed().as_secs_f64();
         let strategy = self.core.strategy();
         let report = outcome.report;
-        Ok(RoundRecord {
+        let record = RoundRecord {
             round,
             train_loss: outcome.train_loss,
             samples: outcome.samples,
@@ -734,9 +775,9 @@ impl LoopState {
             source_weights: strategy.source_weights(),
             rewards: report.rewards,
             policy_grad_norm: report.policy_grad_norm,
-            meta_accuracy: meta.map(|m| m.1),
-            test_loss: test.map(|t| t.0),
-            test_accuracy: test.map(|t| t.1),
+            meta_accuracy: None,
+            test_loss: None,
+            test_accuracy: None,
             seconds,
             compute_seconds: outcome.compute_seconds,
             samples_per_second: outcome.samples as f64 / seconds.max(1e-9),
@@ -744,7 +785,72 @@ impl LoopState {
             bytes_in: traffic.bytes_in.load(Ordering::Relaxed) - bytes_in,
             bytes_out: traffic.bytes_out.load(Ordering::Relaxed) - bytes_out,
             reassigned: self.core.reassigned(),
-        })
+        };
+        Ok((record, evaluation))
+    }
+
+    /// Finishes a round: its evaluation (if it has one) in, the core told, its line in
+    /// `metrics.jsonl`, and the checkpoint due after it written with the evaluation's best-meta
+    /// tally. Rounds are completed in order.
+    async fn complete(&mut self, mut done: Completing, out: &mut Record<'_>) -> anyhow::Result<()> {
+        let round = done.record.round;
+        if let Some(evaluation) = done.evaluation.take() {
+            let evaluation = evaluation.await??;
+            let (test_loss, test_accuracy) = evaluation.test;
+            self.last_eval = (test_loss, test_accuracy);
+            self.core.evaluated(round, test_accuracy, evaluation.meta);
+            done.record.test_loss = Some(test_loss);
+            done.record.test_accuracy = Some(test_accuracy);
+            done.record.meta_accuracy = evaluation.meta.map(|m| m.1);
+            if let Some(snapshot) = &mut done.checkpoint {
+                // Taken when the round ended; only the evaluation has changed the tally since.
+                snapshot.counters.best_meta = self.core.counters().best_meta;
+            }
+        }
+        let record = done.record;
+        let waiting = out.run_dir.metrics_pending() > 0;
+        match out.run_dir.append_metrics(&record) {
+            // A record that cannot be written must not stop a run that can still make
+            // progress: the line waits for the next round's write.
+            Err(e) => {
+                self.count_record_failure();
+                tracing::warn!(round, error = %format!("{e:#}"), "could not record a round");
+                if !waiting {
+                    eprintln!("round {round} could not be recorded: {e:#}; training continues, and the line is written with a later round's");
+                }
+            }
+            Ok(()) if waiting => eprintln!("metrics.jsonl written again from round {round}"),
+            Ok(()) => {}
+        }
+        crate::telemetry::round(&record, done.reassigned_before);
+        (out.observe)(&record);
+        out.records.push(record);
+        if let Some(snapshot) = done.checkpoint {
+            let previous = self.last_checkpoint.clone();
+            let plan = out.checkpoints;
+            let saved = tokio::task::block_in_place(|| {
+                save_checkpoint(&plan.dir, &snapshot, plan.keep, plan.pause, previous.as_deref())
+            });
+            match saved {
+                Ok(path) => {
+                    crate::telemetry::checkpoint_written();
+                    self.last_checkpoint = Some(path);
+                }
+                Err(e) => {
+                    crate::telemetry::checkpoint_failed();
+                    // A full disk must not end a run that can still make progress: the
+                    // previous checkpoint is intact, and the next interval tries again.
+                    self.checkpoint_failures += 1;
+                    tracing::error!(round = round + 1, error = %format!("{e:#}"), "checkpoint failed");
+                    eprintln!(
+                        "checkpoint after round {} failed: {e:#}; training continues and tries again in {} rounds",
+                        round + 1,
+                        plan.every
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One network event, through the core.

@@ -41,6 +41,8 @@ pub struct RoundRecord {
     /// (every `eval_every` rounds and after the last).
     pub test_loss: Option<f64>,
     pub test_accuracy: Option<f64>,
+    /// From the round's start to its last result folded and the outer step taken; the
+    /// evaluation of its model runs during the next round and is not counted.
     pub seconds: f64,
     /// The round's critical path of worker compute: the most seconds any one worker spent
     /// running this round's assignments (what a round cannot be shorter than).
