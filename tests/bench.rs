@@ -110,3 +110,53 @@ fn the_overhead_benchmark_reads_a_local_run() {
     let v: f64 = share.trim_end_matches('%').parse().expect("share");
     assert!((0.0..100.0).contains(&v), "{text}");
 }
+
+fn script(name: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg(format!("scripts/{name}"))
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "scripts/{name} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_delta_dtype_comparison_runs_each_dtype() {
+    let runs = tempfile::tempdir().expect("tmp");
+    let text = script(
+        "delta-dtypes",
+        &[
+            "--bin",
+            env!("CARGO_BIN_EXE_metaloop"),
+            "--seeds",
+            "0",
+            "--runs",
+            runs.path().to_str().expect("path"),
+            "configs/local-sgd.toml",
+        ],
+    );
+    // Bytes are counted, not timed: int8 deltas are about a quarter of f32's.
+    let ratio = |row: &str| -> f64 {
+        let cells: Vec<&str> = text
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row} in\n{text}"))
+            .split('|')
+            .collect();
+        cells[3].trim().parse().expect("ratio")
+    };
+    assert_eq!(ratio("| f32 |"), 1.0, "{text}");
+    assert!((0.2..0.32).contains(&ratio("| int8 |")), "{text}");
+}
+
+#[test]
+fn scale_on_paper_prints_a_table_per_model_size() {
+    let text = script("scale-on-paper", &[]);
+    assert_eq!(text.matches("| workers | link | f32 | bf16 | int8 |").count(), 3, "{text}");
+}
