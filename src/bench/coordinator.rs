@@ -31,9 +31,12 @@ pub struct CoordinatorArgs {
     /// Model size for the memory table, in MiB of f32 parameters (0: skip the table).
     #[arg(long, default_value_t = 256)]
     model_mib: usize,
-    /// Simulated workers and rounds for the memory table.
-    #[arg(long, default_value_t = 4)]
-    memory_workers: usize,
+    /// Simulated worker counts for the memory table.
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    memory_workers: Vec<usize>,
+    /// Delta dtypes (`[outer] delta_dtype`) for the memory table.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    memory_deltas: Vec<String>,
     #[arg(long, default_value_t = 3)]
     memory_rounds: u64,
     /// The digits data (train, test and meta safetensors).
@@ -80,7 +83,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|");
     let mut baseline_rss = None;
     for &n in &args.workers {
-        let mut c = one_run(&data, n, args.rounds, digits).await?;
+        let mut c = one_run(&data, n, args.rounds, digits, "").await?;
         baseline_rss.get_or_insert(c.peak_rss);
         let p50 = super::quantile(&mut c.rounds, 0.5);
         let p99 = super::quantile(&mut c.rounds, 0.99);
@@ -96,31 +99,35 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         // Two hidden layers of h: about h² parameters.
         let h = ((args.model_mib as f64 * 1024.0 * 1024.0 / 4.0).sqrt()) as u32;
         let bytes = model_bytes(&[h, h]);
-        let c = one_run(
-            &data,
-            args.memory_workers,
-            args.memory_rounds,
-            &format!("hidden = [{h}, {h}]"),
-        )
-        .await?;
         println!();
         println!(
-            "Memory: MLP 64→{h}→{h}→10 ({} MiB of f32), {} simulated workers, {} rounds.",
+            "Memory: MLP 64→{h}→{h}→10 ({} MiB of f32), {} rounds.",
             bytes >> 20,
-            args.memory_workers,
             args.memory_rounds
         );
         println!();
-        println!("| model | coordinator peak RSS | peak RSS / model | (peak − small-model peak) / model |");
-        println!("|---|---|---|---|");
-        let base = baseline_rss.unwrap_or(0);
-        println!(
-            "| {} MiB | {} MiB | {:.2} | {:.2} |",
-            bytes >> 20,
-            c.peak_rss >> 20,
-            c.peak_rss as f64 / bytes as f64,
-            c.peak_rss.saturating_sub(base) as f64 / bytes as f64
-        );
+        println!("| model | workers | deltas | coordinator peak RSS | peak RSS / model | (peak − small-model peak) / model |");
+        println!("|---|---|---|---|---|---|");
+        for &workers in &args.memory_workers {
+            for dtype in &args.memory_deltas {
+                let c = one_run(
+                    &data,
+                    workers,
+                    args.memory_rounds,
+                    &format!("hidden = [{h}, {h}]"),
+                    &format!("delta_dtype = \"{dtype}\""),
+                )
+                .await?;
+                let base = baseline_rss.unwrap_or(0);
+                println!(
+                    "| {} MiB | {workers} | {dtype} | {} MiB | {:.2} | {:.2} |",
+                    bytes >> 20,
+                    c.peak_rss >> 20,
+                    c.peak_rss as f64 / bytes as f64,
+                    c.peak_rss.saturating_sub(base) as f64 / bytes as f64
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -137,7 +144,8 @@ fn model_bytes(hidden: &[u32]) -> u64 {
 }
 
 /// One coordinator process with `workers` simulated workers for `rounds` rounds.
-async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str) -> anyhow::Result<Cost> {
+/// `model` and `outer` are lines of the job's `[model]` and `[outer]` tables.
+async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str, outer: &str) -> anyhow::Result<Cost> {
     let dir = super::scratch_dir("coordinator")?;
     let (coord_tls, worker_tls) = net::write_pki(&dir.join("certs"))?;
     let config = dir.join("job.toml");
@@ -147,7 +155,7 @@ async fn one_run(data: &Path, workers: usize, rounds: u64, model: &str) -> anyho
         format!(
             "seed = 0\nrounds = {rounds}\n\n[data]\ntest = \"{d}/test.safetensors\"\nmeta = \"{d}/meta.safetensors\"\n\
              classes = 10\nshards = {workers}\n\n[[data.domains]]\nname = \"all\"\nsource = \"{d}/train.safetensors\"\n\n\
-             [model]\nkind = \"mlp\"\n{model}\n\n[inner]\nsteps = 1\n\n[strategy]\nkind = \"domain-weights\"\nmethod = \"uniform\"\n\n\
+             [model]\nkind = \"mlp\"\n{model}\n\n[inner]\nsteps = 1\n\n[outer]\n{outer}\n\n[strategy]\nkind = \"domain-weights\"\nmethod = \"uniform\"\n\n\
              [checkpoint]\nevery = {rounds}\n"
         ),
     )?;
