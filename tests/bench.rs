@@ -158,5 +158,9 @@ fn the_delta_dtype_comparison_runs_each_dtype() {
 #[test]
 fn scale_on_paper_prints_a_table_per_model_size() {
     let text = script("scale-on-paper", &[]);
-    assert_eq!(text.matches("| workers | link | f32 | bf16 | int8 |").count(), 3, "{text}");
+    assert_eq!(
+        text.matches("| workers | link | f32 | bf16 | int8 |").count(),
+        3,
+        "{text}"
+    );
 }

@@ -89,11 +89,11 @@ async fn worker_refuses_a_coordinator_of_another_version() {
             text: None,
             meta_batch: 0,
         };
-        let welcome = CoordinatorMsg::Welcome(Welcome {
+        let welcome = CoordinatorMsg::Welcome(Box::new(Welcome {
             protocol_version: proto::PROTOCOL_VERSION + 1,
             worker_id: 1,
             job,
-        });
+        }));
         net::write_frame(&mut send, &welcome).await.expect("welcome");
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     });

@@ -159,12 +159,20 @@ fn hypergradient_domain_weights_on_text_are_the_same_with_one_or_two_workers() {
     // different model from the f32 run's, so the setting reached the workers' forward passes.
     let text = std::fs::read_to_string(&cfg).expect("config");
     let bf16 = dir.path().join("bf16.toml");
-    std::fs::write(&bf16, text.replace("clip_norm = 1.0\n", "clip_norm = 1.0\nautocast = \"bf16\"\n")).expect("write");
+    std::fs::write(
+        &bf16,
+        text.replace("clip_norm = 1.0\n", "clip_norm = 1.0\nautocast = \"bf16\"\n"),
+    )
+    .expect("write");
     let two16 = run_local(&bf16, &dir.path().join("two16"), 2, &["--no-baseline"]);
     let one16 = run_local(&bf16, &dir.path().join("one16"), 1, &["--no-baseline"]);
     assert_eq!(one16["final_state_checksum"], two16["final_state_checksum"]);
     assert_ne!(two16["final_state_checksum"], two["final_state_checksum"]);
-    assert!((accuracy(&two16) - acc).abs() < 0.25, "bf16 {} vs f32 {acc}", accuracy(&two16));
+    assert!(
+        (accuracy(&two16) - acc).abs() < 0.25,
+        "bf16 {} vs f32 {acc}",
+        accuracy(&two16)
+    );
 }
 
 #[test]

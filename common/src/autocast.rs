@@ -112,7 +112,9 @@ impl Bf16 {
 
 impl std::fmt::Debug for Bf16 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bf16").field("device", &self.device).finish_non_exhaustive()
+        f.debug_struct("Bf16")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
     }
 }
 
@@ -163,7 +165,10 @@ mod tests {
     }
 
     fn flat(ts: &[Tensor]) -> Tensor {
-        Tensor::cat(&ts.iter().map(|t| t.to_kind(Kind::Double).view(-1)).collect::<Vec<_>>(), 0)
+        Tensor::cat(
+            &ts.iter().map(|t| t.to_kind(Kind::Double).view(-1)).collect::<Vec<_>>(),
+            0,
+        )
     }
 
     #[test]
@@ -195,12 +200,21 @@ mod tests {
         let gap = (&a - &b).abs().max().double_value(&[]);
         let scale = a.abs().max().double_value(&[]);
         // bf16 keeps 8 bits of mantissa: the logits move, but by about its precision only.
-        assert!(gap > 0.0, "the bf16 forward computed exactly the f32 logits: autocast was not on");
-        assert!(gap < 0.05 * scale.max(1.0), "bf16 logits are {gap} away from f32 ({scale})");
+        assert!(
+            gap > 0.0,
+            "the bf16 forward computed exactly the f32 logits: autocast was not on"
+        );
+        assert!(
+            gap < 0.05 * scale.max(1.0),
+            "bf16 logits are {gap} away from f32 ({scale})"
+        );
 
         let (_, g32) = grads(f32_model.as_ref(), false);
         let (_, g16) = grads(&bf16_model, false);
-        assert!(g16.iter().all(|g| g.kind() == Kind::Float), "parameter gradients are f32");
+        assert!(
+            g16.iter().all(|g| g.kind() == Kind::Float),
+            "parameter gradients are f32"
+        );
         let (x, y) = (flat(&g32), flat(&g16));
         let cosine = x.dot(&y).double_value(&[]) / (x.norm().double_value(&[]) * y.norm().double_value(&[]));
         assert!(cosine > 0.99, "bf16 gradient direction: cosine {cosine}");
@@ -211,10 +225,10 @@ mod tests {
         // Exact hypergradients differentiate ⟨∇θ L, v⟩ again: defined, finite, and near f32's.
         let hvp = |model: &dyn Model| {
             let (_, g) = grads(model, true);
-            let dot = g.iter().map(|g| g.square().sum(Kind::Float)).fold(
-                Tensor::zeros([], (Kind::Float, Device::Cpu)),
-                |a, b| a + b,
-            );
+            let dot = g
+                .iter()
+                .map(|g| g.square().sum(Kind::Float))
+                .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
             flat(&Tensor::run_backward(&[&dot], model.parameters(), false, false))
         };
         let h32 = hvp(&classifier(9));

@@ -223,13 +223,7 @@ impl Coordinator {
             for round in state.core.rounds_done()..config.rounds {
                 let reassigned_before = state.core.reassigned();
                 let (record, evaluation) = state
-                    .round(
-                        round,
-                        &mut events,
-                        &traffic,
-                        self.options.worker_wait,
-                        &shutdown,
-                    )
+                    .round(round, &mut events, &traffic, self.options.worker_wait, &shutdown)
                     .await?;
                 let mut out = Record {
                     run_dir: &mut run_dir,
@@ -242,8 +236,8 @@ impl Coordinator {
                     state.complete(previous, &mut out).await?;
                 }
                 let done = state.core.rounds_done();
-                let checkpoint =
-                    (plan.every > 0 && done % plan.every == 0 && done < config.rounds).then(|| state.snapshot(&traffic));
+                let checkpoint = (plan.every > 0 && done % plan.every == 0 && done < config.rounds)
+                    .then(|| state.snapshot(&traffic));
                 let ended = Completing {
                     record,
                     reassigned_before,

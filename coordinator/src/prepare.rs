@@ -10,9 +10,7 @@ use metaloop_common::model;
 use metaloop_proto::checksum::{hex, StateHasher};
 use metaloop_proto::config::{InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, Pooling};
 use metaloop_proto::domains;
-use metaloop_proto::proto::{
-    DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec, TextSpec,
-};
+use metaloop_proto::proto::{DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec, TextSpec};
 use metaloop_proto::tensor::Bundle;
 use std::collections::BTreeMap;
 

@@ -307,11 +307,11 @@ async fn serve(
     traffic: &Traffic,
     stop: CancellationToken,
 ) -> Result<(), NetError> {
-    let welcome = CoordinatorMsg::Welcome(Welcome {
+    let welcome = CoordinatorMsg::Welcome(Box::new(Welcome {
         protocol_version: proto::PROTOCOL_VERSION,
         worker_id: id,
         job,
-    });
+    }));
     net::write_frame(send, &welcome).await?;
     let (outbox, inbox_rx) = mpsc::unbounded_channel();
     tracing::info!(worker = id, %identity, name = %hello.name, remote = %conn.remote_address(), "worker joined");

@@ -4,8 +4,8 @@
 
 use metaloop_proto::proto::{
     encode_bundle, encode_frame, Ask, Assignment, AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef,
-    DirectionalMethod, DomainSpec, DomainStat, Hello, InnerSpec, JobSpec, ModelSource,
-    ModelSpec, RescaleMode, RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg,
+    DirectionalMethod, DomainSpec, DomainStat, Hello, InnerSpec, JobSpec, ModelSource, ModelSpec, RescaleMode,
+    RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg,
 };
 use metaloop_proto::tensor::{Bundle, HostTensor};
 use serde::Serialize;
@@ -253,11 +253,11 @@ pub fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "welcome",
-            frame(&CoordinatorMsg::Welcome(Welcome {
+            frame(&CoordinatorMsg::Welcome(Box::new(Welcome {
                 protocol_version: 1,
                 worker_id: 5,
                 job: job(),
-            })),
+            }))),
         ),
         ("reject", frame(&CoordinatorMsg::Reject { reason: "full".into() })),
         (

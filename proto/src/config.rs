@@ -1737,8 +1737,16 @@ mod tests {
         let wire = |outer: &str| parse(outer).expect("valid").outer.delta_wire_dtype();
         assert_eq!(wire(""), DType::F32);
         assert_eq!(wire("delta_dtype = \"bf16\""), DType::BF16);
-        assert_eq!(wire("delta_dtype = \"int8\""), DType::Int8 { block: DEFAULT_DELTA_BLOCK });
-        assert_eq!(wire("delta_dtype = \"int8\"\ndelta_block = 256"), DType::Int8 { block: 256 });
+        assert_eq!(
+            wire("delta_dtype = \"int8\""),
+            DType::Int8 {
+                block: DEFAULT_DELTA_BLOCK
+            }
+        );
+        assert_eq!(
+            wire("delta_dtype = \"int8\"\ndelta_block = 256"),
+            DType::Int8 { block: 256 }
+        );
         let problems = |outer: &str| match parse(outer) {
             Err(ParseFailure::Invalid(problems)) => problems,
             other => panic!("expected Invalid, got {other:?}"),

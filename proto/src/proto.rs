@@ -88,7 +88,7 @@ pub enum WorkerMsg {
 /// Coordinator → worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CoordinatorMsg {
-    Welcome(Welcome),
+    Welcome(Box<Welcome>),
     Reject {
         reason: String,
     },
@@ -664,7 +664,9 @@ pub enum DType {
     /// tensor's payload is every block's scale (f32) first, then every value (one byte). Decoded
     /// as q·s. A block with a non-finite value has the scale NaN, so it decodes to NaN and the
     /// receiver's finiteness check refuses it, as it would the f32 value.
-    Int8 { block: u32 },
+    Int8 {
+        block: u32,
+    },
 }
 
 impl DType {
@@ -692,7 +694,11 @@ fn quantize_block(xs: &[f32], out: &mut Vec<u8>) -> f32 {
     let scale = absmax / 127.0;
     for &x in xs {
         #[allow(clippy::cast_possible_truncation)]
-        let q = if scale == 0.0 { 0 } else { (x / scale).round().clamp(-127.0, 127.0) as i8 };
+        let q = if scale == 0.0 {
+            0
+        } else {
+            (x / scale).round().clamp(-127.0, 127.0) as i8
+        };
         out.push(q.to_le_bytes()[0]);
     }
     scale
@@ -875,7 +881,9 @@ pub fn encode_payload(bundle: &Bundle) -> Vec<u8> {
 /// # Panics
 /// On `DType::Int8 { block: 0 }`.
 pub fn encode_payload_as(bundle: &Bundle, dtype: DType) -> Vec<u8> {
-    let bytes = dtype.payload_bytes(bundle.numel() as u64).expect("a block size of at least 1");
+    let bytes = dtype
+        .payload_bytes(bundle.numel() as u64)
+        .expect("a block size of at least 1");
     let mut out = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
     for t in &bundle.tensors {
         match dtype {
@@ -933,7 +941,9 @@ enum Run {
     /// An int8 tensor's block scales (f32).
     Scales,
     /// An int8 tensor's values, `block` to a scale.
-    Int8 { block: usize },
+    Int8 {
+        block: usize,
+    },
 }
 
 impl Run {
@@ -973,7 +983,13 @@ impl PayloadDecoder {
                 data: Vec::new(),
             });
             announced.push(n);
-            let mut segment = |run, remaining| segments.push(Segment { tensor: i, run, remaining });
+            let mut segment = |run, remaining| {
+                segments.push(Segment {
+                    tensor: i,
+                    run,
+                    remaining,
+                })
+            };
             match t.dtype {
                 DType::F32 => segment(Run::F32, n),
                 DType::BF16 => segment(Run::Bf16, n),
@@ -1024,12 +1040,16 @@ impl PayloadDecoder {
         match run {
             Run::F32 => {
                 self.grow(i, count);
-                let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                let values = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
                 self.tensors[i].data.extend(values);
             }
             Run::Bf16 => {
                 self.grow(i, count);
-                let values = bytes.chunks_exact(2).map(|c| bf16_value(u16::from_le_bytes([c[0], c[1]])));
+                let values = bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16_value(u16::from_le_bytes([c[0], c[1]])));
                 self.tensors[i].data.extend(values);
             }
             Run::Scales => {
@@ -1037,7 +1057,9 @@ impl PayloadDecoder {
                     // Doubling, as `grow`: a lying header costs about what was really sent.
                     self.scales.reserve(count.max(self.scales.len()));
                 }
-                let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                let values = bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
                 self.scales.extend(values);
             }
             Run::Int8 { block } => {
@@ -1072,7 +1094,9 @@ impl PayloadDecoder {
                 }
             }
             // Cannot run out: the byte count was checked against the header above.
-            let Some(segment) = self.segments.get(self.current) else { break };
+            let Some(segment) = self.segments.get(self.current) else {
+                break;
+            };
             let size = segment.run.size();
             if self.carry_len > 0 || bytes.len() < size {
                 // A value split across chunks: gather its bytes first.
@@ -1232,11 +1256,11 @@ mod tests {
 
     #[test]
     fn every_coordinator_message_roundtrips() {
-        roundtrip(CoordinatorMsg::Welcome(Welcome {
+        roundtrip(CoordinatorMsg::Welcome(Box::new(Welcome {
             protocol_version: 1,
             worker_id: 5,
             job: job(),
-        }));
+        })));
         roundtrip(CoordinatorMsg::Reject { reason: "full".into() });
         let asks = [
             Ask::Nothing,
@@ -1589,9 +1613,9 @@ mod tests {
 
         #[test]
         fn corrupted_frames_never_panic(flip in 0usize..200, value in any::<u8>()) {
-            let mut bytes = encode_frame(&CoordinatorMsg::Welcome(Welcome {
+            let mut bytes = encode_frame(&CoordinatorMsg::Welcome(Box::new(Welcome {
                 protocol_version: 1, worker_id: 3, job: job(),
-            })).expect("encode");
+            }))).expect("encode");
             let i = flip % bytes.len();
             bytes[i] = value;
             let _ = decode_frame::<CoordinatorMsg>("fuzz", &bytes);

@@ -4,11 +4,11 @@
 //! short give a value or a typed error (a cut one always `Truncated`).
 
 use metaloop_proto::proto::{
-    decode_body, decode_bundle, decode_frame, decode_payload, encode_bundle, encode_frame, frame_len, Ask, Assignment,
-    AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef, DirectionalMethod, DomainProbe, DomainSpec,
-    DomainStat, Hello, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec, ProtoError, RescaleMode,
-    RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn, Welcome, WorkerMsg, MAX_FRAME_BYTES,
-    encode_payload_as, PayloadDecoder,
+    decode_body, decode_bundle, decode_frame, decode_payload, encode_bundle, encode_frame, encode_payload_as,
+    frame_len, Ask, Assignment, AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef, DirectionalMethod,
+    DomainProbe, DomainSpec, DomainStat, Hello, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec,
+    PayloadDecoder, ProtoError, RescaleMode, RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn,
+    Welcome, WorkerMsg, MAX_FRAME_BYTES,
 };
 use metaloop_proto::tensor::{Bundle, HostTensor};
 use proptest::collection::vec;
@@ -360,11 +360,11 @@ fn round_plan() -> impl Strategy<Value = RoundPlan> {
 fn coordinator_msg() -> impl Strategy<Value = CoordinatorMsg> {
     prop_oneof![
         (any::<u32>(), any::<u64>(), job_spec()).prop_map(|(protocol_version, worker_id, job)| {
-            CoordinatorMsg::Welcome(Welcome {
+            CoordinatorMsg::Welcome(Box::new(Welcome {
                 protocol_version,
                 worker_id,
                 job,
-            })
+            }))
         }),
         text().prop_map(|reason| CoordinatorMsg::Reject { reason }),
         round_plan().prop_map(CoordinatorMsg::Round),

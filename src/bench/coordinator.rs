@@ -398,7 +398,7 @@ async fn join(
     });
     net::write_frame(&mut send, &hello).await?;
     match net::read_frame(&mut recv, "welcome").await? {
-        Some(CoordinatorMsg::Welcome(welcome)) => Ok((conn, send, recv, welcome)),
+        Some(CoordinatorMsg::Welcome(welcome)) => Ok((conn, send, recv, *welcome)),
         other => bail!("expected a welcome, got {other:?}"),
     }
 }

@@ -171,7 +171,7 @@ impl FakeWorker {
             conn,
             send,
             recv,
-            welcome,
+            welcome: *welcome,
             _endpoint: endpoint,
         }
     }

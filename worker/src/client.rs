@@ -167,7 +167,7 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         .await
         .map_err(|e| refused(e.into()))?
     {
-        Some(CoordinatorMsg::Welcome(w)) => w,
+        Some(CoordinatorMsg::Welcome(w)) => *w,
         Some(CoordinatorMsg::Reject { reason }) => {
             return Err(fatal(anyhow::anyhow!("coordinator refused us: {reason}")))
         }

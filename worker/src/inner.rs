@@ -446,13 +446,23 @@ mod tests {
                 }));
                 tch::no_grad(|| adamw_ops(&b, &g, &mut sb, lr, betas, 1e-8, wd));
             }
-            for (x, y, what) in [(&a, &b, "θ"), (&sa.first, &sb.first, "m"), (&sa.second, &sb.second, "v")] {
-                let (x, y) = (Vec::<f32>::try_from(x).expect("f32"), Vec::<f32>::try_from(y).expect("f32"));
+            for (x, y, what) in [
+                (&a, &b, "θ"),
+                (&sa.first, &sb.first, "m"),
+                (&sa.second, &sb.second, "v"),
+            ] {
+                let (x, y) = (
+                    Vec::<f32>::try_from(x).expect("f32"),
+                    Vec::<f32>::try_from(y).expect("f32"),
+                );
                 // Equal but for float rounding where ATen's vectorized kernels fuse a multiply-add:
                 // a few units in the last place of the tensor's scale.
                 let scale = y.iter().fold(0.0f32, |a, y| a.max(y.abs()));
                 let worst = x.iter().zip(&y).fold(0.0f32, |a, (x, y)| a.max((x - y).abs())) / scale;
-                assert!(worst < 1e-6, "{what} (betas {betas:?}, wd {wd}): difference {worst:e} of its scale");
+                assert!(
+                    worst < 1e-6,
+                    "{what} (betas {betas:?}, wd {wd}): difference {worst:e} of its scale"
+                );
             }
             assert!(
                 bool::try_from(a.ne_tensor(&p0).any()).expect("bool"),
@@ -527,7 +537,10 @@ mod tests {
             for (&g, &w) in got.iter().zip(want) {
                 let rel = (f64::from(g) - w).abs() / scale;
                 worst = worst.max(rel);
-                assert!(rel <= 1e-6, "{g} against torch's {w}: difference {rel:e} of the tensor's scale");
+                assert!(
+                    rel <= 1e-6,
+                    "{g} against torch's {w}: difference {rel:e} of the tensor's scale"
+                );
             }
         }
         eprintln!("largest difference from torch, relative to the tensor's scale: {worst:e}");
