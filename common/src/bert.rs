@@ -388,7 +388,7 @@ impl Bert {
             let t = Tensor::f_from_data_size(view.data(), &shape, stored)?;
             tensors.push((name.to_string(), t));
         }
-        Self::build(config, tensors, device, kind, problems).map_err(|e| match e {
+        Self::build(config, tensors, device, kind, problems, Leaves::Copy).map_err(|e| match e {
             BuildError::Tensors(problems) => BertError::Tensors { path, problems },
             BuildError::Other(e) => e,
         })
@@ -406,12 +406,33 @@ impl Bert {
         device: Device,
         kind: Kind,
     ) -> Result<Self, BertError> {
+        Self::from_named(config, tensors, device, kind, Leaves::Copy)
+    }
+
+    /// [`Bert::from_tensors`] for tensors the caller made for this model alone (fresh leaves of
+    /// `kind` on `device`, used nowhere else): taken as they are, not copied.
+    pub(crate) fn from_own_tensors(
+        config: BertConfig,
+        tensors: Vec<(String, Tensor)>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, BertError> {
+        Self::from_named(config, tensors, device, kind, Leaves::Take)
+    }
+
+    fn from_named(
+        config: BertConfig,
+        tensors: Vec<(String, Tensor)>,
+        device: Device,
+        kind: Kind,
+        leaves: Leaves,
+    ) -> Result<Self, BertError> {
         let kind = float_kind(kind)?;
         let tensors = tensors
             .into_iter()
             .filter(|(n, _)| !BUFFERS.contains(&n.strip_prefix("bert.").unwrap_or(n)))
             .collect();
-        Self::build(config, tensors, device, kind, Vec::new()).map_err(|e| match e {
+        Self::build(config, tensors, device, kind, Vec::new(), leaves).map_err(|e| match e {
             BuildError::Tensors(problems) => BertError::Tensors {
                 path: PathBuf::new(),
                 problems,
@@ -426,6 +447,7 @@ impl Bert {
         device: Device,
         kind: Kind,
         mut problems: Vec<TensorProblem>,
+        leaves: Leaves,
     ) -> Result<Self, BuildError> {
         let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut seen = BTreeSet::new();
@@ -471,8 +493,13 @@ impl Bert {
                         .and_then(|t| t.f_detach())
                         .and_then(|t| t.f_contiguous())
                         .map_err(|e| BuildError::Other(e.into()))?;
-                    // A fresh leaf, whatever the caller's tensor was (a view, or part of a graph).
-                    let t = t.copy().set_requires_grad(true);
+                    // A fresh leaf, whatever the caller's tensor was (a view, or part of a graph),
+                    // unless the caller made it for this model.
+                    let t = match leaves {
+                        Leaves::Copy => t.copy(),
+                        Leaves::Take => t,
+                    }
+                    .set_requires_grad(true);
                     params.push((name.clone(), t));
                 }
             }
@@ -639,6 +666,13 @@ impl Bert {
     pub fn pool(&self, hidden: &Tensor) -> Option<Tensor> {
         self.pooler.as_ref().map(|p| p.forward(&hidden.select(1, 0)).tanh())
     }
+}
+
+/// Whether the encoder copies the tensors it is given or takes them as its parameters.
+#[derive(Debug, Clone, Copy)]
+enum Leaves {
+    Copy,
+    Take,
 }
 
 #[derive(Debug)]

@@ -128,7 +128,7 @@ impl BertClassifier {
         let [head_weight, head_bias]: [Tensor; 2] = head
             .try_into()
             .map_err(|_| ModelError::Layout("a BERT classifier's bundle needs head.weight and head.bias".into()))?;
-        let bert = Bert::from_tensors(c, encoder, device, Kind::Float).map_err(bert_error)?;
+        let bert = Bert::from_own_tensors(c, encoder, device, Kind::Float).map_err(bert_error)?;
         Ok(Self::with_head(bert, pooling, head_weight, head_bias))
     }
 
