@@ -206,7 +206,14 @@ impl Coordinator {
             every: config.checkpoint.every,
             pause: self.options.checkpoint_pause,
         };
-        // The last round that has ended but is not recorded yet (its evaluation still running).
+        // Where completed rounds are recorded, and the last round that has ended but is not
+        // recorded yet (its evaluation still running).
+        let mut out = Record {
+            run_dir: &mut run_dir,
+            records: &mut records,
+            observe: &mut observe,
+            checkpoints: &plan,
+        };
         let mut pending: Option<Completing> = None;
         let outcome = async {
             if finishing_only {
@@ -225,12 +232,6 @@ impl Coordinator {
                 let (record, evaluation) = state
                     .round(round, &mut events, &traffic, self.options.worker_wait, &shutdown)
                     .await?;
-                let mut out = Record {
-                    run_dir: &mut run_dir,
-                    records: &mut records,
-                    observe: &mut observe,
-                    checkpoints: &plan,
-                };
                 // The previous round, evaluated while this one trained.
                 if let Some(previous) = pending.take() {
                     state.complete(previous, &mut out).await?;
@@ -260,12 +261,6 @@ impl Coordinator {
         // else, whatever ended the loop: the state saved below is after it.
         let outcome = match pending.take() {
             Some(last) => {
-                let mut out = Record {
-                    run_dir: &mut run_dir,
-                    records: &mut records,
-                    observe: &mut observe,
-                    checkpoints: &plan,
-                };
                 let completed = state.complete(last, &mut out).await;
                 outcome.and(completed)
             }
