@@ -290,6 +290,7 @@ fn rows_the_settings_need_are_checked_against_the_files() {
     std::fs::write(
         &cfg,
         "rounds = 3\n[data]\ntest = \"test.safetensors\"\nclasses = 10\nshards = 4\n\
+         meta = \"test.safetensors\"\nmeta_subset = { start = 30, count = 11 }\n\
          [[data.domains]]\nname = \"small\"\nsource = \"small.safetensors\"\n\
          [[data.domains]]\nname = \"cut\"\nsource = \"big.safetensors\"\nsubset = { start = 40, count = 20 }\n",
     )
@@ -308,6 +309,10 @@ fn rows_the_settings_need_are_checked_against_the_files() {
             vec![
                 "data.domains[1].subset: rows 40..60 are past the end of".into(),
                 format!("{}, which has 50 rows", shown("big.safetensors")),
+            ],
+            vec![
+                "data.meta_subset: rows 30..41 are past the end of".into(),
+                format!("{}, which has 40 rows", shown("test.safetensors")),
             ],
         ],
     );

@@ -30,6 +30,14 @@ pub enum LoadError {
     File(#[from] DataError),
     #[error("{what}: {error}")]
     Text { what: String, error: TextError },
+    #[error("{what}: rows {start}..{end} are not inside {path}, which has {len} rows")]
+    Rows {
+        what: String,
+        start: usize,
+        end: usize,
+        path: PathBuf,
+        len: usize,
+    },
 }
 
 impl Data {
@@ -212,15 +220,43 @@ fn load_text(path: &Path, spec: &TextSpec, labels: Option<&[String]>, what: &str
     Ok(t)
 }
 
-/// A whole data file (the test or the meta set): dense when `text` is `None`.
+/// A data file (the test or the meta set), whole or the `subset` rows `(start, count)` of it:
+/// dense when `text` is `None`.
 ///
 /// # Errors
-/// The file's problems, named.
-pub fn load_set(path: &Path, classes: u32, text: Option<&TextSpec>, what: &str) -> Result<Data, LoadError> {
-    match text {
-        None => Ok(Data::Dense(dataset::load(path, classes)?)),
-        Some(spec) => Ok(Data::Text(load_text(path, spec, None, what)?)),
+/// The file's problems, or a subset that is empty or not inside it, named.
+pub fn load_set(
+    path: &Path,
+    subset: Option<(usize, usize)>,
+    classes: u32,
+    text: Option<&TextSpec>,
+    what: &str,
+) -> Result<Data, LoadError> {
+    let full = match text {
+        None => Data::Dense(dataset::load(path, classes)?),
+        Some(spec) => Data::Text(load_text(path, spec, None, what)?),
+    };
+    let Some((start, count)) = subset else {
+        return Ok(full);
+    };
+    let end = start.saturating_add(count);
+    if count == 0 || end > full.len() {
+        return Err(LoadError::Rows {
+            what: what.into(),
+            start,
+            end,
+            path: path.to_path_buf(),
+            len: full.len(),
+        });
     }
+    Ok(match full {
+        Data::Dense(d) => Data::Dense(Dataset {
+            x: d.x[start * d.features..end * d.features].to_vec(),
+            y: d.y[start..end].to_vec(),
+            features: d.features,
+        }),
+        Data::Text(t) => Data::Text(t.select(&(start..end).collect::<Vec<_>>())),
+    })
 }
 
 /// Builds domain `index` of a job: its source (dense when `text` is `None`), subset and seeded
@@ -408,6 +444,31 @@ mod tests {
         assert_eq!(d.shard_range(0, 4), 0..1);
         assert_eq!(d.shard_range(3, 4), 4..6);
         assert_eq!(d.features(), Some(2));
+    }
+
+    #[test]
+    fn a_subset_of_a_set_takes_its_rows_and_one_outside_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta.safetensors");
+        let ds = Dataset {
+            x: (0..10).map(|v| v as f32).collect(),
+            y: vec![0, 1, 1, 0, 1],
+            features: 2,
+        };
+        std::fs::write(&path, dataset::to_safetensors(&ds).expect("encode")).expect("write");
+        let Data::Dense(d) = load_set(&path, Some((1, 3)), 2, None, "the meta set").expect("subset") else {
+            panic!("dense")
+        };
+        assert_eq!(d.y, vec![1, 1, 0]);
+        assert_eq!(d.x, vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(load_set(&path, None, 2, None, "the meta set").expect("whole").len(), 5);
+        for bad in [(3, 3), (0, 0), (6, 1)] {
+            let msg = load_set(&path, Some(bad), 2, None, "the meta set")
+                .expect_err("outside")
+                .to_string();
+            assert!(msg.starts_with("the meta set: rows"), "{msg}");
+            assert!(msg.contains("meta.safetensors, which has 5 rows"), "{msg}");
+        }
     }
 
     #[test]

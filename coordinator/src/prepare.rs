@@ -75,7 +75,7 @@ pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Resu
         }),
         ModelConfig::Mlp { .. } => None,
     };
-    let test = data::load_set(&d.test, d.classes, text.as_ref(), "the test set")?;
+    let test = data::load_set(&d.test, None, d.classes, text.as_ref(), "the test set")?;
     let mut specs = Vec::new();
     let mut records = Vec::new();
     let mut train = Vec::new();
@@ -109,7 +109,8 @@ pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Resu
     let mut meta_data = None;
     let meta = match &d.meta {
         Some(path) => {
-            let m = data::load_set(path, d.classes, text.as_ref(), "the meta set")?;
+            let subset = d.meta_subset.map(|s| (s.start, s.count));
+            let m = data::load_set(path, subset, d.classes, text.as_ref(), "the meta set")?;
             if m.features() != test.features() {
                 bail!(
                     "the meta set {} has {:?} features per row but the test data ({}) has {:?}",
@@ -121,6 +122,7 @@ pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Resu
             }
             let r = DataRef {
                 path: path.to_string_lossy().into_owned(),
+                subset: subset.map(|(start, count)| (start as u64, count as u64)),
                 checksum: m.checksum(),
             };
             meta_data = Some(m);

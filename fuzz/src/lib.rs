@@ -144,6 +144,7 @@ fn job() -> JobSpec {
         }],
         meta: Some(DataRef {
             path: "/data/meta.safetensors".into(),
+            subset: None,
             checksum: [4; 32],
         }),
         shards: 4,

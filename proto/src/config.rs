@@ -5,6 +5,7 @@
 //! `JobConfig::load_checked` those of the data files themselves (`data`).
 
 mod data;
+pub use data::meta_subset_rows;
 mod structure;
 
 pub use crate::domains::DomainConfig;
@@ -80,6 +81,10 @@ pub struct DataConfig {
     /// Small clean set the outer objective is measured on (needed by `hypergradient`).
     #[serde(default)]
     pub meta: Option<PathBuf>,
+    /// Only these rows of the meta file (`{ start, count }`): a small labelled target, say, cut
+    /// from a larger file.
+    #[serde(default)]
+    pub meta_subset: Option<crate::domains::Subset>,
     /// Number of classes; labels must lie in `0..classes`. For text data, the number of
     /// `labels` unless given.
     #[serde(default)]
@@ -795,6 +800,15 @@ impl JobConfig {
                 "data.meta",
                 format!("file {} does not exist", meta.display()),
             );
+        }
+        if let Some(s) = d.meta_subset {
+            p.check_using(
+                d.meta.is_some(),
+                "data.meta_subset",
+                &["data.meta"],
+                "needs a meta set".into(),
+            );
+            p.check(s.count > 0, "data.meta_subset.count", "must be at least 1".into());
         }
     }
 
@@ -1703,6 +1717,7 @@ mod tests {
     fn domain_jobs_are_checked_as_a_whole() {
         let dir = base_with_data();
         let text = "rounds = 3\n[data]\ntest = \"test.st\"\nclasses = 10\nshards = 4\n\
+            meta_subset = { start = 0, count = 0 }\n\
             [[data.domains]]\nname = \"a\"\nsource = \"train.st\"\nlabel_noise = 1.5\n\
             [[data.domains]]\nname = \"a\"\nsource = \"train.st\"\nsubset = { start = 0, count = 2 }\n\
             [strategy]\nmethod = \"hypergradient\"\n";
@@ -1715,6 +1730,8 @@ mod tests {
             "data.domains[1].name:",
             "data.domains[1].subset.count:",
             "data.meta:",
+            "data.meta_subset: needs a meta set",
+            "data.meta_subset.count: must be at least 1",
         ] {
             assert!(joined.contains(key), "missing {key} in {joined}");
         }

@@ -18,8 +18,9 @@ pub const ALPN: &[u8] = b"metaloop/1";
 /// 4: `InnerSpec`'s optimizer (SGD or AdamW), learning-rate schedule, clipping, gradient
 /// accumulation and virtual step size. 5: BERT models and text data (`ModelSpec::Bert`,
 /// `JobSpec::text`, a domain's label names and token noise) and the meta batch.
-/// 6: `InnerSpec::autocast`.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 6: `InnerSpec::autocast`. 7: int8 deltas (`DType::Int8`) and the meta set's row subset
+/// (`DataRef::subset`).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Hard limit on one control frame. Control messages are small; anything big is a bundle.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
@@ -164,10 +165,13 @@ pub struct DomainSpec {
     pub checksum: [u8; 32],
 }
 
-/// A data file and the checksum of its contents on the coordinator.
+/// A data file (or rows `start..start + count` of it) and the checksum of those rows on the
+/// coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataRef {
     pub path: String,
+    /// `(start, count)`; `None`: every row.
+    pub subset: Option<(u64, u64)>,
     pub checksum: [u8; 32],
 }
 
@@ -1189,6 +1193,7 @@ mod tests {
             }],
             meta: Some(DataRef {
                 path: "/data/meta.safetensors".into(),
+                subset: Some((3, 64)),
                 checksum: [4; 32],
             }),
             shards: 4,

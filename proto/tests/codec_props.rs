@@ -227,7 +227,10 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         any::<u64>(),
         (any::<u32>(), vec(any::<u32>(), 0..4), any::<u32>(), any::<f32>()),
         vec(domain_spec(), 0..3),
-        option::of((text(), any::<[u8; 32]>()).prop_map(|(path, checksum)| DataRef { path, checksum })),
+        option::of(
+            (text(), option::of((any::<u64>(), any::<u64>())), any::<[u8; 32]>())
+                .prop_map(|(path, subset, checksum)| DataRef { path, subset, checksum }),
+        ),
         any::<u32>(),
         (any::<u32>(), any::<f64>(), any::<f64>(), any::<f64>()),
     )

@@ -194,7 +194,7 @@ fn minilm() -> anyhow::Result<Shape> {
         label_column: "label".into(),
     };
     let load = |path: &Path, what: &str| -> anyhow::Result<TokenizedText> {
-        match data::load_set(path, 2, Some(&text), what)? {
+        match data::load_set(path, None, 2, Some(&text), what)? {
             Data::Text(t) => Ok(t),
             Data::Dense(_) => bail!("{what}: expected text"),
         }

@@ -37,7 +37,8 @@ impl TrainingData {
         }
         let meta = match &job.meta {
             Some(r) => {
-                let d = data::load_set(std::path::Path::new(&r.path), classes, text, "the meta set")?;
+                let subset = r.subset.map(|(start, count)| (start as usize, count as usize));
+                let d = data::load_set(std::path::Path::new(&r.path), subset, classes, text, "the meta set")?;
                 same_data("the meta set", &r.path, &d, r.checksum)?;
                 Some(d)
             }

@@ -6,7 +6,7 @@
 
 use super::{read_source, Columns, SourceOptions, TextTokenizer};
 use crate::bert::{Bert, BertConfig};
-use metaloop_proto::config::{JobConfig, ModelConfig};
+use metaloop_proto::config::{meta_subset_rows, JobConfig, ModelConfig};
 use std::path::Path;
 
 /// Every problem of a text job's model directory and data files, each prefixed with its key
@@ -66,7 +66,10 @@ pub fn check_job(cfg: &JobConfig) -> Vec<String> {
         }
     }
     if let Some(meta) = &d.meta {
-        read("data.meta", meta, options(None), &mut problems);
+        let rows = read("data.meta", meta, options(None), &mut problems);
+        if let Some(Err(why)) = rows.map(|rows| meta_subset_rows(d.meta_subset, meta, rows)) {
+            problems.push(format!("data.meta_subset: {why}"));
+        }
     }
     read("data.test", &d.test, options(None), &mut problems);
     problems

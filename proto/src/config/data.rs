@@ -161,9 +161,35 @@ pub(super) fn check(cfg: &JobConfig) -> DataFindings {
     let meta_rows = d
         .meta
         .as_deref()
-        .and_then(|m| file(m).and_then(|f| f.found.rows).map(|rows| (m, rows)));
+        .and_then(|m| file(m).and_then(|f| f.found.rows).map(|rows| (m, rows)))
+        .and_then(|(m, rows)| match meta_subset_rows(d.meta_subset, m, rows) {
+            Ok(rows) => Some((m, rows)),
+            Err(why) => {
+                out.problems.push(Finding {
+                    key: "data.meta_subset".into(),
+                    uses: vec!["data.meta".into()],
+                    why,
+                });
+                None
+            }
+        });
     sizes_fit(cfg, &domains, meta_rows, &mut out.warnings);
     out
+}
+
+/// Rows of the meta set: its subset's count, or the file's `rows`; a subset past the end of the
+/// file is the error message. (Also the text checks', which read the file their own way.)
+pub fn meta_subset_rows(subset: Option<crate::domains::Subset>, path: &Path, rows: usize) -> Result<usize, String> {
+    let Some(s) = subset else { return Ok(rows) };
+    let end = s.start.saturating_add(s.count);
+    if end > rows {
+        return Err(format!(
+            "rows {}..{end} are past the end of {}, which has {rows} rows",
+            s.start,
+            path.display()
+        ));
+    }
+    Ok(s.count)
 }
 
 /// Every file must have as many features per row as the test data (the model's input); each
