@@ -94,13 +94,31 @@ fn the_step_benchmark_reference_computes_what_the_worker_computes() {
     }
 }
 
-/// Simulated workers join a real coordinator process, every round completes, and the table
-/// has its figures.
+/// Simulated workers join a real coordinator process, every round completes, and both tables
+/// have their figures (the memory table at a tiny model, with deltas read one at a time).
 #[test]
 fn the_coordinator_benchmark_runs_simulated_workers() {
-    let text = bench(&["coordinator", "--workers", "3", "--rounds", "3", "--model-mib", "0"]);
+    let text = bench(&[
+        "coordinator",
+        "--workers",
+        "3",
+        "--rounds",
+        "3",
+        "--model-mib",
+        "1",
+        "--memory-workers",
+        "3",
+        "--memory-receiving",
+        "1",
+        "--memory-deltas",
+        "int8",
+    ]);
     let rss = last_cell(&text, "| 3 |");
     assert!(rss.ends_with("MiB"), "{text}");
+    let ratio: f64 = last_cell(&text, "| 1 MiB | nesterov | 3 | int8 | 1 |")
+        .parse()
+        .expect("ratio");
+    assert!(ratio > 0.0, "{text}");
 }
 
 #[test]

@@ -226,7 +226,15 @@ async fn lying_peers_are_dropped_by_reason_and_the_job_is_unharmed() {
     }
 
     // A delta of the model's layout whose bytes disagree with its shapes: one byte too many.
+    // (Its payload is read when a result claims it.)
     let mut liar = FakeWorker::join(&tls, &addr, "trailing").await;
+    let plan = loop {
+        match net::read_frame(&mut liar.recv, "plan").await.expect("read") {
+            Some(CoordinatorMsg::Round(p)) => break p,
+            Some(_) => continue,
+            None => panic!("no plan"),
+        }
+    };
     let zeros = metaloop_common::model::init_params(&liar.welcome.job.model, 0).zeros_like();
     let dtype = liar.welcome.job.delta_dtype;
     let header = BundleHeader::for_bundle_as(99, &zeros, dtype);
@@ -239,6 +247,12 @@ async fn lying_peers_are_dropped_by_reason_and_the_job_is_unharmed() {
         .expect("write");
     uni.write_all(&[0u8]).await.expect("write");
     uni.finish().expect("finish");
+    let result = WorkerMsg::Result(proto::AssignmentResult {
+        train_loss: 0.1,
+        samples: 1,
+        ..proto::AssignmentResult::new(plan.round, plan.assignments[0].index, 99)
+    });
+    net::write_frame(&mut liar.send, &result).await.expect("result");
     assert_dropped(&mut liar, "trailing bytes").await;
 
     // A result for an assignment it was never given.

@@ -375,7 +375,9 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'stat
 #[derive(Debug, Clone)]
 pub struct EncodedBundle {
     tensors: Vec<proto::TensorMeta>,
-    payload: bytes::Bytes,
+    /// The payload, in order: one buffer, or one per tensor when it is a shared bundle's own
+    /// memory.
+    chunks: Vec<bytes::Bytes>,
 }
 
 impl EncodedBundle {
@@ -388,8 +390,49 @@ impl EncodedBundle {
     pub fn with_dtype(bundle: &Bundle, dtype: proto::DType) -> Self {
         Self {
             tensors: proto::BundleHeader::for_bundle_as(0, bundle, dtype).tensors,
-            payload: proto::encode_payload_as(bundle, dtype).into(),
+            chunks: vec![proto::encode_payload_as(bundle, dtype).into()],
         }
+    }
+
+    /// Exact (f32), without a copy where f32 memory is its own wire form (little-endian
+    /// machines): the payload is `bundle`'s memory, kept alive until the last send of it is
+    /// done. (Elsewhere it is encoded as [`EncodedBundle::new`] does.)
+    pub fn shared(bundle: Arc<Bundle>) -> Self {
+        if cfg!(target_endian = "big") {
+            return Self::new(&bundle);
+        }
+        Self {
+            tensors: proto::BundleHeader::for_bundle_as(0, &bundle, proto::DType::F32).tensors,
+            chunks: (0..bundle.tensors.len())
+                .map(|index| {
+                    bytes::Bytes::from_owner(TensorBytes {
+                        bundle: bundle.clone(),
+                        index,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(bytes::Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One tensor of a shared bundle, as its bytes.
+struct TensorBytes {
+    bundle: Arc<Bundle>,
+    index: usize,
+}
+
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.bundle.tensors[self.index].data)
     }
 }
 
@@ -414,9 +457,11 @@ pub async fn send_encoded(conn: &Connection, transfer: u64, bundle: &EncodedBund
     })?;
     let write = |e: quinn::WriteError| NetError::Write(e.to_string());
     send.write_all(&header).await.map_err(write)?;
-    send.write_chunk(bundle.payload.clone()).await.map_err(write)?;
+    for chunk in &bundle.chunks {
+        send.write_chunk(chunk.clone()).await.map_err(write)?;
+    }
     send.finish().map_err(|e| NetError::Write(e.to_string()))?;
-    Ok(header.len() + bundle.payload.len())
+    Ok(header.len() + bundle.len())
 }
 
 /// Receives one bundle stream: header frame, checked against `expected` before anything is
@@ -459,59 +504,64 @@ async fn read_payload(mut recv: RecvStream, header: &proto::BundleHeader) -> Res
     Ok((decoder.finish()?, received))
 }
 
-/// Bundles received on a connection's unidirectional streams, waiting for the control message
-/// that refers to them by transfer id (QUIC does not order streams against each other). Every
-/// bundle must have the layout this inbox expects; what it holds unclaimed is bounded in count
-/// and in bytes.
+/// Bundle streams received on a connection, waiting for the control message that refers to
+/// them by transfer id (QUIC does not order streams against each other). Only each stream's
+/// header is read on arrival (and must have the layout this inbox expects); the payload is read
+/// when the bundle is claimed, so a bundle waiting here costs at most QUIC's stream window
+/// (flow control holds its sender back), and the claimant decides when to read it. At most
+/// [`MAX_UNCLAIMED`] streams wait at once.
 #[derive(Debug)]
 pub struct Inbox {
     expected: proto::BundleLayout,
-    max_bytes: u64,
     state: std::sync::Mutex<InboxState>,
     notify: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
 struct InboxState {
-    bundles: std::collections::HashMap<u64, Bundle>,
-    /// Decoded bytes of the bundles held.
-    held: u64,
+    pending: std::collections::HashMap<u64, Pending>,
     closed: Option<String>,
 }
 
-/// Most bundles held unclaimed; a peer that floods uni streams is cut off.
-const MAX_UNCLAIMED: usize = 64;
-/// Most decoded bytes held unclaimed (or room for two bundles, when the model is larger):
-/// an honest peer names each bundle in a control message right after sending it, so only a
-/// couple are ever waiting.
-const MAX_UNCLAIMED_BYTES: u64 = 1 << 30;
+/// A bundle stream whose header has been read and checked; its payload is still on the wire.
+#[derive(Debug)]
+pub struct Pending {
+    header: proto::BundleHeader,
+    recv: RecvStream,
+}
+
+impl Pending {
+    /// Reads and decodes the payload, chunk by chunk as it arrives; returns the bundle and the
+    /// payload bytes received.
+    ///
+    /// # Errors
+    /// `Read` when the stream fails, `Proto` when the bytes disagree with the header.
+    pub async fn read(self) -> Result<(Bundle, usize), NetError> {
+        read_payload(self.recv, &self.header).await
+    }
+}
+
+/// Most bundle streams waiting unclaimed; a peer that floods uni streams is cut off.
+pub const MAX_UNCLAIMED: usize = 64;
 
 impl Inbox {
     /// An inbox for bundles of `expected`'s layout.
     pub fn new(expected: proto::BundleLayout) -> Self {
-        let max_bytes = MAX_UNCLAIMED_BYTES.max(expected.decoded_bytes().saturating_mul(2));
         Self {
             expected,
-            max_bytes,
             state: Default::default(),
             notify: tokio::sync::Notify::new(),
         }
-    }
-
-    /// The same with another bound on the bytes held unclaimed.
-    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
-        self.max_bytes = max_bytes;
-        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Accepts bundle streams on `conn` until it closes, filing each by transfer id. A header
-    /// that is not the expected layout, or a bundle that would take the inbox past its bounds,
-    /// ends it before the payload is read. Returns the reason the connection stopped delivering.
-    pub async fn fill(&self, conn: &Connection, bytes_in: &std::sync::atomic::AtomicU64) -> NetError {
+    /// Accepts bundle streams on `conn` until it closes, filing each by transfer id once its
+    /// header is read. A header that is not the expected layout, or a stream beyond
+    /// [`MAX_UNCLAIMED`], ends it. Returns the reason the connection stopped delivering.
+    pub async fn fill(&self, conn: &Connection) -> NetError {
         let err = loop {
             let mut recv = match conn.accept_uni().await {
                 Ok(r) => r,
@@ -524,52 +574,37 @@ impl Inbox {
             if let Err(e) = self.expected.check(&header) {
                 break e.into();
             }
-            {
-                let s = self.lock();
-                let bytes = s.held.saturating_add(self.expected.decoded_bytes());
-                if s.bundles.len() >= MAX_UNCLAIMED || bytes > self.max_bytes {
-                    break NetError::Peer {
-                        reason: "bundle_flood",
-                        detail: format!(
-                            "bundle {} would make {} unclaimed bundles of {bytes} bytes (at most {MAX_UNCLAIMED} and {} bytes)",
-                            header.transfer,
-                            s.bundles.len() + 1,
-                            self.max_bytes
-                        ),
-                    };
-                }
+            let mut s = self.lock();
+            if s.pending.len() >= MAX_UNCLAIMED {
+                break NetError::Peer {
+                    reason: "bundle_flood",
+                    detail: format!(
+                        "bundle {} would make {} unclaimed bundle streams (at most {MAX_UNCLAIMED})",
+                        header.transfer,
+                        s.pending.len() + 1,
+                    ),
+                };
             }
-            match read_payload(recv, &header).await {
-                Ok((bundle, n)) => {
-                    bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    let mut s = self.lock();
-                    s.held += bundle_bytes(&bundle);
-                    if let Some(old) = s.bundles.insert(header.transfer, bundle) {
-                        s.held -= bundle_bytes(&old);
-                    }
-                    drop(s);
-                    self.notify.notify_waiters();
-                }
-                Err(e) => break e,
-            }
+            s.pending.insert(header.transfer, Pending { header, recv });
+            drop(s);
+            self.notify.notify_waiters();
         };
         self.lock().closed = Some(err.to_string());
         self.notify.notify_waiters();
         err
     }
 
-    /// Waits for bundle `id`.
+    /// Waits for bundle `id`'s stream, its payload unread.
     ///
     /// # Errors
     /// `Read` when the connection stopped delivering bundles first.
-    pub async fn take(&self, id: u64) -> Result<Bundle, NetError> {
+    pub async fn claim(&self, id: u64) -> Result<Pending, NetError> {
         loop {
             let notified = self.notify.notified();
             {
                 let mut s = self.lock();
-                if let Some(b) = s.bundles.remove(&id) {
-                    s.held -= bundle_bytes(&b);
-                    return Ok(b);
+                if let Some(p) = s.pending.remove(&id) {
+                    return Ok(p);
                 }
                 if let Some(why) = &s.closed {
                     return Err(NetError::Read(format!("bundle {id} never arrived: {why}")));
@@ -578,11 +613,14 @@ impl Inbox {
             notified.await;
         }
     }
-}
 
-/// Decoded bytes of a bundle's values.
-fn bundle_bytes(b: &Bundle) -> u64 {
-    4 * b.numel() as u64
+    /// Waits for bundle `id` and reads it whole.
+    ///
+    /// # Errors
+    /// As [`Inbox::claim`] and [`Pending::read`].
+    pub async fn take(&self, id: u64) -> Result<Bundle, NetError> {
+        Ok(self.claim(id).await?.read().await?.0)
+    }
 }
 
 /// Finishes a stream and waits (bounded) until the peer has acknowledged all of it, so a last
@@ -598,7 +636,6 @@ mod tests {
     use super::*;
     use metaloop_proto::proto::{BundleHeader, BundleLayout, DType, TensorMeta};
     use metaloop_proto::tensor::HostTensor;
-    use std::sync::atomic::AtomicU64;
 
     fn small() -> Bundle {
         Bundle {
@@ -648,41 +685,68 @@ mod tests {
         uni.write_all(&proto::encode_frame(&header).expect("header"))
             .await
             .expect("write");
-        let err = tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s, &AtomicU64::new(0)))
+        let err = tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s))
             .await
             .expect("refused on the header alone");
         assert_eq!(err.reason(), "unexpected_layout", "{err}");
         assert!(err.to_string().contains("8589934592"), "{err}");
-        let taken = inbox.take(1).await.expect_err("nothing was filed");
+        let taken = inbox.claim(1).await.expect_err("nothing was filed");
         assert!(taken.to_string().contains("never arrived"), "{taken}");
     }
 
-    /// Bundles of the right layout that nobody claims: the inbox holds them up to its byte
-    /// bound, then cuts the peer off; what it filed can still be taken.
+    /// Streams wait unread until claimed: a peer that opens more than `MAX_UNCLAIMED` of them
+    /// is cut off, and what was filed can still be claimed and read.
     #[tokio::test]
-    async fn an_inbox_bounds_the_bytes_it_holds_unclaimed() {
+    async fn an_inbox_bounds_the_streams_it_holds_unclaimed() {
         let dir = tempfile::tempdir().expect("tmp");
         let (_client, c, _server, s) = pair(dir.path()).await;
-        let layout = BundleLayout::of(&small(), DType::F32);
-        assert_eq!(layout.decoded_bytes(), 32);
-        let inbox = Inbox::new(layout).with_max_bytes(80);
+        let inbox = Inbox::new(BundleLayout::of(&small(), DType::F32));
         let sent = async {
-            for transfer in 1..=3 {
-                // The third would make 96 bytes unclaimed.
+            for transfer in 1..=MAX_UNCLAIMED as u64 + 1 {
                 if send_bundle(&c, transfer, &small()).await.is_err() {
                     break;
                 }
             }
         };
-        let bytes_in = AtomicU64::new(0);
-        let (err, ()) = tokio::join!(
-            tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s, &bytes_in)),
-            sent
-        );
+        let (err, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(10), inbox.fill(&s)), sent);
         let err = err.expect("cut off");
         assert_eq!(err.reason(), "bundle_flood", "{err}");
         assert_eq!(inbox.take(1).await.expect("filed"), small());
-        assert_eq!(inbox.take(2).await.expect("filed"), small());
+        let (second, bytes) = inbox.claim(2).await.expect("filed").read().await.expect("read");
+        assert_eq!((second, bytes), (small(), 32));
+    }
+
+    /// A shared bundle is sent from its own memory, one chunk per tensor, and arrives as the
+    /// same bundle with the same bytes counted as a copied encoding's.
+    #[tokio::test]
+    async fn a_shared_bundle_is_sent_from_its_own_memory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (_client, c, _server, s) = pair(dir.path()).await;
+        let bundle = Arc::new(small());
+        let shared = EncodedBundle::shared(bundle.clone());
+        let copied = EncodedBundle::new(&bundle);
+        assert_eq!(shared.tensors, copied.tensors);
+        assert_eq!(shared.chunks.concat(), copied.chunks.concat());
+        assert_eq!(shared.len(), 32);
+        let inbox = Inbox::new(BundleLayout::of(&small(), DType::F32));
+        let (sent, got) = tokio::join!(send_encoded(&c, 7, &shared), async {
+            tokio::select! {
+                b = inbox.take(7) => b,
+                e = inbox.fill(&s) => Err(e),
+            }
+        });
+        assert_eq!(sent.expect("sent"), copied_len(&copied));
+        assert_eq!(&got.expect("received"), bundle.as_ref());
+    }
+
+    fn copied_len(e: &EncodedBundle) -> usize {
+        proto::encode_frame(&BundleHeader {
+            transfer: 7,
+            tensors: e.tensors.clone(),
+        })
+        .expect("header")
+        .len()
+            + e.len()
     }
 
     /// The stateless-reset key is a function of the private key alone: a restarted

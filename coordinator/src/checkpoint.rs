@@ -9,7 +9,6 @@ use metaloop_proto::tensor::{Bundle, HostTensor};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +18,8 @@ use std::time::Duration;
 pub struct State {
     /// Shared with the running job: a checkpoint does not copy the model.
     pub params: Arc<Bundle>,
-    pub momentum: Option<Bundle>,
+    /// Shared with the running job, as the model.
+    pub momentum: Option<Arc<Bundle>>,
     /// The strategy's named vectors (λ, optimizer moments, ...).
     pub outer: Vec<(String, Vec<f64>)>,
     pub version: u64,
@@ -128,13 +128,19 @@ pub fn hash_named(h: &mut metaloop_proto::checksum::StateHasher, state: &[(Strin
     }
 }
 
-/// Serialises a state.
-///
-/// # Errors
-/// When safetensors refuses the layout.
-pub fn encode(state: &State) -> anyhow::Result<Vec<u8>> {
-    // Views over the state's own memory: the only copy is the file's bytes.
-    let model = std::iter::once(("", state.params.as_ref())).chain(state.momentum.iter().map(|m| (MOMENTUM, m)));
+/// Serialises a state in memory: the bytes [`write_state`] writes.
+#[cfg(test)]
+fn encode(state: &State) -> anyhow::Result<Vec<u8>> {
+    let (tensors, metadata) = views(state)?;
+    Ok(safetensors::serialize(tensors, Some(metadata))?)
+}
+
+/// A state as safetensors views over its own memory, and the file's metadata.
+type Views<'a> = (Vec<(String, TensorView<'a>)>, HashMap<String, String>);
+
+fn views(state: &State) -> anyhow::Result<Views<'_>> {
+    let model =
+        std::iter::once(("", state.params.as_ref())).chain(state.momentum.iter().map(|m| (MOMENTUM, m.as_ref())));
     let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
     for (prefix, b) in model {
         for t in &b.tensors {
@@ -160,7 +166,7 @@ pub fn encode(state: &State) -> anyhow::Result<Vec<u8>> {
         ("state_checksum".to_string(), state.checksum.clone()),
         ("counters".to_string(), serde_json::to_string(&state.counters)?),
     ]);
-    Ok(safetensors::serialize(views, Some(metadata))?)
+    Ok((views, metadata))
 }
 
 /// The little-endian bytes of numbers in memory. Only little-endian targets are built, where
@@ -210,7 +216,7 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<State> {
             .iter()
             .map(|n| f32s(&format!("{MOMENTUM}{n}")).map(|t| HostTensor { name: n.clone(), ..t }))
             .collect::<anyhow::Result<_>>()?;
-        Some(Bundle { tensors })
+        Some(Arc::new(Bundle { tensors }))
     } else {
         None
     };
@@ -250,22 +256,43 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<State> {
 /// # Errors
 /// On any I/O failure (a full disk, say), naming the file; the temporary file is removed.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
-    write_atomic_slowly(dir, name, bytes, Duration::ZERO)
+    write_atomic_with(dir, name, Duration::ZERO, |tmp| Ok(std::fs::write(tmp, bytes)?))
 }
 
-/// [`write_atomic`] with a pause between writing the temporary file and renaming it, so tests
+/// Writes `state` to `dir/name` as [`write_atomic`] does, streamed from the state's own memory
+/// into the file: no copy of the file is made in memory.
+///
+/// # Errors
+/// As [`write_atomic`], or when safetensors refuses the layout.
+pub fn write_state(dir: &Path, name: &str, state: &State) -> anyhow::Result<PathBuf> {
+    write_state_slowly(dir, name, state, Duration::ZERO)
+}
+
+/// [`write_state`] with a pause between writing the temporary file and renaming it, so tests
 /// can kill the process inside that window.
-fn write_atomic_slowly(dir: &Path, name: &str, bytes: &[u8], pause: Duration) -> anyhow::Result<PathBuf> {
+fn write_state_slowly(dir: &Path, name: &str, state: &State, pause: Duration) -> anyhow::Result<PathBuf> {
+    write_atomic_with(dir, name, pause, |tmp| {
+        let (tensors, metadata) = views(state)?;
+        Ok(safetensors::serialize_to_file(tensors, Some(metadata), tmp)?)
+    })
+}
+
+/// `write` fills the temporary file; then fsync, `pause`, rename, fsync of the directory.
+fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    pause: Duration,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+    let result = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::thread::sleep(pause);
         std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    });
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("writing {}", path.display()));
@@ -318,7 +345,7 @@ fn prune_plan(found: &[(u64, PathBuf)], written: u64, keep: usize) -> Vec<PathBu
 /// On an I/O failure, naming the file.
 pub fn save(dir: &Path, state: &State, keep: usize, pause: Duration) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = write_atomic_slowly(dir, &file_name(state.rounds_done), &encode(state)?, pause)?;
+    let path = write_state_slowly(dir, &file_name(state.rounds_done), state, pause)?;
     for old in prune_plan(&list(dir), state.rounds_done, keep) {
         if let Err(e) = std::fs::remove_file(&old) {
             tracing::warn!(path = %old.display(), error = %e, "could not remove an old checkpoint");
@@ -383,9 +410,9 @@ mod tests {
             params: Arc::new(Bundle {
                 tensors: vec![t("l0.weight", 1.5), t("l0.bias", 0.25)],
             }),
-            momentum: Some(Bundle {
+            momentum: Some(Arc::new(Bundle {
                 tensors: vec![t("l0.weight", 0.5), t("l0.bias", 0.125)],
-            }),
+            })),
             outer: vec![
                 ("domain_weights.lambda".into(), vec![0.1, -0.2]),
                 ("domain_weights.adam_step".into(), vec![3.0]),
@@ -410,6 +437,24 @@ mod tests {
             decode(&encode(&no_momentum).expect("encode")).expect("decode"),
             no_momentum
         );
+    }
+
+    /// The file streamed from the state's memory is the in-memory encoding (the same length;
+    /// the metadata's order differs from one encoding to the next), it decodes to the state, and
+    /// nothing is left behind but it.
+    #[test]
+    fn a_written_state_is_its_encoding() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = state(4);
+        let path = write_state(dir.path(), "final.safetensors", &s).expect("write");
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(bytes.len(), encode(&s).expect("encode").len());
+        assert_eq!(decode(&bytes).expect("decode"), s);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("final.safetensors")]);
     }
 
     #[test]

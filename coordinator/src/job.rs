@@ -12,6 +12,7 @@ use crate::prepare::{job_identity, prepare_data, Prepared};
 use crate::round::{Action, Payload, RoundCore};
 use crate::rundir::{RoundRecord, RunDir, Summary};
 use crate::scheduler::{AssignmentTimeout, Scheduler, WorkerId};
+use crate::server::deltas::{DeltaGate, SumState};
 use crate::server::{self, Event, Outgoing, Traffic};
 use crate::strategy::{self, PhaseChange};
 use anyhow::{bail, Context};
@@ -193,6 +194,7 @@ impl Coordinator {
                 handshakes: self.options.max_handshakes.max(1),
                 workers: self.options.max_workers.max(1),
             },
+            state.deltas.clone(),
             events_tx,
             traffic.clone(),
             tracker.clone(),
@@ -272,9 +274,7 @@ impl Coordinator {
         let mut final_error = None;
         if outcome.is_ok() && !finishing_only {
             let snapshot = state.snapshot(&traffic);
-            if let Err(e) =
-                checkpoint::write_atomic(&self.options.run_dir, FINAL_STATE, &checkpoint::encode(&snapshot)?)
-            {
+            if let Err(e) = checkpoint::write_state(&self.options.run_dir, FINAL_STATE, &snapshot) {
                 final_error = Some(match &state.last_checkpoint {
                     Some(p) => e.context(format!(
                         "the final state could not be saved; the newest checkpoint {} is intact (continue from it with --resume)",
@@ -489,6 +489,8 @@ struct LoopState {
     /// The last update and the full model, each encoded once for every worker that needs it.
     last_step: Option<net::EncodedBundle>,
     full: Option<(u64, net::EncodedBundle)>,
+    /// When each worker's delta is read (told where the round's sum stands).
+    deltas: Arc<DeltaGate>,
     eval: ComputeThread<Evaluator>,
     last_eval: (f64, f64),
     last_meta_loss: Option<f64>,
@@ -545,6 +547,7 @@ impl LoopState {
             peers: HashMap::new(),
             last_step: None,
             full: None,
+            deltas: DeltaGate::new(config.outer.max_receiving as usize),
             eval,
             last_eval: (f64::NAN, 0.0),
             last_meta_loss: None,
@@ -694,7 +697,7 @@ impl LoopState {
             // training sample is kept), and a fresh proxy starts from the initial parameters.
             let params = self.core.params().clone();
             let losses = self.eval.call(move |e| e.per_sample_losses(&params)).await??;
-            self.core.restart_after_reference(losses);
+            self.core.restart_after_reference(losses)?;
             self.last_step = None;
             self.full = None;
             tracing::info!(
@@ -703,7 +706,13 @@ impl LoopState {
             );
         }
         let actions = self.core.start_round(round, Instant::now());
+        self.report_sum();
         self.apply(actions);
+        // Every worker holding the last version has its step now (the sends hold the encoding
+        // until they are done); anyone who needs the model later this round gets it in full,
+        // so the update is not kept beside the round's deltas.
+        self.core.forget_step();
+        self.last_step = None;
         let mut alone_since: Option<Instant> = None;
         while !self.core.round_complete() {
             let idle = if self.peers.is_empty() {
@@ -734,12 +743,14 @@ impl LoopState {
             self.handle(event)?;
         }
 
-        let outcome = self.core.finish_round()?;
-        self.last_meta_loss = outcome.report.meta_loss;
-        // The old version's encodings are stale: free them before encoding the new step.
+        // The old version's encodings are stale: let go of them (the full one shares the
+        // model's memory) so the model takes the update in place.
         self.full = None;
         self.last_step = None;
-        self.last_step = Some(net::EncodedBundle::new(&outcome.update));
+        let outcome = self.core.finish_round()?;
+        self.last_meta_loss = outcome.report.meta_loss;
+        // Sent from the update's own memory.
+        self.last_step = Some(net::EncodedBundle::shared(outcome.update.clone()));
 
         // Evaluated on the evaluation thread while the next round trains (`complete`).
         let evaluation: Option<EvalFuture> = if (round + 1) % self.eval_every == 0 || round + 1 == self.rounds {
@@ -863,7 +874,17 @@ impl LoopState {
                 }
                 self.core.worker_lost(worker, kind, now)
             }
-            Event::Result { worker, result, delta } => self.core.result(worker, result, delta, now),
+            Event::Result {
+                worker,
+                result,
+                delta,
+                permit,
+            } => {
+                let actions = self.core.result(worker, result, delta, now);
+                self.report_sum();
+                drop(permit);
+                actions
+            }
             Event::Failed {
                 worker,
                 round,
@@ -876,6 +897,13 @@ impl LoopState {
         };
         self.apply(actions);
         Ok(())
+    }
+
+    /// Tells the delta gate where the round's sum stands.
+    fn report_sum(&self) {
+        if let Some((round, next, buffered)) = self.core.sum_progress() {
+            self.deltas.update(SumState { round, next, buffered });
+        }
     }
 
     /// Carries out the core's actions: plans (with their bundles, each encoded once per
@@ -901,7 +929,7 @@ impl LoopState {
                             let full = match &self.full {
                                 Some((v, b)) if *v == version => b.clone(),
                                 _ => {
-                                    let b = net::EncodedBundle::new(self.core.params());
+                                    let b = net::EncodedBundle::shared(self.core.params().clone());
                                     self.full = Some((version, b.clone()));
                                     b
                                 }

@@ -3,12 +3,14 @@
 
 use metaloop_proto::config::{OuterConfig, OuterMethod};
 use metaloop_proto::tensor::Bundle;
+use std::sync::Arc;
 
-/// Outer optimizer state (the Nesterov momentum buffer, in Δ's sign convention).
+/// Outer optimizer state (the Nesterov momentum buffer, in Δ's sign convention; shared with
+/// a checkpoint being written rather than copied).
 #[derive(Debug, Clone)]
 pub struct OuterOptimizer {
     config: OuterConfig,
-    momentum: Option<Bundle>,
+    momentum: Option<Arc<Bundle>>,
 }
 
 impl OuterOptimizer {
@@ -17,12 +19,12 @@ impl OuterOptimizer {
     }
 
     /// The momentum buffer, for checkpoints and the state checksum.
-    pub fn momentum(&self) -> Option<&Bundle> {
+    pub fn momentum(&self) -> Option<&Arc<Bundle>> {
         self.momentum.as_ref()
     }
 
     /// Restores the momentum buffer from a checkpoint.
-    pub fn set_momentum(&mut self, momentum: Option<Bundle>) {
+    pub fn set_momentum(&mut self, momentum: Option<Arc<Bundle>>) {
         self.momentum = momentum;
     }
 
@@ -39,14 +41,16 @@ impl OuterOptimizer {
                 }
             }
             OuterMethod::Nesterov => {
-                let mut buf = self.momentum.take().unwrap_or_else(|| mean.zeros_like());
+                let mut shared = self.momentum.take().unwrap_or_else(|| Arc::new(mean.zeros_like()));
+                // In place unless a checkpoint still holds it.
+                let buf = Arc::make_mut(&mut shared);
                 for (b, d) in buf.tensors.iter_mut().zip(&mut mean.tensors) {
                     for (bv, dv) in b.data.iter_mut().zip(&mut d.data) {
                         *bv = mu * *bv + *dv;
                         *dv = lr * (*dv + mu * *bv);
                     }
                 }
-                self.momentum = Some(buf);
+                self.momentum = Some(shared);
             }
         }
         mean
@@ -129,6 +133,16 @@ impl OrderedSum {
                 }
             }
         }
+    }
+
+    /// The assignment whose delta is folded in next (`n` once all are).
+    pub fn next(&self) -> usize {
+        self.next
+    }
+
+    /// Deltas that arrived ahead of their turn, waiting.
+    pub fn buffered(&self) -> usize {
+        self.waiting.len()
     }
 
     /// The combined delta (the mean for [`Combine::Mean`]), once all `n` have been added.
@@ -220,6 +234,7 @@ mod tests {
             momentum: 0.0,
             delta_dtype: metaloop_proto::config::DeltaDType::F32,
             delta_block: None,
+            max_receiving: 2,
         });
         assert_eq!(
             o.step(combine(Combine::Mean, vec![b(&[1.0, 2.0]), b(&[3.0, -2.0])])),
@@ -235,6 +250,7 @@ mod tests {
             momentum: 0.0,
             delta_dtype: metaloop_proto::config::DeltaDType::F32,
             delta_block: None,
+            max_receiving: 2,
         });
         // 0.5 · (0.25·(4, 0) + 0.75·(0, −8)) = (0.5, −3).
         let u = o.step(combine(
@@ -252,6 +268,7 @@ mod tests {
             momentum: 0.9,
             delta_dtype: metaloop_proto::config::DeltaDType::F32,
             delta_block: None,
+            max_receiving: 2,
         });
         // Round 1: Δ̄ = 2; b = 2; u = 0.5·(2 + 0.9·2) = 1.9.
         let u1 = o.step(combine(Combine::Mean, vec![b(&[1.0]), b(&[3.0])]));

@@ -39,7 +39,7 @@ pub enum Action {
     Drop { worker: WorkerId, reason: &'static str },
 }
 
-/// The bundle that precedes a plan on its own stream.
+/// The bundle that follows a plan, on its own stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Payload {
     /// The current model in full, as transfer `transfer`.
@@ -87,12 +87,19 @@ pub struct Tally {
     pub best_meta: Option<(u64, f64, f64, f64)>,
 }
 
+/// Whether `strategy` will restart from the initial parameters at some round (phase changes
+/// come due at a round and stay due until they are made).
+fn restarts_ahead(strategy: &dyn OuterStrategy) -> bool {
+    strategy.phase_change(u64::MAX) == Some(PhaseChange::RestartAfterReference)
+}
+
 /// The coordinator's outer-loop state and decisions.
 #[derive(Debug)]
 pub struct RoundCore {
     seed: u64,
-    /// The model before round 0 (what DoReMi's proxy restarts from).
-    initial: Arc<Bundle>,
+    /// The model before round 0, kept only while the strategy will still restart from it
+    /// (DoReMi's proxy); otherwise it would be a second model held for nothing.
+    initial: Option<Arc<Bundle>>,
     /// The global model, shared (not copied) with evaluation and checkpoints.
     params: Arc<Bundle>,
     version: u64,
@@ -119,11 +126,11 @@ impl RoundCore {
         strategy: Box<dyn OuterStrategy>,
         scheduler: Scheduler,
     ) -> Self {
-        let initial = Arc::new(initial);
+        let params = Arc::new(initial);
         Self {
-            checksum: bundle_checksum(&initial),
-            params: initial.clone(),
-            initial,
+            checksum: bundle_checksum(&params),
+            initial: restarts_ahead(strategy.as_ref()).then(|| params.clone()),
+            params,
             seed,
             version: 0,
             has_step: false,
@@ -166,6 +173,12 @@ impl RoundCore {
     /// When the next busy worker becomes overdue.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.scheduler.next_deadline()
+    }
+
+    /// The round in progress, the assignment its ordered sum takes next and how many deltas
+    /// it holds ahead of their turn.
+    pub fn sum_progress(&self) -> Option<(u64, usize, usize)> {
+        self.round.as_ref().map(|r| (r.number, r.sum.next(), r.sum.buffered()))
     }
 
     /// True when the round in progress has every result.
@@ -296,12 +309,25 @@ impl RoundCore {
 
     /// DoReMi: the model trained so far is the reference (`losses`: its loss on every training
     /// sample); a fresh proxy starts from the job's initial parameters.
-    pub fn restart_after_reference(&mut self, losses: Vec<Vec<f64>>) {
+    ///
+    /// # Errors
+    /// When the initial parameters were not kept (the strategy said it would not restart).
+    pub fn restart_after_reference(&mut self, losses: Vec<Vec<f64>>) -> anyhow::Result<()> {
+        let Some(initial) = self.initial.take() else {
+            bail!("the strategy restarts from the initial parameters, which were not kept");
+        };
         self.strategy.set_reference(losses);
-        self.params = self.initial.clone();
+        self.params = initial;
         self.outer.set_momentum(None);
         self.version += 1;
         self.checksum = bundle_checksum(&self.params);
+        self.has_step = false;
+        Ok(())
+    }
+
+    /// From now on a worker one version behind is sent the full model, not the last update
+    /// (the run loop has let go of the update's encoding).
+    pub fn forget_step(&mut self) {
         self.has_step = false;
     }
 
@@ -483,6 +509,9 @@ impl RoundCore {
         self.checksum = bundle_checksum(&self.params);
         self.rounds_done = c.rounds_done;
         self.has_step = false;
+        if !restarts_ahead(self.strategy.as_ref()) {
+            self.initial = None;
+        }
         let k = &c.counters;
         self.tally.samples = k.samples;
         self.tally.reassigned_before = k.reassigned;

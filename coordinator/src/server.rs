@@ -3,10 +3,12 @@
 //! decision is made by the run loop and the scheduler.
 
 mod admission;
+pub mod deltas;
 
 use crate::identity::{self, Tls};
 use crate::scheduler::WorkerId;
 use admission::{Admission, Decision, Ticket};
+use deltas::{DeltaGate, Permit};
 use metaloop_common::net::{self, Inbox, NetError};
 use metaloop_proto::proto::{
     self, AssignmentResult, BundleLayout, CoordinatorMsg, Hello, JobSpec, RoundPlan, Welcome, WorkerMsg,
@@ -42,6 +44,8 @@ pub enum Event {
         worker: WorkerId,
         result: AssignmentResult,
         delta: Bundle,
+        /// Drop it once the delta is in the sum and the gate has the sum's new state.
+        permit: Permit,
     },
     Failed {
         worker: WorkerId,
@@ -62,7 +66,7 @@ pub enum Event {
 /// What the run loop sends to one worker.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// A round plan, preceded by the bundle it refers to (full model or update), if any.
+    /// A round plan, then the bundle it refers to (full model or update), if any.
     Plan {
         plan: Box<RoundPlan>,
         bundle: Option<(u64, net::EncodedBundle)>,
@@ -118,11 +122,14 @@ impl Drop for Slot {
     }
 }
 
-/// Accepts connections until `stop` is cancelled; every connection task is tracked.
+/// Accepts connections until `stop` is cancelled; every connection task is tracked. Every
+/// worker's deltas are read when `deltas` lets them.
+#[allow(clippy::too_many_arguments)]
 pub async fn accept_loop(
     tls: Arc<Tls>,
     job: JobSpec,
     limits: Limits,
+    deltas: Arc<DeltaGate>,
     events: mpsc::UnboundedSender<Event>,
     traffic: Arc<Traffic>,
     tracker: TaskTracker,
@@ -188,7 +195,7 @@ pub async fn accept_loop(
             }
         };
         next_id += 1;
-        let (id, job, events, traffic, stop, workers, tls, delta_layout) = (
+        let (id, job, events, traffic, stop, workers, tls, delta_layout, deltas) = (
             next_id,
             job.clone(),
             events.clone(),
@@ -197,6 +204,7 @@ pub async fn accept_loop(
             workers.clone(),
             tls.clone(),
             delta_layout.clone(),
+            deltas.clone(),
         );
         tracker.spawn(async move {
             let refuse = |kind: &'static str, reason: String| {
@@ -250,7 +258,7 @@ pub async fn accept_loop(
                 (&mut send, &mut recv),
                 hello,
                 job,
-                Inbox::new((*delta_layout).clone()),
+                (Inbox::new((*delta_layout).clone()), &deltas),
                 &events,
                 &traffic,
                 stop,
@@ -302,7 +310,7 @@ async fn serve(
     (send, recv): (&mut SendStream, &mut RecvStream),
     hello: Hello,
     job: JobSpec,
-    bundles: Inbox,
+    (bundles, deltas): (Inbox, &Arc<DeltaGate>),
     events: &mpsc::UnboundedSender<Event>,
     traffic: &Traffic,
     stop: CancellationToken,
@@ -326,58 +334,103 @@ async fn serve(
         return Ok(());
     }
     tokio::select! {
-        e = bundles.fill(conn, &traffic.bytes_in) => Err(e),
-        r = read_loop(id, recv, &bundles, events) => r,
+        e = bundles.fill(conn) => Err(e),
+        r = read_loop(id, recv, (&bundles, deltas), events, traffic) => r,
         r = write_loop(conn, send, inbox_rx, traffic) => r,
         () = stop.cancelled() => Ok(()),
     }
 }
 
+/// The worker's control messages, in order, each turned into an event. A result's delta is
+/// read when the gate lets it, concurrently with the worker's other results: one waiting for
+/// its turn must not hold back a later message that the sum needs first (a worker may send
+/// the result of a reassigned, earlier assignment after one of its own).
 async fn read_loop(
     id: WorkerId,
     recv: &mut RecvStream,
-    bundles: &Inbox,
+    (bundles, deltas): (&Inbox, &Arc<DeltaGate>),
     events: &mpsc::UnboundedSender<Event>,
+    traffic: &Traffic,
 ) -> Result<(), NetError> {
-    loop {
-        let Some(msg) = net::read_frame::<WorkerMsg>(recv, "worker message").await? else {
-            return Ok(());
-        };
-        let event = match msg {
-            WorkerMsg::Result(result) => {
-                let delta = tokio::time::timeout(BUNDLE_TIMEOUT, bundles.take(result.delta_transfer))
-                    .await
-                    .map_err(|_| NetError::Peer {
-                        reason: "bundle_timeout",
-                        detail: format!("delta {} did not arrive in time", result.delta_transfer),
-                    })??;
-                Event::Result {
-                    worker: id,
-                    result,
-                    delta,
+    let (results_tx, mut results_rx) = mpsc::unbounded_channel();
+    let messages = async move {
+        loop {
+            let Some(msg) = net::read_frame::<WorkerMsg>(recv, "worker message").await? else {
+                return Ok(());
+            };
+            match msg {
+                WorkerMsg::Result(result) => {
+                    if results_tx.send(result).is_err() {
+                        return Ok(());
+                    }
+                }
+                WorkerMsg::Failed {
+                    round,
+                    assignment,
+                    reason,
+                } => {
+                    let event = Event::Failed {
+                        worker: id,
+                        round,
+                        assignment,
+                        reason,
+                    };
+                    if events.send(event).is_err() {
+                        return Ok(());
+                    }
+                }
+                WorkerMsg::Hello(_) => {
+                    return Err(NetError::Peer {
+                        reason: "second_hello",
+                        detail: "a second hello on an open connection".into(),
+                    })
                 }
             }
-            WorkerMsg::Failed {
-                round,
-                assignment,
-                reason,
-            } => Event::Failed {
-                worker: id,
-                round,
-                assignment,
-                reason,
-            },
-            WorkerMsg::Hello(_) => {
-                return Err(NetError::Peer {
-                    reason: "second_hello",
-                    detail: "a second hello on an open connection".into(),
-                })
-            }
-        };
-        if events.send(event).is_err() {
-            return Ok(());
         }
-    }
+    };
+    let results = async {
+        let mut reading = futures_util::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                r = results_rx.recv() => match r {
+                    Some(result) => reading.push(receive_delta(id, result, (bundles, deltas), traffic)),
+                    None if reading.is_empty() => return Ok(()),
+                    None => {}
+                },
+                Some(done) = futures_util::StreamExt::next(&mut reading), if !reading.is_empty() => {
+                    if events.send(done?).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    tokio::try_join!(messages, results).map(|_| ())
+}
+
+/// A result's delta: claimed from the inbox (it must arrive in time), read once the gate lets
+/// it (unread until then), as the result's event.
+async fn receive_delta(
+    id: WorkerId,
+    result: AssignmentResult,
+    (bundles, deltas): (&Inbox, &Arc<DeltaGate>),
+    traffic: &Traffic,
+) -> Result<Event, NetError> {
+    let pending = tokio::time::timeout(BUNDLE_TIMEOUT, bundles.claim(result.delta_transfer))
+        .await
+        .map_err(|_| NetError::Peer {
+            reason: "bundle_timeout",
+            detail: format!("delta {} did not arrive in time", result.delta_transfer),
+        })??;
+    let permit = deltas.admit(result.round, result.assignment as usize).await;
+    let (delta, n) = pending.read().await?;
+    traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(Event::Result {
+        worker: id,
+        result,
+        delta,
+        permit,
+    })
 }
 
 async fn write_loop(
@@ -388,12 +441,15 @@ async fn write_loop(
 ) -> Result<(), NetError> {
     while let Some(out) = outbox.recv().await {
         match out {
+            // The plan first: a bundle stream is read when the message naming it has been (the
+            // receiver decides when to read it), and one larger than QUIC's stream window would
+            // otherwise wait for a reader that waits for the plan.
             Outgoing::Plan { plan, bundle } => {
+                net::write_frame(send, &CoordinatorMsg::Round(*plan)).await?;
                 if let Some((transfer, b)) = bundle {
                     let n = net::send_encoded(conn, transfer, &b).await?;
                     traffic.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                net::write_frame(send, &CoordinatorMsg::Round(*plan)).await?;
             }
             Outgoing::Shutdown { reason, finished } => {
                 net::write_frame(send, &CoordinatorMsg::Shutdown { reason, finished }).await?;

@@ -499,6 +499,11 @@ pub struct OuterConfig {
     pub delta_dtype: DeltaDType,
     /// `int8`: values per scale (default [`DEFAULT_DELTA_BLOCK`]).
     pub delta_block: Option<u32>,
+    /// Most deltas the coordinator holds decoded or is reading at once, besides the round's
+    /// running sum: the one the sum needs next, and `max_receiving − 1` read ahead of their
+    /// turn. The rest wait unread (their senders held back by QUIC flow control), so its memory
+    /// does not grow with the number of workers. Does not change results.
+    pub max_receiving: u32,
 }
 
 /// Values per scale of int8 deltas unless `[outer] delta_block` says otherwise: 64 values and
@@ -527,6 +532,7 @@ impl Default for OuterConfig {
             momentum: 0.9,
             delta_dtype: DeltaDType::F32,
             delta_block: None,
+            max_receiving: 2,
         }
     }
 }
@@ -1196,6 +1202,7 @@ impl JobConfig {
             // outlier flattens a megabyte of the delta.
             p.range("outer.delta_block", block, Range::within(16, 1 << 20));
         }
+        p.range("outer.max_receiving", o.max_receiving, Range::within(1, 4096));
     }
 }
 

@@ -15,7 +15,6 @@ use metaloop_common::net::{self, EncodedBundle, Inbox, TlsFiles};
 use metaloop_proto::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, WorkerMsg};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,13 @@ pub struct CoordinatorArgs {
     /// Delta dtypes (`[outer] delta_dtype`) for the memory table.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     memory_deltas: Vec<String>,
+    /// `[outer] max_receiving` values for the memory table.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    memory_receiving: Vec<u32>,
+    /// `[outer] method` for the memory table: `nesterov` (the default; its momentum is one
+    /// more model) or `average`.
+    #[arg(long, default_value = "nesterov")]
+    memory_outer: String,
     #[arg(long, default_value_t = 3)]
     memory_rounds: u64,
     /// The digits data (train, test and meta safetensors).
@@ -106,26 +112,31 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             args.memory_rounds
         );
         println!();
-        println!("| model | workers | deltas | coordinator peak RSS | peak RSS / model | (peak − small-model peak) / model |");
-        println!("|---|---|---|---|---|---|");
+        println!(
+            "| model | outer | workers | deltas | max_receiving | coordinator peak RSS | peak RSS / model | (peak − small-model peak) / model |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        let outer = &args.memory_outer;
         for &workers in &args.memory_workers {
             for dtype in &args.memory_deltas {
-                let c = one_run(
-                    &data,
-                    workers,
-                    args.memory_rounds,
-                    &format!("hidden = [{h}, {h}]"),
-                    &format!("delta_dtype = \"{dtype}\""),
-                )
-                .await?;
-                let base = baseline_rss.unwrap_or(0);
-                println!(
-                    "| {} MiB | {workers} | {dtype} | {} MiB | {:.2} | {:.2} |",
-                    bytes >> 20,
-                    c.peak_rss >> 20,
-                    c.peak_rss as f64 / bytes as f64,
-                    c.peak_rss.saturating_sub(base) as f64 / bytes as f64
-                );
+                for &receiving in &args.memory_receiving {
+                    let c = one_run(
+                        &data,
+                        workers,
+                        args.memory_rounds,
+                        &format!("hidden = [{h}, {h}]"),
+                        &format!("method = \"{outer}\"\ndelta_dtype = \"{dtype}\"\nmax_receiving = {receiving}"),
+                    )
+                    .await?;
+                    let base = baseline_rss.unwrap_or(0);
+                    println!(
+                        "| {} MiB | {outer} | {workers} | {dtype} | {receiving} | {} MiB | {:.2} | {:.2} |",
+                        bytes >> 20,
+                        c.peak_rss >> 20,
+                        c.peak_rss as f64 / bytes as f64,
+                        c.peak_rss.saturating_sub(base) as f64 / bytes as f64
+                    );
+                }
             }
         }
     }
@@ -353,10 +364,15 @@ async fn sim_worker(
     )));
     let filler = {
         let (inbox, conn) = (inbox.clone(), conn.clone());
-        tokio::spawn(async move { inbox.fill(&conn, &AtomicU64::new(0)).await })
+        tokio::spawn(async move { inbox.fill(&conn).await })
     };
     let mut transfer = 0u64;
+    // As a worker does: the result first, the delta in the background.
+    let mut sends = tokio::task::JoinSet::new();
     loop {
+        while let Some(sent) = sends.try_join_next() {
+            sent??;
+        }
         match net::read_frame::<CoordinatorMsg>(&mut recv, "control frame").await? {
             Some(CoordinatorMsg::Round(plan)) => {
                 match plan.model {
@@ -367,13 +383,14 @@ async fn sim_worker(
                 }
                 for a in plan.assignments {
                     transfer += 1;
-                    net::send_encoded(&conn, transfer, delta).await?;
                     let result = AssignmentResult {
                         train_loss: 1.0,
                         samples: 1,
                         ..AssignmentResult::new(plan.round, a.index, transfer)
                     };
                     net::write_frame(&mut send, &WorkerMsg::Result(result)).await?;
+                    let (conn, delta, transfer) = (conn.clone(), delta.clone(), transfer);
+                    sends.spawn(async move { net::send_encoded(&conn, transfer, &delta).await });
                 }
             }
             Some(CoordinatorMsg::Shutdown { .. }) | None => break,

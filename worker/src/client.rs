@@ -8,7 +8,6 @@ use metaloop_common::net::{self, Inbox, TlsFiles};
 use metaloop_proto::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, RoundPlan, WorkerMsg};
 use quinn::{Connection, SendStream};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -193,12 +192,14 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     // f32; a header that announces anything else is refused before its payload is read.
     let layout = metaloop_common::model::layout(&welcome.job.model).map_err(fatal)?;
     let inbox = Arc::new(Inbox::new(proto::BundleLayout::from_shapes(&layout, proto::DType::F32)));
-    let bytes_in = Arc::new(AtomicU64::new(0));
     let filler = {
-        let (inbox, conn, bytes_in) = (inbox.clone(), conn.clone(), bytes_in.clone());
-        tokio::spawn(async move { inbox.fill(&conn, &bytes_in).await })
+        let (inbox, conn) = (inbox.clone(), conn.clone());
+        tokio::spawn(async move { inbox.fill(&conn).await })
     };
     let mut next_transfer = 0u64;
+    // Deltas being sent: in the background, so the next assignment computes meanwhile (the
+    // coordinator reads each delta when its ordered sum can take it).
+    let mut sends = tokio::task::JoinSet::new();
     let outcome = loop {
         let msg = match net::read_frame::<CoordinatorMsg>(&mut recv, "control frame").await {
             Ok(Some(m)) => m,
@@ -208,8 +209,7 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         match msg {
             CoordinatorMsg::Round(plan) => {
                 if let Err(e) = round(
-                    conn,
-                    &mut send,
+                    (conn, &mut send, &mut sends),
                     &engine,
                     &inbox,
                     plan,
@@ -242,10 +242,15 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     outcome
 }
 
-/// Brings the model to the plan's version, then runs each assignment and returns its result.
+/// Deltas being sent in the background; each yields its bytes sent, or why it failed.
+type DeltaSends = tokio::task::JoinSet<Result<usize, net::NetError>>;
+
+/// Brings the model to the plan's version, then runs each assignment and returns its result:
+/// the result first, then its delta on a stream of its own, sent in the background (`sends`).
+/// A delta waits unread until the coordinator's ordered sum can take it, and the coordinator
+/// decides that from the result, so the result must not wait behind the delta.
 async fn round(
-    conn: &Connection,
-    send: &mut SendStream,
+    (conn, send, sends): (&Connection, &mut SendStream, &mut DeltaSends),
     engine: &Engine,
     inbox: &Inbox,
     plan: RoundPlan,
@@ -274,6 +279,10 @@ async fn round(
     };
     let asks = Arc::new(crate::train::RoundAsks::of(&plan));
     for a in plan.assignments {
+        // A delta that could not be sent: the connection is gone.
+        while let Some(sent) = sends.try_join_next() {
+            sent??;
+        }
         let index = a.index;
         let asks = asks.clone();
         let outcome = match &synced {
@@ -287,21 +296,19 @@ async fn round(
                 metrics::counter!(m::WORKER_SAMPLES).increment(out.samples);
                 metrics::gauge!(m::WORKER_INNER_LOSS).set(f64::from(out.mean_loss));
                 *next_transfer += 1;
-                net::send_encoded(
-                    conn,
-                    *next_transfer,
-                    &net::EncodedBundle::with_dtype(&out.delta, delta_dtype),
-                )
-                .await?;
+                let transfer = *next_transfer;
+                let delta = net::EncodedBundle::with_dtype(&out.delta, delta_dtype);
                 let result = AssignmentResult {
                     train_loss: out.mean_loss,
                     samples: out.samples,
                     compute_seconds: out.seconds,
                     meta_loss: out.meta_loss,
                     signal: out.signal,
-                    ..AssignmentResult::new(plan.round, index, *next_transfer)
+                    ..AssignmentResult::new(plan.round, index, transfer)
                 };
                 net::write_frame(send, &WorkerMsg::Result(result)).await?;
+                let conn = conn.clone();
+                sends.spawn(async move { net::send_encoded(&conn, transfer, &delta).await });
             }
             Err(e) => {
                 metrics::counter!(m::WORKER_ASSIGNMENTS, "outcome" => "failed").increment(1);

@@ -417,7 +417,9 @@ impl Sim {
                         .collect()
                 })
                 .collect();
-            self.core.restart_after_reference(losses);
+            self.core
+                .restart_after_reference(losses)
+                .expect("a DoReMi core keeps the initial parameters");
             self.last_update = None;
         }
         let actions = self.core.start_round(round, self.now);
