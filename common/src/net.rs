@@ -23,8 +23,8 @@ pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// A peer silent this long (no keep-alive either) is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Receive windows sized for bulk tensor transfer on fast links (quinn's defaults suit
-/// 100 Mbit/s): a 64 MiB stream window, 256 MiB per connection.
-const STREAM_WINDOW: u32 = 64 << 20;
+/// 100 Mbit/s): a 16 MiB stream window, 256 MiB per connection.
+const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
