@@ -49,6 +49,17 @@ impl Data {
         self.len() == 0
     }
 
+    /// Rows `rows` (inside the set) as a set of their own; all of them as they are.
+    fn rows(self, rows: Range<usize>) -> Data {
+        if rows == (0..self.len()) {
+            return self;
+        }
+        match self {
+            Data::Dense(d) => Data::Dense(d.rows(rows)),
+            Data::Text(t) => Data::Text(t.select(&rows.collect::<Vec<_>>())),
+        }
+    }
+
     /// Every row's class.
     pub fn labels(&self) -> &[i64] {
         match self {
@@ -249,14 +260,7 @@ pub fn load_set(
             len: full.len(),
         });
     }
-    Ok(match full {
-        Data::Dense(d) => Data::Dense(Dataset {
-            x: d.x[start * d.features..end * d.features].to_vec(),
-            y: d.y[start..end].to_vec(),
-            features: d.features,
-        }),
-        Data::Text(t) => Data::Text(t.select(&(start..end).collect::<Vec<_>>())),
-    })
+    Ok(full.rows(start..end))
 }
 
 /// Builds domain `index` of a job: its source (dense when `text` is `None`), subset and seeded

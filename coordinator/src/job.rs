@@ -745,12 +745,12 @@ impl LoopState {
 
         // The old version's encodings are stale: let go of them (the full one shares the
         // model's memory) so the model takes the update in place.
+        // (The last update's went when the round's first plans were out.)
         self.full = None;
-        self.last_step = None;
         let outcome = self.core.finish_round()?;
         self.last_meta_loss = outcome.report.meta_loss;
         // Sent from the update's own memory.
-        self.last_step = Some(net::EncodedBundle::shared(outcome.update.clone()));
+        self.last_step = Some(net::EncodedBundle::shared(outcome.update));
 
         // Evaluated on the evaluation thread while the next round trains (`complete`).
         let evaluation: Option<EvalFuture> = if (round + 1) % self.eval_every == 0 || round + 1 == self.rounds {

@@ -21,6 +21,16 @@ impl Dataset {
         self.y.is_empty()
     }
 
+    /// Rows `rows` (inside the set), as a set of their own.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Dataset {
+        let f = self.features;
+        Dataset {
+            x: self.x[rows.start * f..rows.end * f].to_vec(),
+            y: self.y[rows].to_vec(),
+            features: f,
+        }
+    }
+
     /// Contiguous shard `index` of `count` (sizes differ by at most one).
     pub fn shard_range(&self, index: u32, count: u32) -> std::ops::Range<usize> {
         let (n, k, i) = (self.len(), count.max(1) as usize, index as usize);

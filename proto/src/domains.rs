@@ -114,12 +114,8 @@ pub fn build(cfg: &DomainConfig, index: usize, classes: u32, job_seed: u64) -> R
         error,
     })?;
     let (start, end) = rows(cfg, full.len())?;
-    let f = full.features;
-    let mut data = Dataset {
-        x: full.x[start * f..end * f].to_vec(),
-        y: full.y[start..end].to_vec(),
-        features: f,
-    };
+    let mut data = full.rows(start..end);
+    let f = data.features;
     let mut rng = SplitMix64::new(corruption_seed(job_seed, index));
     let permutation = cfg.permute_labels.then(|| derangement(classes as usize, &mut rng));
     if let Some(p) = &permutation {
