@@ -76,7 +76,9 @@ pub struct Trainer {
     device: Device,
     /// Host copy of the current version: the base every assignment starts from.
     params: Option<Bundle>,
-    version: Option<u64>,
+    /// The version held and its checksum (the coordinator's, which the bytes were checked
+    /// against when they arrived in full, or reached from there by exact updates).
+    version: Option<(u64, [u8; 32])>,
     model: Option<Box<dyn Model>>,
     /// With several replicas, this one's member of their collective; `None` when alone.
     collective: Option<Box<dyn Collective>>,
@@ -118,7 +120,7 @@ impl Trainer {
 
     /// The model version held, if any.
     pub fn version(&self) -> Option<u64> {
-        self.version
+        self.version.map(|(v, _)| v)
     }
 
     /// Replaces the model with full parameters of `version`, checked against `checksum`.
@@ -134,18 +136,25 @@ impl Trainer {
         }
         self.model = Some(model);
         self.params = Some(params);
-        self.version = Some(version);
+        self.version = Some((version, checksum));
         Ok(())
     }
 
     /// Applies the coordinator's exact update `step` to version `base`, giving `version`.
     ///
+    /// The result is not hashed again: `base` was checked (in full, or by induction from a
+    /// version that was), the coordinator made `version` from it by this same f32 addition
+    /// of these same bytes (`Bundle::add_assign`), and TLS delivered them intact, so the
+    /// bytes are the coordinator's by construction. The model keeps its tensors: every
+    /// assignment loads the parameters into it first.
+    ///
     /// # Errors
-    /// `Mismatch` when we do not hold `base`, the layouts differ or the result's checksum
-    /// differs; the model is then dropped so the coordinator resends it in full.
+    /// `Mismatch` when we do not hold `base` or the layouts differ; the model is then dropped
+    /// so the coordinator resends it in full.
     pub fn apply_step(&mut self, base: u64, version: u64, checksum: [u8; 32], step: &Bundle) -> Result<(), TrainError> {
-        let held = self.version.take();
+        let held = self.version.take().map(|(v, _)| v);
         if held != Some(base) {
+            self.params = None;
             return Err(TrainError::Mismatch(format!(
                 "update is for version {base}, we hold {held:?}"
             )));
@@ -155,19 +164,27 @@ impl Trainer {
             return Err(TrainError::Mismatch("update layout differs from the model".into()));
         }
         params.add_assign(step);
-        self.set_model(version, checksum, params)
+        self.params = Some(params);
+        self.version = Some((version, checksum));
+        Ok(())
     }
 
-    /// Confirms we hold `version` with `checksum`.
+    /// Confirms we hold `version` with `checksum` (the one we were given for it: the bytes
+    /// are not hashed again).
     ///
     /// # Errors
     /// `Mismatch` otherwise.
     pub fn check_version(&self, version: u64, checksum: [u8; 32]) -> Result<(), TrainError> {
-        match &self.params {
-            Some(p) if self.version == Some(version) => verify(p, checksum, version),
-            _ => Err(TrainError::Mismatch(format!(
+        match self.version {
+            Some((v, held)) if v == version && held == checksum => Ok(()),
+            Some((v, held)) if v == version => Err(TrainError::Mismatch(format!(
+                "version {version}: checksum {} differs from the coordinator's {}",
+                hex(&held[..8]),
+                hex(&checksum[..8])
+            ))),
+            held => Err(TrainError::Mismatch(format!(
                 "need version {version}, hold {:?}",
-                self.version
+                held.map(|(v, _)| v)
             ))),
         }
     }
@@ -551,9 +568,15 @@ mod tests {
         let mut t = trainer();
         t.apply_step(0, 1, sum, &out.delta).expect("apply");
         t.check_version(1, sum).expect("held");
+        // Not hashed on arrival, but the same bytes as the coordinator's by construction.
+        verify(t.params.as_ref().expect("params"), sum, 1).expect("the coordinator's bytes");
+        assert!(t.check_version(1, [0; 32]).is_err(), "another checksum for the version held is refused");
+        assert!(t.check_version(2, sum).is_err(), "a version not held is refused");
+        let mut t = trainer();
         assert!(
-            t.apply_step(1, 2, [0; 32], &out.delta).is_err(),
-            "checksum mismatch is refused"
+            t.set_model(1, [0; 32], next.clone()).is_err(),
+            "full parameters that do not hash to the checksum are refused"
         );
+        assert_eq!(t.version(), None);
     }
 }
