@@ -184,7 +184,7 @@ pub fn server_endpoint(addr: SocketAddr, files: &TlsFiles) -> Result<Endpoint, N
 /// The key file, or binding the socket.
 pub fn bind_server(addr: SocketAddr, files: &TlsFiles, config: ServerConfig) -> Result<Endpoint, NetError> {
     let l = load(files)?;
-    let socket = std::net::UdpSocket::bind(addr).map_err(|source| NetError::Bind { addr, source })?;
+    let socket = udp_socket(addr).map_err(|source| NetError::Bind { addr, source })?;
     let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime for QUIC".into()))?;
     Endpoint::new(endpoint_config(&l.key), Some(config), socket, runtime)
         .map_err(|source| NetError::Bind { addr, source })
@@ -231,6 +231,23 @@ fn endpoint_config(key: &PrivateKeyDer<'_>) -> quinn::EndpointConfig {
     // coordinator would ignore the old ones instead of resetting them).
     config.cid_generator(|| Box::new(RandomCids));
     config
+}
+
+/// The kernel's send and receive buffers of a QUIC socket. Linux's default (208 KiB) holds a
+/// few milliseconds of a fast transfer; a receiver that falls that far behind drops datagrams,
+/// which QUIC takes for congestion. The kernel caps the request at `net.core.rmem_max` /
+/// `wmem_max` (raise those for more).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`]-sized buffers (as large as the kernel
+/// allows).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let s = socket2::SockRef::from(&socket);
+    // Best effort: a smaller buffer than asked is slower, not wrong.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    Ok(socket)
 }
 
 /// The HMAC key for stateless resets: a hash of the private key under a label of its own, so
@@ -288,7 +305,10 @@ pub fn client_endpoint(files: &TlsFiles, bind: SocketAddr) -> Result<Endpoint, N
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
-    let mut endpoint = Endpoint::client(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let socket = udp_socket(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime for QUIC".into()))?;
+    let mut endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .map_err(|source| NetError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

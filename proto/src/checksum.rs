@@ -95,8 +95,16 @@ mod tests {
             let data: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3 - 0.5).collect();
             let bundle = Bundle {
                 tensors: vec![
-                    HostTensor { name: "w".into(), shape: vec![n], data },
-                    HostTensor { name: "b".into(), shape: vec![2], data: vec![f32::MIN_POSITIVE, -0.0] },
+                    HostTensor {
+                        name: "w".into(),
+                        shape: vec![n],
+                        data,
+                    },
+                    HostTensor {
+                        name: "b".into(),
+                        shape: vec![2],
+                        data: vec![f32::MIN_POSITIVE, -0.0],
+                    },
                 ],
             };
             assert_eq!(bundle_checksum(&bundle), per_float(&bundle), "{n} floats");

@@ -570,7 +570,10 @@ mod tests {
         t.check_version(1, sum).expect("held");
         // Not hashed on arrival, but the same bytes as the coordinator's by construction.
         verify(t.params.as_ref().expect("params"), sum, 1).expect("the coordinator's bytes");
-        assert!(t.check_version(1, [0; 32]).is_err(), "another checksum for the version held is refused");
+        assert!(
+            t.check_version(1, [0; 32]).is_err(),
+            "another checksum for the version held is refused"
+        );
         assert!(t.check_version(2, sum).is_err(), "a version not held is refused");
         let mut t = trainer();
         assert!(
