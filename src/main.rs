@@ -129,7 +129,7 @@ pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Resu
     })?;
     print_warnings(path, &checked.warnings);
     let mut config = checked.config;
-    if !print_text_problems(path, &config) {
+    if !print_file_problems(path, &config) {
         return Err(ExitCode::from(EXIT_USAGE));
     }
     if let Some(r) = overrides.rounds {
@@ -154,10 +154,11 @@ pub(crate) fn load_config(path: &std::path::Path, overrides: &Overrides) -> Resu
     Ok(config)
 }
 
-/// Checks a text job's model directory and data files and prints every problem; whether there
-/// were none.
-fn print_text_problems(path: &std::path::Path, config: &JobConfig) -> bool {
-    let problems = metaloop_common::text::check_job(config);
+/// Checks what the config's own checks cannot (a text job's model directory and data files, a
+/// TorchScript module) and prints every problem; whether there were none.
+fn print_file_problems(path: &std::path::Path, config: &JobConfig) -> bool {
+    let mut problems = metaloop_common::text::check_job(config);
+    problems.extend(metaloop_common::torchscript::check_job(config));
     if !problems.is_empty() {
         eprintln!("config {} has {} problem(s):", path.display(), problems.len());
         for p in &problems {
@@ -303,7 +304,7 @@ async fn dispatch(command: Command, log_format: LogFormat) -> anyhow::Result<Exi
         Command::Validate { config } => match JobConfig::load_checked(&config) {
             Ok(checked) => {
                 print_warnings(&config, &checked.warnings);
-                if !print_text_problems(&config, &checked.config) {
+                if !print_file_problems(&config, &checked.config) {
                     return Ok(ExitCode::from(EXIT_USAGE));
                 }
                 match checked.warnings.len() {

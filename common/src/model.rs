@@ -174,6 +174,10 @@ pub fn layout(spec: &ModelSpec) -> Result<Vec<(String, Vec<usize>)>, ModelError>
             classes,
             ..
         } => crate::classifier::layout(config, *pooler, *classes),
+        ModelSpec::TorchScript { layout, .. } => Ok(layout
+            .iter()
+            .map(|(n, s)| (n.clone(), s.iter().map(|&d| d as usize).collect()))
+            .collect()),
     }
 }
 
@@ -182,7 +186,7 @@ pub fn layout(spec: &ModelSpec) -> Result<Vec<(String, Vec<usize>)>, ModelError>
 /// `nn.Linear`.
 ///
 /// # Panics
-/// For a BERT spec: its encoder starts from pretrained weights (`classifier::pretrained`).
+/// For a BERT or TorchScript spec: its encoder starts from pretrained weights (`classifier::pretrained`).
 pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
     let ModelSpec::Mlp {
         inputs,
@@ -191,7 +195,7 @@ pub fn init_params(spec: &ModelSpec, seed: u64) -> Bundle {
         ..
     } = spec
     else {
-        panic!("a BERT classifier starts from its pretrained weights, not from a seed");
+        panic!("a BERT classifier or TorchScript module starts from its file's weights, not from a seed");
     };
     let mut rng = SplitMix64::new(seed);
     let mut sizes = vec![*inputs as usize];
@@ -235,6 +239,7 @@ pub fn build(spec: &ModelSpec, params: &Bundle, device: Device) -> Result<Box<dy
             let pooling = if *cls { Pooling::Cls } else { Pooling::Mean };
             Ok(Box::new(BertClassifier::from_bundle(config, pooling, params, device)?))
         }
+        ModelSpec::TorchScript { .. } => Ok(Box::new(crate::torchscript::from_spec(spec, params, device)?)),
     }
 }
 
@@ -247,6 +252,8 @@ pub fn has_dropout(spec: &ModelSpec) -> bool {
             .map_or(true, |c| {
                 c.hidden_dropout_prob > 0.0 || c.attention_probs_dropout_prob > 0.0
             }),
+        // What a user's module does in train mode is its own: assume it may draw masks.
+        ModelSpec::TorchScript { .. } => true,
     }
 }
 

@@ -7,6 +7,7 @@ use anyhow::bail;
 use metaloop_common::classifier;
 use metaloop_common::data::{self, Data};
 use metaloop_common::model;
+use metaloop_common::torchscript;
 use metaloop_proto::checksum::{hex, StateHasher};
 use metaloop_proto::config::{InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, Pooling};
 use metaloop_proto::domains;
@@ -36,7 +37,13 @@ pub(crate) fn job_identity(config: &JobConfig, data: &Prepared) -> JobIdentity {
     JobIdentity {
         seed: config.seed,
         rounds: config.rounds,
-        model: format!("{:?}", job.model),
+        model: match &job.model {
+            // The file is the architecture; its bytes are not in the spec's debug text.
+            ModelSpec::TorchScript { sha256, classes, .. } => {
+                format!("torchscript {} classes {classes}", hex(sha256))
+            }
+            other => format!("{other:?}"),
+        },
         data: hex(&h.finish()),
         settings: BTreeMap::from([
             ("inner".to_string(), section(format!("{:?}", config.inner))),
@@ -73,7 +80,7 @@ pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Resu
             text_column: d.text_column.clone(),
             label_column: d.label_column.clone(),
         }),
-        ModelConfig::Mlp { .. } => None,
+        ModelConfig::Mlp { .. } | ModelConfig::TorchScript { .. } => None,
     };
     let test = data::load_set(&d.test, None, d.classes, text.as_ref(), "the test set")?;
     let mut specs = Vec::new();
@@ -147,6 +154,14 @@ pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Resu
                 Pooling::Mean => classifier::Pooling::Mean,
             };
             classifier::pretrained(path, pooling, d.classes, config.seed)?
+        }
+        ModelConfig::TorchScript { path, .. } => {
+            let (spec, initial, module) = torchscript::spec(path, d.classes)?;
+            // The module must take the job's inputs and give its classes' logits before any
+            // worker is sent it.
+            let rows: Vec<usize> = (0..test.len().min(4)).collect();
+            module.check_forward(&test.batch(&rows, tch::Device::Cpu).0, d.classes)?;
+            (spec, initial)
         }
     };
     let job = JobSpec {

@@ -11,7 +11,8 @@ use admission::{Admission, Decision, Ticket};
 use deltas::{DeltaGate, Permit};
 use metaloop_common::net::{self, Inbox, NetError};
 use metaloop_proto::proto::{
-    self, AssignmentResult, BundleLayout, CoordinatorMsg, Hello, JobSpec, RoundPlan, Welcome, WorkerMsg,
+    self, AssignmentResult, BundleLayout, CoordinatorMsg, Hello, JobSpec, ModelSpec, ModuleBytes, RoundPlan, Welcome,
+    WorkerMsg,
 };
 use metaloop_proto::tensor::Bundle;
 use quinn::{Connection, RecvStream, SendStream};
@@ -315,12 +316,29 @@ async fn serve(
     traffic: &Traffic,
     stop: CancellationToken,
 ) -> Result<(), NetError> {
+    let module = match &job.model {
+        ModelSpec::TorchScript {
+            module: ModuleBytes(Some(bytes)),
+            ..
+        } => Some(bytes.clone()),
+        _ => None,
+    };
     let welcome = CoordinatorMsg::Welcome(Box::new(Welcome {
         protocol_version: proto::PROTOCOL_VERSION,
         worker_id: id,
         job,
     }));
     net::write_frame(send, &welcome).await?;
+    // A TorchScript model's file follows the welcome, in parts under the frame limit.
+    for (i, part) in module
+        .iter()
+        .flat_map(|m| m.chunks(proto::MODULE_PART_BYTES))
+        .enumerate()
+    {
+        let offset = (i * proto::MODULE_PART_BYTES) as u64;
+        let bytes = part.to_vec();
+        net::write_frame(send, &CoordinatorMsg::ModulePart { offset, bytes }).await?;
+    }
     let (outbox, inbox_rx) = mpsc::unbounded_channel();
     tracing::info!(worker = id, %identity, name = %hello.name, remote = %conn.remote_address(), "worker joined");
     if events

@@ -262,6 +262,13 @@ pub fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("reject", frame(&CoordinatorMsg::Reject { reason: "full".into() })),
         (
+            "module-part",
+            frame(&CoordinatorMsg::ModulePart {
+                offset: 0,
+                bytes: b"PK\x03\x04".to_vec(),
+            }),
+        ),
+        (
             "round-full",
             frame(&round(ModelSource::Full {
                 version: 0,

@@ -317,6 +317,15 @@ pub enum ModelConfig {
         /// Keys given that only another kind reads (reported by the checks).
         unread: Vec<&'static str>,
     },
+    /// A user's TorchScript module (`torch.jit.script` or `torch.jit.trace`) whose `forward`
+    /// takes the batch's dense features `[n, features]` and returns logits `[n, classes]`;
+    /// trained first-order only (docs/torchscript.md).
+    TorchScript {
+        /// The module file (empty when not given; reported by the checks).
+        path: PathBuf,
+        /// Keys given that only another kind reads (reported by the checks).
+        unread: Vec<&'static str>,
+    },
 }
 
 /// How a BERT classifier turns a sequence's hidden states into one vector.
@@ -356,6 +365,8 @@ struct ModelToml {
 enum ModelKind {
     Mlp,
     Bert,
+    #[serde(rename = "torchscript")]
+    TorchScript,
 }
 
 impl From<ModelToml> for ModelConfig {
@@ -376,6 +387,15 @@ impl From<ModelToml> for ModelConfig {
                 path: m.path.unwrap_or_default(),
                 pooling: m.pooling.unwrap_or(Pooling::Mean),
                 max_len: m.max_len.unwrap_or(128),
+            },
+            ModelKind::TorchScript => ModelConfig::TorchScript {
+                unread: given(&[
+                    ("hidden", m.hidden.is_some()),
+                    ("dropout", m.dropout != 0.0),
+                    ("pooling", m.pooling.is_some()),
+                    ("max_len", m.max_len.is_some()),
+                ]),
+                path: m.path.unwrap_or_default(),
             },
         }
     }
@@ -665,9 +685,12 @@ impl JobConfig {
             .chain([&mut cfg.data.test])
             .chain(cfg.data.meta.as_mut())
             .chain(match &mut cfg.model {
-                ModelConfig::Bert { path, .. } if !path.as_os_str().is_empty() => Some(path),
-                ModelConfig::Bert { .. } => None,
-                ModelConfig::Mlp { .. } => None,
+                ModelConfig::Bert { path, .. } | ModelConfig::TorchScript { path, .. }
+                    if !path.as_os_str().is_empty() =>
+                {
+                    Some(path)
+                }
+                ModelConfig::Bert { .. } | ModelConfig::TorchScript { .. } | ModelConfig::Mlp { .. } => None,
             });
         for p in paths {
             if p.is_relative() {
@@ -994,7 +1017,9 @@ impl JobConfig {
         // A BERT's dropout is its config.json's.
         let dropout = match &self.model {
             ModelConfig::Mlp { dropout, .. } => *dropout,
-            ModelConfig::Bert { .. } => 0.1,
+            // A BERT's dropout is its config.json's; a TorchScript module's is its own (a
+            // module without dropout gives the same probability on every pass).
+            ModelConfig::Bert { .. } | ModelConfig::TorchScript { .. } => 0.1,
         };
         p.check_using(
             !(s.features.iter().any(|f| f.stochastic()) && dropout == 0.0),
@@ -1059,6 +1084,7 @@ impl JobConfig {
         let (kind, unread) = match &self.model {
             ModelConfig::Mlp { unread, .. } => ("mlp", unread),
             ModelConfig::Bert { unread, .. } => ("bert", unread),
+            ModelConfig::TorchScript { unread, .. } => ("torchscript", unread),
         };
         for key in unread {
             p.check_using(
@@ -1075,6 +1101,33 @@ impl JobConfig {
                     hidden.iter().all(|&h| h >= 1),
                     "model.hidden",
                     format!("every layer needs at least one unit, got {hidden:?}"),
+                );
+            }
+            ModelConfig::TorchScript { path, .. } => {
+                if path.as_os_str().is_empty() {
+                    p.check(
+                        false,
+                        "model.path",
+                        "`kind = \"torchscript\"` needs the module file (`torch.jit.save`)".into(),
+                    );
+                } else {
+                    p.check(
+                        path.is_file(),
+                        "model.path",
+                        format!("file {} does not exist", path.display()),
+                    );
+                }
+                let s = &self.strategy;
+                let second_order = s.method == WeightMethod::Hypergradient
+                    || (s.kind == StrategyKind::LossRescaling && s.mode != RescaleMode::None);
+                p.check_using(
+                    !(second_order && s.directional == Directional::Exact),
+                    "strategy.directional",
+                    &["model.kind", "strategy.method", "strategy.mode"],
+                    "a TorchScript model trains first-order only: the exact (double-backward) \
+                     meta-gradient is not reliable through the TorchScript executor; set \
+                     directional = \"finite-difference\""
+                        .into(),
                 );
             }
             ModelConfig::Bert { path, max_len, .. } => {
@@ -1545,6 +1598,58 @@ mod tests {
                 "data.labels: only a text model (`model.kind = \"bert\"`) reads labels by name",
             ],
         );
+    }
+
+    #[test]
+    fn a_torchscript_model_needs_its_file_and_first_order_meta_gradients() {
+        let dir = base_with_data();
+        std::fs::write(dir.path().join("m.pt"), b"x").expect("write");
+        let job = |model: &str, strategy: &str| {
+            format!(
+                "rounds = 3\n[data]\ntrain = \"train.st\"\ntest = \"test.st\"\nmeta = \"test.st\"\nclasses = 2\n\
+                 [model]\nkind = \"torchscript\"\n{model}[strategy]\n{strategy}"
+            )
+        };
+        let problems = invalid(
+            &job(
+                "hidden = [4]\n",
+                "kind = \"domain-weights\"\nmethod = \"hypergradient\"\n",
+            ),
+            dir.path(),
+        );
+        assert_problems(
+            &problems,
+            &[
+                "model.hidden: `kind = \"torchscript\"` does not read it",
+                "model.path: `kind = \"torchscript\"` needs the module file (`torch.jit.save`)",
+                "strategy.directional: a TorchScript model trains first-order only: the exact (double-backward) \
+                 meta-gradient is not reliable through the TorchScript executor; set directional = \"finite-difference\"",
+            ],
+        );
+        let problems = invalid(
+            &job(
+                "path = \"none.pt\"\n",
+                "kind = \"loss-rescaling\"\nmode = \"self-taught\"\n",
+            ),
+            dir.path(),
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("model.path: file ") && problems[0].ends_with("none.pt does not exist"));
+        assert!(problems[1].starts_with("strategy.directional: a TorchScript model trains first-order only"));
+        // First-order settings and strategies that need no meta-gradient are fine.
+        for strategy in [
+            "kind = \"domain-weights\"\nmethod = \"hypergradient\"\ndirectional = \"finite-difference\"\n",
+            "kind = \"loss-rescaling\"\nmode = \"clean-meta\"\ndirectional = \"finite-difference\"\n",
+            "kind = \"domain-weights\"\nmethod = \"doremi\"\nreference_rounds = 1\n",
+            "kind = \"loss-rescaling\"\nmode = \"none\"\n",
+        ] {
+            let cfg = JobConfig::parse(&job("path = \"m.pt\"\n", strategy), dir.path()).expect(strategy);
+            let ModelConfig::TorchScript { path, .. } = &cfg.model else {
+                panic!("not torchscript")
+            };
+            assert_eq!(path, &dir.path().join("m.pt"), "relative to the config");
+            assert!(!cfg.model.reads_text());
+        }
     }
 
     /// Asserts that `problems` holds exactly `expected`, in any order.

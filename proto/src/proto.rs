@@ -19,8 +19,8 @@ pub const ALPN: &[u8] = b"metaloop/1";
 /// accumulation and virtual step size. 5: BERT models and text data (`ModelSpec::Bert`,
 /// `JobSpec::text`, a domain's label names and token noise) and the meta batch.
 /// 6: `InnerSpec::autocast`. 7: int8 deltas (`DType::Int8`) and the meta set's row subset
-/// (`DataRef::subset`).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// (`DataRef::subset`). 8: TorchScript models (`ModelSpec::TorchScript`, `CoordinatorMsg::ModulePart`).
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Hard limit on one control frame. Control messages are small; anything big is a bundle.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Hard limit on one tensor bundle's payload (16 GiB): larger than any model we ship, small
@@ -90,6 +90,13 @@ pub enum WorkerMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CoordinatorMsg {
     Welcome(Box<Welcome>),
+    /// Bytes `offset..offset + bytes.len()` of the job's TorchScript module file, sent in
+    /// order right after the welcome of a job with a TorchScript model (each part well under
+    /// the frame limit); the worker checks the whole file against the spec's size and sha256.
+    ModulePart {
+        offset: u64,
+        bytes: Vec<u8>,
+    },
     Reject {
         reason: String,
     },
@@ -197,13 +204,114 @@ pub enum ModelSpec {
         pooler: bool,
         classes: u32,
     },
+    /// A user's TorchScript module (its `forward` takes the batch's inputs and returns logits
+    /// `[n, classes]`), trained by parameter name. The file travels apart from the spec: on the
+    /// coordinator `module` holds it; a worker receives it as `CoordinatorMsg::ModulePart`s
+    /// after the welcome and checks it against `size` and `sha256`.
+    TorchScript {
+        sha256: [u8; 32],
+        size: u64,
+        /// The module's parameters (name and shape) in its `named_parameters` order.
+        layout: Vec<(String, Vec<u32>)>,
+        classes: u32,
+        #[serde(skip)]
+        module: ModuleBytes,
+    },
+}
+
+/// Most bytes a TorchScript module file may have (a worker holds it in memory).
+pub const MAX_MODULE_BYTES: u64 = 8 << 30;
+/// Bytes per `CoordinatorMsg::ModulePart`.
+pub const MODULE_PART_BYTES: usize = 512 << 10;
+
+/// A TorchScript module file held in memory, shared without copies; not part of the wire
+/// form or of a spec's equality (the spec's sha256 names the content).
+#[derive(Clone, Default)]
+pub struct ModuleBytes(pub Option<std::sync::Arc<[u8]>>);
+
+impl std::fmt::Debug for ModuleBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(b) => write!(f, "ModuleBytes({} bytes)", b.len()),
+            None => f.write_str("ModuleBytes(not received)"),
+        }
+    }
+}
+
+impl PartialEq for ModuleBytes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// Collects a module file from its `ModulePart`s, in order, and checks it against the spec.
+#[derive(Debug)]
+pub struct ModuleReceiver {
+    sha256: [u8; 32],
+    size: u64,
+    bytes: Vec<u8>,
+}
+
+impl ModuleReceiver {
+    /// A receiver for the module a spec names; `Err` when its announced size is past
+    /// [`MAX_MODULE_BYTES`]. Nothing is reserved up front: a lying size costs nothing.
+    pub fn new(sha256: [u8; 32], size: u64) -> Result<Self, ProtoError> {
+        if size > MAX_MODULE_BYTES {
+            return Err(ProtoError::Decode {
+                what: "TorchScript module",
+                reason: format!("announced size {size} exceeds the limit of {MAX_MODULE_BYTES} bytes"),
+            });
+        }
+        Ok(ModuleReceiver {
+            sha256,
+            size,
+            bytes: Vec::new(),
+        })
+    }
+
+    /// Adds the next part; `Ok(Some(file))` once the whole file is in and matches the sha256.
+    ///
+    /// # Errors
+    /// A part out of order or past the announced size, or a whole file whose sha256 differs.
+    pub fn part(&mut self, offset: u64, part: &[u8]) -> Result<Option<std::sync::Arc<[u8]>>, ProtoError> {
+        let bad = |reason: String| ProtoError::Decode {
+            what: "TorchScript module",
+            reason,
+        };
+        let have = self.bytes.len() as u64;
+        if offset != have {
+            return Err(bad(format!("part at offset {offset}, expected {have}")));
+        }
+        if part.is_empty() || have + part.len() as u64 > self.size {
+            return Err(bad(format!(
+                "part of {} bytes at {offset} does not fit the announced {} bytes",
+                part.len(),
+                self.size
+            )));
+        }
+        self.bytes.extend_from_slice(part);
+        if (self.bytes.len() as u64) < self.size {
+            return Ok(None);
+        }
+        let got: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&self.bytes).into();
+        if got != self.sha256 {
+            return Err(bad(format!(
+                "the received file's sha256 {} is not the announced {}",
+                crate::checksum::hex(&got),
+                crate::checksum::hex(&self.sha256)
+            )));
+        }
+        Ok(Some(std::mem::take(&mut self.bytes).into()))
+    }
 }
 
 impl ModelSpec {
     /// Classes the model's head predicts.
     pub fn classes(&self) -> u32 {
         match self {
-            ModelSpec::Mlp { classes, .. } | ModelSpec::Bert { classes, .. } => *classes,
+            ModelSpec::Mlp { classes, .. }
+            | ModelSpec::Bert { classes, .. }
+            | ModelSpec::TorchScript { classes, .. } => *classes,
         }
     }
 }
@@ -1160,6 +1268,34 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<(u64, Bundle), ProtoError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_module_file_is_received_in_order_and_checked() {
+        use sha2::Digest;
+        let file: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let sha: [u8; 32] = sha2::Sha256::digest(&file).into();
+        let mut r = ModuleReceiver::new(sha, 1000).expect("size within the limit");
+        assert_eq!(r.part(0, &file[..600]), Ok(None));
+        let got = r.part(600, &file[600..]).expect("whole").expect("complete");
+        assert_eq!(&got[..], &file[..]);
+
+        let mut r = ModuleReceiver::new(sha, 1000).expect("new");
+        let e = r.part(10, &file[..10]).expect_err("out of order");
+        assert!(e.to_string().contains("offset 10, expected 0"), "{e}");
+        let mut r = ModuleReceiver::new(sha, 1000).expect("new");
+        assert!(r.part(0, &[0; 1001]).is_err(), "past the announced size");
+        assert!(r.part(0, &[]).is_err(), "empty part");
+        let mut r = ModuleReceiver::new([0; 32], 1000).expect("new");
+        let e = r.part(0, &file).expect_err("wrong sha256");
+        assert!(e.to_string().contains("sha256"), "{e}");
+        assert!(ModuleReceiver::new(sha, MAX_MODULE_BYTES + 1).is_err());
+        // A part of the largest size fits in a frame.
+        let part = CoordinatorMsg::ModulePart {
+            offset: u64::MAX,
+            bytes: vec![0xff; MODULE_PART_BYTES],
+        };
+        assert!(encode_frame(&part).expect("encodes").len() <= MAX_FRAME_BYTES);
+    }
     use super::*;
     use proptest::prelude::*;
 

@@ -7,8 +7,8 @@ use metaloop_proto::proto::{
     decode_body, decode_bundle, decode_frame, decode_payload, encode_bundle, encode_frame, encode_payload_as,
     frame_len, Ask, Assignment, AssignmentResult, BundleHeader, CoordinatorMsg, DType, DataRef, DirectionalMethod,
     DomainProbe, DomainSpec, DomainStat, Hello, HypergradientSpec, InnerSpec, JobSpec, ModelSource, ModelSpec,
-    PayloadDecoder, ProtoError, RescaleMode, RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta, TrainOn,
-    Welcome, WorkerMsg, MAX_FRAME_BYTES,
+    ModuleBytes, PayloadDecoder, ProtoError, RescaleMode, RescalerPlan, RoundPlan, Signal, SmallTensor, TensorMeta,
+    TrainOn, Welcome, WorkerMsg, MAX_FRAME_BYTES,
 };
 use metaloop_proto::tensor::{Bundle, HostTensor};
 use proptest::collection::vec;
@@ -231,7 +231,13 @@ fn domain_spec() -> impl Strategy<Value = DomainSpec> {
 fn job_spec() -> impl Strategy<Value = JobSpec> {
     (
         any::<u64>(),
-        (any::<u32>(), vec(any::<u32>(), 0..4), any::<u32>(), any::<f32>()),
+        (
+            any::<u32>(),
+            vec(any::<u32>(), 0..4),
+            any::<u32>(),
+            any::<f32>(),
+            any::<bool>(),
+        ),
         vec(domain_spec(), 0..3),
         option::of(
             (text(), option::of((any::<u64>(), any::<u64>())), any::<[u8; 32]>())
@@ -243,18 +249,29 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         .prop_map(
             |(
                 seed,
-                (inputs, hidden, classes, dropout),
+                (inputs, hidden, classes, dropout, torchscript),
                 domains,
                 meta,
                 shards,
                 (batch_size, lr, momentum, weight_decay),
             )| JobSpec {
                 seed,
-                model: ModelSpec::Mlp {
-                    inputs,
-                    hidden,
-                    classes,
-                    dropout,
+                model: if torchscript {
+                    // The module's bytes travel apart from the spec (`ModulePart`s).
+                    ModelSpec::TorchScript {
+                        sha256: [inputs as u8; 32],
+                        size: u64::from(inputs),
+                        layout: vec![("l0.weight".into(), hidden)],
+                        classes,
+                        module: ModuleBytes::default(),
+                    }
+                } else {
+                    ModelSpec::Mlp {
+                        inputs,
+                        hidden,
+                        classes,
+                        dropout,
+                    }
                 },
                 domains,
                 meta,
@@ -378,6 +395,8 @@ fn coordinator_msg() -> impl Strategy<Value = CoordinatorMsg> {
         text().prop_map(|reason| CoordinatorMsg::Reject { reason }),
         round_plan().prop_map(CoordinatorMsg::Round),
         (text(), any::<bool>()).prop_map(|(reason, finished)| CoordinatorMsg::Shutdown { reason, finished }),
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(offset, bytes)| CoordinatorMsg::ModulePart { offset, bytes }),
     ]
 }
 

@@ -666,6 +666,9 @@ impl Setup {
                 std::fs::write(&path, config)?;
                 (json!({"kind": "bert", "config": path, "classes": classes}), true)
             }
+            ModelSpec::TorchScript { .. } => {
+                anyhow::bail!("the step benchmark has no PyTorch reference for TorchScript modules")
+            }
         };
         let inner = &self.job.inner;
         let (optimizer, betas, eps) = match inner.optimizer {

@@ -5,7 +5,10 @@ use crate::engine::Engine;
 use anyhow::{bail, Context};
 use metaloop_common::metrics as m;
 use metaloop_common::net::{self, Inbox, TlsFiles};
-use metaloop_proto::proto::{self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, RoundPlan, WorkerMsg};
+use metaloop_proto::proto::{
+    self, AssignmentResult, CoordinatorMsg, Hello, ModelSource, ModelSpec, ModuleBytes, ModuleReceiver, RoundPlan,
+    WorkerMsg,
+};
 use quinn::{Connection, SendStream};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -178,6 +181,13 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         None => bail!("coordinator closed the control stream during the handshake"),
     };
     proto::check_version(welcome.protocol_version).map_err(|e| fatal(anyhow::Error::from(e).context("coordinator")))?;
+    let mut welcome = welcome;
+    if let ModelSpec::TorchScript {
+        sha256, size, module, ..
+    } = &mut welcome.job.model
+    {
+        *module = receive_module(&mut recv, *sha256, *size).await?;
+    }
     tracing::info!(worker_id = welcome.worker_id, "joined the job");
     opts.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     metrics::gauge!(m::WORKER_CONNECTED).set(1.0);
@@ -326,4 +336,27 @@ async fn round(
         }
     }
     Ok(())
+}
+
+/// The job's TorchScript module file, from the `ModulePart`s that follow the welcome, checked
+/// against the spec's size and sha256. A connection lost meanwhile is retried; a file that does
+/// not add up is fatal (the coordinator would send the same again).
+async fn receive_module(recv: &mut quinn::RecvStream, sha256: [u8; 32], size: u64) -> anyhow::Result<ModuleBytes> {
+    let mut receiver = ModuleReceiver::new(sha256, size).map_err(fatal)?;
+    loop {
+        match net::read_frame::<CoordinatorMsg>(recv, "TorchScript module part").await? {
+            Some(CoordinatorMsg::ModulePart { offset, bytes }) => {
+                if let Some(file) = receiver.part(offset, &bytes).map_err(fatal)? {
+                    tracing::info!(bytes = file.len(), "received the TorchScript module");
+                    return Ok(ModuleBytes(Some(file)));
+                }
+            }
+            Some(other) => {
+                return Err(fatal(anyhow::anyhow!(
+                    "coordinator sent {other:?} before the whole TorchScript module"
+                )))
+            }
+            None => bail!("coordinator closed the control stream while sending the TorchScript module"),
+        }
+    }
 }
