@@ -4,21 +4,30 @@ module must pass to be trained by metaloop (docs/torchscript.md):
 
     PYTHONPATH="$(dirname "$(scripts/libtorch.sh)")" python3 scripts/export_torchscript.py cnn OUT.pt
     PYTHONPATH="$(dirname "$(scripts/libtorch.sh)")" python3 scripts/export_torchscript.py mlp OUT.pt --seed 0
+    PYTHONPATH="$(dirname "$(scripts/libtorch.sh)")" python3 scripts/export_torchscript.py transformer OUT.pt \
+        --tokenizer data/text/all-MiniLM-L6-v2/tokenizer.json --classes 2
 
 (`scripts/libtorch.sh` prints the libtorch directory of the torch wheel `./dev` installed; its
 parent holds the `torch` package, the same torch 2.11 metaloop links.)
 
-Two example modules over dense features (the bundled digits: 64 pixels, 10 classes):
+Three example modules, two over dense features (the bundled digits: 64 pixels, 10 classes):
 - `cnn`: a small convolutional network over the 8×8 images (two 3×3 convolutions, max pooling,
   a linear head), initialised by torch from --seed;
 - `mlp`: metaloop's own MLP (`l0.weight`, `l0.bias`, …; x·Wᵀ + b with ReLU between layers), with
   the exact initial values `[model] kind = "mlp"` starts from for job seed --seed (SplitMix64,
   uniform ±1/√fan_in, the same arithmetic as common/src/model.rs), so a job with this module
-  and one with the native MLP can be compared value for value.
+  and one with the native MLP can be compared value for value;
 
-Your own module: write it as an `nn.Module` whose `forward(x)` takes features `[n, f]` (f32)
-and returns logits `[n, classes]`, then call `export(module, example, path)` from this file, or
-do what it does: script (or trace) it, and check it.
+and one over text:
+- `transformer`: a small transformer encoder classifier (token and position embeddings,
+  pre-LayerNorm layers that ignore padding, mean pooling, a linear head) whose
+  `forward(ids, mask)` takes the token ids and attention mask metaloop builds with the job's
+  `[model] tokenizer` (--tokenizer sets the vocabulary; --max-len must cover the job's max_len).
+
+Your own module: write it as an `nn.Module` whose `forward(x)` takes features `[n, f]` (f32),
+or `forward(ids, mask)` token ids and mask `[n, len]` (i64), and returns logits
+`[n, classes]`; then call `export(module, example, path, classes)` from this file (`example`: a
+batch, or a tuple of ids and mask), or do what it does: script (or trace) it, and check it.
 
 The checks (each failure is an error that says what to change):
 1. every parameter is named (`named_parameters`), f32, and requires a gradient; buffers that
@@ -35,6 +44,7 @@ paths) and with a serialization id derived from its content: the same module, th
 import argparse
 import hashlib
 import io
+import json
 import os
 import sys
 import warnings
@@ -134,6 +144,38 @@ class DigitsCnn(nn.Module):
         return self.head(h.flatten(1))
 
 
+class TextClassifier(nn.Module):
+    """A small transformer encoder over token ids: token and position embeddings, pre-LayerNorm
+    encoder layers that ignore padding, the mean over the attended tokens, a linear head.
+    forward(ids [n, len] i64, mask [n, len] i64: 1 for a token, 0 for padding) -> logits."""
+
+    def __init__(self, vocab, classes, dim=64, layers=2, heads=4, max_len=128, dropout=0.1):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        h = self.tokens(ids) + self.positions(pos)
+        h = self.encoder(h, src_key_padding_mask=mask == 0)
+        h = self.norm(h)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def vocab_size(tokenizer_json):
+    """Rows the token embedding needs for a Hugging Face tokenizer.json: its largest id + 1."""
+    with open(tokenizer_json) as f:
+        t = json.load(f)
+    ids = list(t["model"]["vocab"].values()) + [a["id"] for a in t.get("added_tokens", [])]
+    return max(ids) + 1
+
+
 def save(scripted, path):
     """`torch.jit.save`, then the archive rewritten without its debug records (`*.debug_pkl`:
     the absolute paths of the exporting machine's source files, for tracebacks; libtorch loads
@@ -176,18 +218,20 @@ def export(module, example, path, classes):
         if b.is_floating_point():
             fail(f"buffer {name} would change in training (e.g. BatchNorm's running statistics) but "
                  "metaloop ships and averages parameters only; use GroupNorm/LayerNorm or freeze it")
+    example = example if isinstance(example, tuple) else (example,)
+    rows = example[0].shape[0]
     with torch.no_grad():
-        out = scripted(example)
-        again = scripted(example)
-    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or list(out.shape) != [example.shape[0], classes]:
-        fail(f"forward must return f32 logits [{example.shape[0]}, {classes}], got "
+        out = scripted(*example)
+        again = scripted(*example)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or list(out.shape) != [rows, classes]:
+        fail(f"forward must return f32 logits [{rows}, {classes}], got "
              f"{getattr(out, 'dtype', type(out))} {list(getattr(out, 'shape', []))}")
     if not torch.equal(out, again):
         fail("forward is not deterministic in eval mode (two passes differ)")
     save(scripted, path)
     loaded = torch.jit.load(path)
     with torch.no_grad():
-        if not torch.equal(loaded(example), out):
+        if not torch.equal(loaded(*example), out):
             fail(f"{path} does not give the same logits after torch.jit.load")
     print(f"{path}: {len(names)} parameters ({sum(p.numel() for p in scripted.parameters())} values): "
           + ", ".join(names))
@@ -195,15 +239,32 @@ def export(module, example, path, classes):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["cnn", "mlp"])
+    ap.add_argument("kind", choices=["cnn", "mlp", "transformer"])
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0, help="mlp: metaloop's job seed; cnn: torch's seed")
     ap.add_argument("--inputs", type=int, default=64)
     ap.add_argument("--hidden", type=int, nargs="*", default=[256], help="mlp: hidden layer widths")
     ap.add_argument("--channels", type=int, default=16, help="cnn: channels of the first convolution")
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--tokenizer", help="transformer: the tokenizer.json the job tokenizes with (sets the vocabulary)")
+    ap.add_argument("--dim", type=int, default=64, help="transformer: width")
+    ap.add_argument("--layers", type=int, default=2, help="transformer: encoder layers")
+    ap.add_argument("--heads", type=int, default=4, help="transformer: attention heads")
+    ap.add_argument("--max-len", type=int, default=128, help="transformer: positions (>= the job's model.max_len)")
+    ap.add_argument("--dropout", type=float, default=0.1, help="transformer: dropout in training")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
+    if args.kind == "transformer":
+        if not args.tokenizer:
+            fail("a transformer needs --tokenizer (the job's tokenizer.json) for its vocabulary")
+        vocab = vocab_size(args.tokenizer)
+        module = TextClassifier(vocab, args.classes, args.dim, args.layers, args.heads, args.max_len, args.dropout)
+        ids = torch.randint(vocab, (5, 12))
+        mask = torch.ones(5, 12, dtype=torch.long)
+        mask[1, 7:] = 0
+        mask[3, 2:] = 0
+        export(module, (ids, mask), args.out, args.classes)
+        return
     if args.kind == "mlp":
         module = mlp(args.inputs, args.hidden, args.classes, args.seed)
     else:

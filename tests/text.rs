@@ -1,6 +1,7 @@
 //! End to end on text: `metaloop local` fine-tuning the tiny random BERT (tests/data/tiny-bert)
 //! on synthetic review sentences (tests/data/text/sentiment, made by make_sentiment.py) with every
-//! outer strategy, real worker processes on loopback, and the text checks of `validate`.
+//! outer strategy, real worker processes on loopback, and the text checks of `validate`; and a
+//! TorchScript transformer (tests/data/torchscript/tiny-transformer.pt) on the same texts.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -294,4 +295,74 @@ fn validate_names_the_file_row_and_column_of_bad_text_and_the_model_s_limits() {
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
+}
+
+/// The job of `config` with the export script's transformer as a TorchScript module
+/// (tests/data/torchscript/tiny-transformer.pt), tokenized by the tiny BERT's tokenizer.json.
+fn torchscript_config(dir: &Path, strategy: &str) -> PathBuf {
+    let cfg = config(dir, 4, 2, strategy);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    let bert = format!(
+        "kind = \"bert\"\npath = \"{}\"\npooling = \"mean\"\nmax_len = 32\n",
+        root().join("tests/data/tiny-bert").display()
+    );
+    assert!(text.contains(&bert), "{text}");
+    let module = format!(
+        "kind = \"torchscript\"\npath = \"{}\"\ntokenizer = \"{}\"\nmax_len = 32\n",
+        root().join("tests/data/torchscript/tiny-transformer.pt").display(),
+        root().join("tests/data/tiny-bert/tokenizer.json").display()
+    );
+    std::fs::write(&cfg, text.replace(&bert, &module)).expect("write");
+    cfg
+}
+
+#[test]
+fn a_torchscript_transformer_trains_on_text_with_first_order_strategies() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fd = torchscript_config(
+        dir.path(),
+        "[strategy]\nkind = \"domain-weights\"\nmethod = \"hypergradient\"\ndirectional = \"finite-difference\"\nlr = 0.05\nprobe = 16",
+    );
+    let two = run_local(&fd, &dir.path().join("two"), 2, &["--no-baseline"]);
+    let one = run_local(&fd, &dir.path().join("one"), 1, &["--no-baseline"]);
+    assert_eq!(one["final_state_checksum"], two["final_state_checksum"]);
+    assert_eq!(two["rounds"], 4);
+    assert!((0.0..=1.0).contains(&accuracy(&two)));
+    let weights = two["domain_weights"].as_object().expect("weights");
+    assert!(
+        weights.values().any(|w| (w.as_f64().expect("w") - 1.0).abs() > 1e-3),
+        "the finite-difference hypergradient reached the coordinator: {weights:?}"
+    );
+    // Trained by the module's own parameter names.
+    let finals = std::fs::read(dir.path().join("two/final.safetensors")).expect("final.safetensors");
+    let header = String::from_utf8_lossy(&finals[..finals.len().min(4096)]).into_owned();
+    assert!(header.contains("encoder.layers.0.self_attn.in_proj_weight"), "{header}");
+
+    let dir2 = tempfile::tempdir().expect("tmp");
+    let self_taught = torchscript_config(
+        dir2.path(),
+        "[strategy]\nkind = \"loss-rescaling\"\nmode = \"self-taught\"\ndirectional = \"finite-difference\"\n\
+         features = [\"loss\", \"label-prob\", \"entropy\"]\nvirtual_lr = 0.01",
+    );
+    let s = run_local(&self_taught, &dir2.path().join("run"), 2, &["--no-baseline"]);
+    assert_eq!(s["rounds"], 4);
+    // Ω's meta-gradient by finite differences through the module, and its separation measured
+    // with the module on the coordinator.
+    assert!(s["rescaler"]["auc"].is_f64(), "{s}");
+
+    // A tokenizer whose ids the module's embedding table does not cover (MiniLM's 30,522 tokens,
+    // installed by ./dev) is refused by `validate`, naming the module and libtorch's reason.
+    let text = std::fs::read_to_string(&fd).expect("config");
+    let minilm = root().join("data/text/all-MiniLM-L6-v2/tokenizer.json");
+    let tiny = root().join("tests/data/tiny-bert/tokenizer.json");
+    let wrong = dir.path().join("wrong-tokenizer.toml");
+    let replaced = text.replace(&tiny.display().to_string(), &minilm.display().to_string());
+    std::fs::write(&wrong, replaced).expect("write");
+    let out = metaloop().arg("validate").arg(&wrong).output().expect("validate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("tiny-transformer.pt: forward(ids Int64") && err.contains("index out of range"),
+        "{err}"
+    );
 }

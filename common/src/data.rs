@@ -236,6 +236,19 @@ fn load_text(path: &Path, spec: &TextSpec, labels: Option<&[String]>, what: &str
 ///
 /// # Errors
 /// The file's problems, or a subset that is empty or not inside it, named.
+/// How a text job's files are read and tokenized (`None`: a job on dense features).
+pub fn text_spec(config: &metaloop_proto::config::JobConfig) -> Option<TextSpec> {
+    let (tokenizer, max_len) = config.model.tokenizer()?;
+    let d = &config.data;
+    Some(TextSpec {
+        tokenizer: tokenizer.to_string_lossy().into_owned(),
+        max_len,
+        labels: d.labels.clone(),
+        text_column: d.text_column.clone(),
+        label_column: d.label_column.clone(),
+    })
+}
+
 pub fn load_set(
     path: &Path,
     subset: Option<(usize, usize)>,

@@ -265,7 +265,8 @@ pub fn from_spec(spec: &ModelSpec, params: &Bundle, device: Device) -> Result<To
 
 /// Every problem of a TorchScript job's module, for `validate` and before any job starts: the
 /// file loads as TorchScript, has f32 parameters, and its `forward` takes a few rows of the
-/// job's test set and returns their logits; empty for another model kind.
+/// job's test set (features, or token ids and mask) and returns their logits; empty for another
+/// model kind.
 pub fn check_job(cfg: &JobConfig) -> Vec<String> {
     let ModelConfig::TorchScript { path, .. } = &cfg.model else {
         return Vec::new();
@@ -280,7 +281,8 @@ pub fn check_job(cfg: &JobConfig) -> Vec<String> {
     };
     let d = &cfg.data;
     // A test set that does not load is the config's data checks' to report.
-    let Ok(test) = crate::data::load_set(&d.test, None, d.classes, None, "the test set") else {
+    let text = crate::data::text_spec(cfg);
+    let Ok(test) = crate::data::load_set(&d.test, None, d.classes, text.as_ref(), "the test set") else {
         return Vec::new();
     };
     let rows: Vec<usize> = (0..test.len().min(4)).collect();

@@ -11,7 +11,7 @@ use metaloop_common::torchscript;
 use metaloop_proto::checksum::{hex, StateHasher};
 use metaloop_proto::config::{InnerOptimizerKind, JobConfig, LrDecayKind, ModelConfig, Pooling};
 use metaloop_proto::domains;
-use metaloop_proto::proto::{DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec, TextSpec};
+use metaloop_proto::proto::{DataRef, InnerOptimizer, InnerSpec, JobSpec, LrDecay, LrSchedule, ModelSpec};
 use metaloop_proto::tensor::Bundle;
 use std::collections::BTreeMap;
 
@@ -72,16 +72,7 @@ pub(crate) struct Prepared {
 /// spec workers rebuild the same data from, with what was done to each domain.
 pub(crate) fn prepare_data(config: &JobConfig, keep_train: bool) -> anyhow::Result<Prepared> {
     let d = &config.data;
-    let text = match &config.model {
-        ModelConfig::Bert { path, max_len, .. } => Some(TextSpec {
-            tokenizer: path.join("tokenizer.json").to_string_lossy().into_owned(),
-            max_len: *max_len,
-            labels: d.labels.clone(),
-            text_column: d.text_column.clone(),
-            label_column: d.label_column.clone(),
-        }),
-        ModelConfig::Mlp { .. } | ModelConfig::TorchScript { .. } => None,
-    };
+    let text = data::text_spec(config);
     let test = data::load_set(&d.test, None, d.classes, text.as_ref(), "the test set")?;
     let mut specs = Vec::new();
     let mut records = Vec::new();

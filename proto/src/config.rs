@@ -318,11 +318,16 @@ pub enum ModelConfig {
         unread: Vec<&'static str>,
     },
     /// A user's TorchScript module (`torch.jit.script` or `torch.jit.trace`) whose `forward`
-    /// takes the batch's dense features `[n, features]` and returns logits `[n, classes]`;
-    /// trained first-order only (docs/torchscript.md).
+    /// takes the batch's dense features `[n, features]` — or, with a `tokenizer`, token ids and
+    /// the attention mask `[n, len]` — and returns logits `[n, classes]`; trained first-order
+    /// only (docs/torchscript.md).
     TorchScript {
         /// The module file (empty when not given; reported by the checks).
         path: PathBuf,
+        /// A Hugging Face `tokenizer.json`: the model reads text, tokenized by it.
+        tokenizer: Option<PathBuf>,
+        /// Tokens per text with a tokenizer, specials included; longer texts are truncated.
+        max_len: u32,
         /// Keys given that only another kind reads (reported by the checks).
         unread: Vec<&'static str>,
     },
@@ -341,7 +346,20 @@ pub enum Pooling {
 impl ModelConfig {
     /// Whether the model reads text (token ids) rather than dense features.
     pub fn reads_text(&self) -> bool {
-        matches!(self, ModelConfig::Bert { .. })
+        self.tokenizer().is_some()
+    }
+
+    /// The `tokenizer.json` a text model's texts are tokenized by, and the tokens per text.
+    pub fn tokenizer(&self) -> Option<(PathBuf, u32)> {
+        match self {
+            ModelConfig::Bert { path, max_len, .. } => Some((path.join("tokenizer.json"), *max_len)),
+            ModelConfig::TorchScript {
+                tokenizer: Some(t),
+                max_len,
+                ..
+            } => Some((t.clone(), *max_len)),
+            ModelConfig::TorchScript { .. } | ModelConfig::Mlp { .. } => None,
+        }
     }
 }
 
@@ -358,6 +376,7 @@ struct ModelToml {
     path: Option<PathBuf>,
     pooling: Option<Pooling>,
     max_len: Option<u32>,
+    tokenizer: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -378,12 +397,17 @@ impl From<ModelToml> for ModelConfig {
                     ("path", m.path.is_some()),
                     ("pooling", m.pooling.is_some()),
                     ("max_len", m.max_len.is_some()),
+                    ("tokenizer", m.tokenizer.is_some()),
                 ]),
                 hidden: m.hidden.unwrap_or_else(defaults::hidden),
                 dropout: m.dropout,
             },
             ModelKind::Bert => ModelConfig::Bert {
-                unread: given(&[("hidden", m.hidden.is_some()), ("dropout", m.dropout != 0.0)]),
+                unread: given(&[
+                    ("hidden", m.hidden.is_some()),
+                    ("dropout", m.dropout != 0.0),
+                    ("tokenizer", m.tokenizer.is_some()),
+                ]),
                 path: m.path.unwrap_or_default(),
                 pooling: m.pooling.unwrap_or(Pooling::Mean),
                 max_len: m.max_len.unwrap_or(128),
@@ -393,9 +417,12 @@ impl From<ModelToml> for ModelConfig {
                     ("hidden", m.hidden.is_some()),
                     ("dropout", m.dropout != 0.0),
                     ("pooling", m.pooling.is_some()),
-                    ("max_len", m.max_len.is_some()),
+                    // Without a tokenizer nothing is tokenized.
+                    ("max_len", m.max_len.is_some() && m.tokenizer.is_none()),
                 ]),
                 path: m.path.unwrap_or_default(),
+                tokenizer: m.tokenizer,
+                max_len: m.max_len.unwrap_or(128),
             },
         }
     }
@@ -685,12 +712,12 @@ impl JobConfig {
             .chain([&mut cfg.data.test])
             .chain(cfg.data.meta.as_mut())
             .chain(match &mut cfg.model {
-                ModelConfig::Bert { path, .. } | ModelConfig::TorchScript { path, .. }
-                    if !path.as_os_str().is_empty() =>
-                {
-                    Some(path)
+                ModelConfig::Bert { path, .. } if !path.as_os_str().is_empty() => vec![path],
+                ModelConfig::TorchScript { path, tokenizer, .. } => {
+                    let path = Some(path).filter(|p| !p.as_os_str().is_empty());
+                    path.into_iter().chain(tokenizer.as_mut()).collect()
                 }
-                ModelConfig::Bert { .. } | ModelConfig::TorchScript { .. } | ModelConfig::Mlp { .. } => None,
+                ModelConfig::Bert { .. } | ModelConfig::Mlp { .. } => vec![],
             });
         for p in paths {
             if p.is_relative() {
@@ -799,7 +826,9 @@ impl JobConfig {
                 d.labels.is_empty(),
                 "data.labels",
                 &["model.kind"],
-                "only a text model (`model.kind = \"bert\"`) reads labels by name".into(),
+                "only a text model (`model.kind = \"bert\"`, or a TorchScript model with a `tokenizer`) \
+                 reads labels by name"
+                    .into(),
             );
         }
         p.check_using(
@@ -1103,7 +1132,20 @@ impl JobConfig {
                     format!("every layer needs at least one unit, got {hidden:?}"),
                 );
             }
-            ModelConfig::TorchScript { path, .. } => {
+            ModelConfig::TorchScript {
+                path,
+                tokenizer,
+                max_len,
+                ..
+            } => {
+                if let Some(t) = tokenizer {
+                    p.range("model.max_len", *max_len, Range::at_least(3));
+                    p.check(
+                        t.is_file(),
+                        "model.tokenizer",
+                        format!("file {} does not exist", t.display()),
+                    );
+                }
                 if path.as_os_str().is_empty() {
                     p.check(
                         false,
@@ -1595,7 +1637,8 @@ mod tests {
             &problems,
             &[
                 "model.path: `kind = \"mlp\"` does not read it",
-                "data.labels: only a text model (`model.kind = \"bert\"`) reads labels by name",
+                "data.labels: only a text model (`model.kind = \"bert\"`, or a TorchScript model with a \
+                 `tokenizer`) reads labels by name",
             ],
         );
     }
@@ -1636,6 +1679,33 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("model.path: file ") && problems[0].ends_with("none.pt does not exist"));
         assert!(problems[1].starts_with("strategy.directional: a TorchScript model trains first-order only"));
+        // A tokenizer makes it a text model; `max_len` without one tokenizes nothing.
+        let problems = invalid(
+            &job(
+                "path = \"m.pt\"\nmax_len = 16\n",
+                "kind = \"domain-weights\"\nmethod = \"doremi\"\nreference_rounds = 1\n",
+            ),
+            dir.path(),
+        );
+        assert_problems(&problems, &["model.max_len: `kind = \"torchscript\"` does not read it"]);
+        let problems = invalid(
+            &job(
+                "path = \"m.pt\"\ntokenizer = \"t.json\"\nmax_len = 2\n",
+                "kind = \"domain-weights\"\nmethod = \"doremi\"\nreference_rounds = 1\n",
+            ),
+            dir.path(),
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.contains(&"model.max_len: must be at least 3, got 2".to_string()));
+        assert!(problems
+            .iter()
+            .any(|p| p.starts_with("model.tokenizer: file ") && p.ends_with("t.json does not exist")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("data.labels: a text model needs")),
+            "{problems:?}"
+        );
         // First-order settings and strategies that need no meta-gradient are fine.
         for strategy in [
             "kind = \"domain-weights\"\nmethod = \"hypergradient\"\ndirectional = \"finite-difference\"\n",

@@ -1,6 +1,7 @@
 //! The checks of a text job that need its files, run by `validate` and before any job starts
 //! (`metaloop-proto`'s config checks cover the settings; it does not link a tokenizer or read
-//! Parquet): the model directory loads and fits the tokenizer and `max_len`, and every data file
+//! Parquet): the model directory loads and fits the tokenizer and `max_len` (for a TorchScript
+//! model: its tokenizer loads), and every data file
 //! reads whole with the job's columns and label map, each problem named by key, file, row and
 //! column. The files are read, not tokenized: tokenizing is the job's first step, and cached.
 
@@ -12,11 +13,21 @@ use std::path::Path;
 /// Every problem of a text job's model directory and data files, each prefixed with its key
 /// path; empty for a job without text (nothing to check here).
 pub fn check_job(cfg: &JobConfig) -> Vec<String> {
-    let ModelConfig::Bert { path, max_len, .. } = &cfg.model else {
+    let Some((tokenizer, max_len)) = cfg.model.tokenizer() else {
         return Vec::new();
     };
     let mut problems = Vec::new();
-    check_model(path, *max_len, &mut problems);
+    match &cfg.model {
+        ModelConfig::Bert { path, .. } => check_model(path, max_len, &mut problems),
+        // A TorchScript module's own checks (it loads, its forward takes these inputs) are
+        // `torchscript::check_job`'s.
+        _ if tokenizer.is_file() => {
+            if let Err(e) = TextTokenizer::load(&tokenizer, max_len as usize) {
+                problems.push(format!("model.tokenizer: {e}"));
+            }
+        }
+        _ => {}
+    }
     let d = &cfg.data;
     let columns = Columns {
         text: d.text_column.clone(),
