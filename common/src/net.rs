@@ -184,10 +184,18 @@ pub fn server_endpoint(addr: SocketAddr, files: &TlsFiles) -> Result<Endpoint, N
 /// The key file, or binding the socket.
 pub fn bind_server(addr: SocketAddr, files: &TlsFiles, config: ServerConfig) -> Result<Endpoint, NetError> {
     let l = load(files)?;
+    endpoint(addr, endpoint_config(&l.key), Some(config))
+}
+
+/// A QUIC endpoint on a UDP socket bound to `addr` with large kernel buffers (`udp_socket`).
+fn endpoint(
+    addr: SocketAddr,
+    config: quinn::EndpointConfig,
+    server: Option<ServerConfig>,
+) -> Result<Endpoint, NetError> {
     let socket = udp_socket(addr).map_err(|source| NetError::Bind { addr, source })?;
     let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime for QUIC".into()))?;
-    Endpoint::new(endpoint_config(&l.key), Some(config), socket, runtime)
-        .map_err(|source| NetError::Bind { addr, source })
+    Endpoint::new(config, server, socket, runtime).map_err(|source| NetError::Bind { addr, source })
 }
 
 /// The coordinator's QUIC server configuration: TLS 1.3, client certificates required from the
@@ -305,10 +313,7 @@ pub fn client_endpoint(files: &TlsFiles, bind: SocketAddr) -> Result<Endpoint, N
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
-    let socket = udp_socket(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
-    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Tls("no async runtime for QUIC".into()))?;
-    let mut endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-        .map_err(|source| NetError::Bind { addr: bind, source })?;
+    let mut endpoint = endpoint(bind, quinn::EndpointConfig::default(), None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

@@ -1822,8 +1822,8 @@ mod tests {
             &problems,
             &[
                 "rounds: out of range: expected a non-negative integer, got -3",
-                "model.kind: unknown value \"cnn\" (expected one of: \"mlp\", \"bert\")",
-                "model.hiden: unknown key (expected one of: kind, hidden, dropout, path, pooling, max_len); did you mean `hidden`?",
+                "model.kind: unknown value \"cnn\" (expected one of: \"mlp\", \"bert\", \"torchscript\")",
+                "model.hiden: unknown key (expected one of: kind, hidden, dropout, path, pooling, max_len, tokenizer); did you mean `hidden`?",
                 "checkpoint.keep: must be at least 1, got 0",
             ],
         );
