@@ -189,19 +189,28 @@ impl Scheduler {
     /// Workers that hold assignments and have returned nothing for their timeout: alive on the
     /// network (keep-alives still flow) but stuck. The caller drops them like lost workers.
     pub fn overdue(&self, now: Instant) -> Vec<WorkerId> {
+        let timeout = self.timeouts();
         self.busy_since
             .iter()
-            .filter(|(&w, &since)| now.saturating_duration_since(since) >= self.timeout_for(w))
+            .filter(|(&w, &since)| now.saturating_duration_since(since) >= timeout(w))
             .map(|(w, _)| *w)
             .collect()
     }
 
     /// When the next worker becomes overdue, if any is busy (and the time is representable).
+    /// Asked after every event: the two timeouts are worked out once, not once per busy worker.
     pub fn next_deadline(&self) -> Option<Instant> {
+        let timeout = self.timeouts();
         self.busy_since
             .iter()
-            .filter_map(|(&w, &since)| since.checked_add(self.timeout_for(w)))
+            .filter_map(|(&w, &since)| since.checked_add(timeout(w)))
             .min()
+    }
+
+    /// [`Self::timeout_for`] as a function of the worker, with the window's maximum taken once.
+    fn timeouts(&self) -> impl Fn(WorkerId) -> Duration + '_ {
+        let (first, later) = (self.timeout.current(false), self.timeout.current(true));
+        move |w| if self.returned.contains(&w) { later } else { first }
     }
 
     /// Whether a result would be accepted, without recording it.
