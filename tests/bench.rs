@@ -95,7 +95,8 @@ fn the_step_benchmark_reference_computes_what_the_worker_computes() {
 }
 
 /// Simulated workers join a real coordinator process, every round completes, and both tables
-/// have their figures (the memory table at a tiny model, with deltas read one at a time).
+/// have their figures (the scaling table with f32 and int8 deltas, the memory table at a tiny
+/// model, with deltas read one at a time).
 #[test]
 fn the_coordinator_benchmark_runs_simulated_workers() {
     let text = bench(&[
@@ -104,6 +105,8 @@ fn the_coordinator_benchmark_runs_simulated_workers() {
         "3",
         "--rounds",
         "3",
+        "--deltas",
+        "f32,int8",
         "--model-mib",
         "1",
         "--memory-workers",
@@ -113,8 +116,9 @@ fn the_coordinator_benchmark_runs_simulated_workers() {
         "--memory-deltas",
         "int8",
     ]);
-    let rss = last_cell(&text, "| 3 |");
-    assert!(rss.ends_with("MiB"), "{text}");
+    for row in ["| 3 | f32 |", "| 3 | int8 |"] {
+        assert!(last_cell(&text, row).ends_with("MiB"), "{row}: {text}");
+    }
     let ratio: f64 = last_cell(&text, "| 1 MiB | nesterov | 3 | int8 | 1 |")
         .parse()
         .expect("ratio");

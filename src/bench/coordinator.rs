@@ -27,6 +27,10 @@ pub struct CoordinatorArgs {
     /// counted).
     #[arg(long, default_value_t = 40)]
     rounds: u64,
+    /// Delta dtypes (`[outer] delta_dtype`) for the scaling table: what every simulated worker
+    /// sends back each round.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    deltas: Vec<String>,
     /// Model size for the memory table, in MiB of f32 parameters (0: skip the table).
     #[arg(long, default_value_t = 256)]
     model_mib: usize,
@@ -85,21 +89,27 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         super::machine()
     );
     println!();
-    println!("| workers | round p50 | round p99 | coordinator CPU / round | coordinator peak RSS |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| workers | deltas | round p50 | round p99 | coordinator CPU / round | CPU / worker | coordinator peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let mut baseline_rss = None;
-    for &n in &args.workers {
-        let mut c = one_run(&data, n, args.rounds, digits, "").await?;
-        baseline_rss.get_or_insert(c.peak_rss);
-        let p50 = super::quantile(&mut c.rounds, 0.5);
-        let p99 = super::quantile(&mut c.rounds, 0.99);
-        println!(
-            "| {n} | {:.1} ms | {:.1} ms | {:.1} ms | {} MiB |",
-            p50 * 1e3,
-            p99 * 1e3,
-            c.cpu / (args.rounds - 1) as f64 * 1e3,
-            c.peak_rss >> 20
-        );
+    for dtype in &args.deltas {
+        for &n in &args.workers {
+            let outer = format!("delta_dtype = \"{dtype}\"");
+            let mut c = one_run(&data, n, args.rounds, digits, &outer).await?;
+            baseline_rss.get_or_insert(c.peak_rss);
+            let p50 = super::quantile(&mut c.rounds, 0.5);
+            let p99 = super::quantile(&mut c.rounds, 0.99);
+            let per_round = c.cpu / (args.rounds - 1) as f64 * 1e3;
+            println!(
+                "| {n} | {dtype} | {:.1} ms | {:.1} ms | {per_round:.1} ms | {:.2} ms | {} MiB |",
+                p50 * 1e3,
+                p99 * 1e3,
+                per_round / n as f64,
+                c.peak_rss >> 20
+            );
+        }
     }
     if args.model_mib > 0 {
         // Two hidden layers of h: about h² parameters.
