@@ -53,6 +53,8 @@ COPY --from=build /usr/local/bin/metaloop /usr/local/bin/metaloop
 # absolute paths under /opt/metaloop/data (k8s/base/job.toml).
 COPY configs /opt/metaloop/configs
 COPY data /opt/metaloop/data
+# The example TorchScript module configs/torchscript-cnn.toml trains.
+COPY models /opt/metaloop/models
 # The NVIDIA container runtime mounts the driver's libraries for these capabilities; which GPUs
 # a container sees is the device plugin's business (NVIDIA_VISIBLE_DEVICES is not set here).
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
