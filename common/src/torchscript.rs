@@ -93,7 +93,7 @@ impl TorchScriptModel {
         plain_executor();
         let not_ts = |e: tch::TchError| TorchScriptError::NotTorchScript {
             module: source.into(),
-            reason: first_line(&e.to_string()),
+            reason: reason(&e.to_string()),
         };
         let mut module = CModule::load_data_on_device(&mut std::io::Cursor::new(bytes), device).map_err(not_ts)?;
         module.f_set_eval().map_err(not_ts)?;
@@ -146,7 +146,7 @@ impl TorchScriptModel {
         out.map_err(|e| TorchScriptError::Forward {
             module: self.label.clone(),
             inputs: describe(x),
-            reason: first_line(&e.to_string()),
+            reason: reason(&e.to_string()),
         })
     }
 
@@ -237,10 +237,7 @@ pub fn spec(path: &Path, classes: u32) -> Result<(ModelSpec, Bundle, TorchScript
 /// # Errors
 /// The module's bytes have not been received, or its parameters are not the spec's.
 pub fn from_spec(spec: &ModelSpec, params: &Bundle, device: Device) -> Result<TorchScriptModel, ModelError> {
-    let ModelSpec::TorchScript {
-        sha256, layout, module, ..
-    } = spec
-    else {
+    let ModelSpec::TorchScript { sha256, module, .. } = spec else {
         return Err(ModelError::Layout("not a TorchScript spec".into()));
     };
     let source = format!("TorchScript module {}", &hex(sha256)[..12]);
@@ -248,10 +245,7 @@ pub fn from_spec(spec: &ModelSpec, params: &Bundle, device: Device) -> Result<To
         return Err(ModelError::Layout(format!("{source} has not been received")));
     };
     let model = TorchScriptModel::load(bytes, device, &source)?;
-    let want: Vec<(String, Vec<usize>)> = layout
-        .iter()
-        .map(|(n, s)| (n.clone(), s.iter().map(|&d| d as usize).collect()))
-        .collect();
+    let want = crate::model::layout(spec)?;
     if model.layout() != want {
         return Err(TorchScriptError::Layout {
             module: source,
@@ -303,7 +297,7 @@ fn describe(x: &Inputs) -> String {
 /// libtorch's errors carry a C++ backtrace after the message, and the TorchScript interpreter's
 /// a traceback of the module's code before its last line (`RuntimeError: …`): the first line
 /// and that one say what happened.
-fn first_line(s: &str) -> String {
+fn reason(s: &str) -> String {
     let lines: Vec<&str> = s
         .lines()
         .map(str::trim)

@@ -165,7 +165,7 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
     )
     .await
     .map_err(|e| refused(e.into()))?;
-    let welcome = match net::read_frame::<CoordinatorMsg>(&mut recv, "welcome")
+    let mut welcome = match net::read_frame::<CoordinatorMsg>(&mut recv, "welcome")
         .await
         .map_err(|e| refused(e.into()))?
     {
@@ -181,7 +181,6 @@ async fn serve(conn: &Connection, opts: &WorkerOptions) -> anyhow::Result<()> {
         None => bail!("coordinator closed the control stream during the handshake"),
     };
     proto::check_version(welcome.protocol_version).map_err(|e| fatal(anyhow::Error::from(e).context("coordinator")))?;
-    let mut welcome = welcome;
     if let ModelSpec::TorchScript {
         sha256, size, module, ..
     } = &mut welcome.job.model
